@@ -1,0 +1,77 @@
+"""Small training and inference helpers shared by the zoo, cloning and baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` pixels (zero fill): cheap, label-preserving."""
+    if max_shift <= 0:
+        return x
+    b, _, h, w = x.shape
+    pad = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1)
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w)
+    bidx = torch.arange(b).view(b, 1, 1, 1)
+    return pad[bidx, torch.arange(x.shape[1]).view(1, -1, 1, 1), rows, cols]
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        yield perm[i : i + batch_size]
+
+
+@torch.no_grad()
+def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   batch_size: int = 512) -> torch.Tensor:
+    """Logits of ``model`` over ``x`` in eval mode, batched."""
+    if isinstance(model, nn.Module):
+        model.eval()
+    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+                     lr: float, batch_size: int = 64, max_shift: int = 2, seed: int = 0,
+                     desc: str = "train", progress: bool = True,
+                     extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     params: list[nn.Parameter] | None = None) -> nn.Module:
+    """Cross-entropy training with Adam, cosine decay and shift augmentation.
+
+    ``extra_loss(x_batch, logits)`` adds a term (distillation for LwF/KD).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    model.train()
+    for _ in range(epochs):
+        for idx in batches(len(x), batch_size, gen):
+            xb = random_shift(x[idx], max_shift, gen)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, y[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(xb, logits)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+    bar.close()
+    return model.eval()

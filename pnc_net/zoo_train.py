@@ -1,0 +1,77 @@
+"""Training zoo models: the default MNIST zoo and models on a user's data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pnc_net.data import Dataset, select_classes
+from pnc_net.errors import InvalidInputError
+from pnc_net.models import build_model
+from pnc_net.training import accuracy, predict_logits, train_classifier
+from pnc_net.zoo import Manifest, Zoo
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """One model to train: a name, an architecture and the classes (by label name)."""
+
+    name: str
+    arch: str
+    classes: tuple[str, ...]
+    epochs: int = 6
+    lr: float = 3e-3
+    seed: int = 0
+
+
+DEFAULT_ZOO = (
+    ZooSpec("mnist-cnn-0to4", "cnn", tuple("01234")),
+    ZooSpec("mnist-cnn-5to9", "cnn", tuple("56789")),
+    ZooSpec("mnist-resnet-0to4", "resnet", tuple("01234"), epochs=5),
+    ZooSpec("mnist-resnet-5to9", "resnet", tuple("56789"), epochs=5),
+)
+
+
+def class_subset(data: Dataset, classes: tuple[str, ...], split: str,
+                 per_class: int | None = None, seed: int = 0):
+    """``(x, y)`` of ``classes`` with labels renumbered 0..len(classes)-1."""
+    idx = [data.label_index(c) for c in classes]
+    x, y = select_classes(*data.split(split), idx, per_class, seed)
+    remap = torch.full((len(data.label_names),), -1, dtype=torch.long)
+    remap[torch.tensor(idx)] = torch.arange(len(idx))
+    return x, remap[y]
+
+
+def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = True) -> Manifest:
+    """Train ``spec`` on the train split of ``data`` and add it to ``zoo``."""
+    if len(set(spec.classes)) != len(spec.classes) or len(spec.classes) < 2:
+        raise InvalidInputError(f"a zoo model needs at least two distinct classes, got {spec.classes}")
+    for c in spec.classes:
+        data.label_index(c)
+    torch.manual_seed(spec.seed)
+    arch_args = {"in_channels": data.input_shape[0], "num_classes": len(spec.classes)}
+    model = build_model(spec.arch, **arch_args)
+    x, y = class_subset(data, spec.classes, "train")
+    train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
+                     desc=f"train {spec.name}", progress=progress)
+    xt, yt = class_subset(data, spec.classes, "test")
+    acc = accuracy(predict_logits(model, xt), yt)
+    recipe = {"optimizer": "adam", "lr": spec.lr, "epochs": spec.epochs, "batch_size": 64,
+              "augment": "random shift <= 2 px", "seed": spec.seed, "train_samples": len(x)}
+    return zoo.add(model, dict(
+        name=spec.name, arch=spec.arch, arch_args=arch_args, input_shape=data.input_shape,
+        label_names=spec.classes, dataset=data.name, recipe=recipe, test_accuracy=acc,
+    ))
+
+
+def build_default_zoo(zoo: Zoo, data: Dataset, progress: bool = True) -> list[tuple[Manifest, bool]]:
+    """Train every default model the zoo lacks. Returns ``(manifest, newly_built)`` pairs."""
+    have = {m.name: m for m in zoo.manifests()}
+    out = []
+    for spec in DEFAULT_ZOO:
+        if spec.name in have:
+            out.append((have[spec.name], False))
+        else:
+            out.append((train_zoo_model(zoo, data, spec, progress), True))
+    return out
