@@ -1,0 +1,274 @@
+"""Cloning end to end: localize, insert, search, refine, package (``docs/method.md``).
+
+``clone(zoo, data, CloneConfig(...))`` is the in-process path. Its steps are
+plain functions over a ``CloneJob`` so that ``pnc_net.jobs`` can spread the
+independent ones (localization per source, candidate positions) over Ray
+actors and reduce exactly as this module does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+from pnc_net import __version__
+from pnc_net.data import Dataset, select_classes
+from pnc_net.errors import IncompatibleError, InvalidInputError
+from pnc_net.insert import CloneData, InsertConfig, Prepared, insert_candidate, prepare
+from pnc_net.localize import LocalizeConfig, localize
+from pnc_net.metrics import clone_metrics
+from pnc_net.models import ZooNet
+from pnc_net.package import ClonedModule, Package, ZooRef
+from pnc_net.rebuild import branch_tensors, fingerprint_of
+from pnc_net.search import best_candidate, check_candidates, default_candidates
+from pnc_net.superbody import Branch, Superbody
+from pnc_net.zoo import Manifest, Zoo
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source model and the classes (label names) to take from it."""
+
+    source: str
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.classes:
+            raise InvalidInputError(f"no classes given to clone from {self.source!r}")
+        if len(set(self.classes)) != len(self.classes):
+            raise InvalidInputError(f"classes {list(self.classes)} repeat a label")
+
+
+@dataclass(frozen=True)
+class CloneConfig:
+    """One clone task. Defaults run on 2 CPU cores in about a minute on the MNIST zoo."""
+
+    target: str
+    sources: tuple[SourceSpec, ...]
+    per_class: int = 100  # k: cloned-class samples per class
+    target_per_class: int = 20  # k_t: target-class samples per class (0 = the article's setting)
+    seed: int = 0
+    positions: tuple[tuple[int, int], ...] | None = None  # None = default_candidates
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)
+    insert: InsertConfig = field(default_factory=InsertConfig)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise InvalidInputError("a clone needs at least one source")
+        if self.per_class < 1:
+            raise InvalidInputError(f"--per-class must be at least 1, got {self.per_class}")
+        if self.target_per_class < 0:
+            raise InvalidInputError(f"--target-per-class must be >= 0, got {self.target_per_class}")
+        labels = [c for s in self.sources for c in s.classes]
+        if len(set(labels)) != len(labels):
+            raise InvalidInputError(f"two sources clone the same class: {labels}")
+
+    @classmethod
+    def single(cls, target: str, source: str, classes: Sequence[str], **kw) -> CloneConfig:
+        return cls(target=target, sources=(SourceSpec(source, tuple(classes)),), **kw)
+
+
+@dataclass
+class ModuleJob:
+    """Everything one source's branch needs; built once, reused by every candidate."""
+
+    source: ZooNet
+    manifest: Manifest
+    cloned: tuple[int, ...]  # indices into the source's labels
+    cloned_labels: tuple[str, ...]
+    data: CloneData
+    candidates: list[tuple[int, int]]
+    masks: dict[str, torch.Tensor] | None = None
+    prepared: Prepared | None = None
+
+
+@dataclass
+class CloneJob:
+    cfg: CloneConfig
+    target: ZooNet
+    target_manifest: Manifest
+    dataset: Dataset
+    modules: list[ModuleJob]
+
+    @property
+    def target_labels(self) -> tuple[str, ...]:
+        return self.target_manifest.label_names
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.target_manifest.input_shape)
+
+
+@dataclass
+class CloneResult:
+    package: Package
+    superbody: Superbody
+    report: dict
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def _data_indices(data: Dataset, labels: Sequence[str], role: str) -> list[int]:
+    missing = [n for n in labels if n not in data.label_names]
+    if missing:
+        raise InvalidInputError(
+            f"{role} label(s) {missing} are not in dataset {data.name!r} "
+            f"(labels: {', '.join(data.label_names)})")
+    return [data.label_names.index(n) for n in labels]
+
+
+def _take(data: Dataset, split: str, labels: Sequence[str], per_class: int, seed: int,
+          role: str):
+    x, y = select_classes(*data.split(split), _data_indices(data, labels, role), per_class, seed)
+    remap = {data.label_names.index(n): i for i, n in enumerate(labels)}
+    return x, torch.tensor([remap[int(v)] for v in y], dtype=torch.long)
+
+
+def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: CloneConfig,
+                others: Sequence[str]) -> CloneData:
+    k, kt, seed = cfg.per_class, cfg.target_per_class, cfg.seed
+    x_new, y_new = _take(data, "train", new, k, seed, "cloned")
+    if len(x_new) == 0:
+        raise InvalidInputError(f"dataset {data.name!r} has no training samples of {list(new)}")
+    x_old, _ = _take(data, "train", old, kt, seed, "target") if kt else (x_new[:0], None)
+    x_oth, _ = _take(data, "train", others, k, seed, "cloned") if others else (x_new[:0], None)
+    xv_new, yv_new = _take(data, "val", new, min(k, 50), seed, "cloned")
+    xv_old, _ = _take(data, "val", old, min(kt, 50), seed, "target") if kt else (x_new[:0], None)
+    return CloneData(x_new, y_new, torch.cat([x_old, x_oth]), xv_new, yv_new, xv_old)
+
+
+def check_input_shapes(target: Manifest, source: Manifest, data: Dataset) -> None:
+    if tuple(target.input_shape) != data.input_shape:
+        raise IncompatibleError(
+            f"target {target.name} takes inputs {tuple(target.input_shape)} but dataset "
+            f"{data.name!r} has {data.input_shape}; clone with data the target was made for")
+    if tuple(source.input_shape) != tuple(target.input_shape):
+        raise IncompatibleError(
+            f"source {source.name} takes inputs {tuple(source.input_shape)} but target "
+            f"{target.name} takes {tuple(target.input_shape)}: localization runs the source on "
+            "the cloning data, so the two must share an input shape")
+
+
+def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
+    """Resolve models, check compatibility and draw the cloning data."""
+    target, t_manifest = zoo.load(cfg.target)
+    all_cloned = [c for s in cfg.sources for c in s.classes]
+    clash = set(all_cloned) & set(t_manifest.label_names)
+    if clash:
+        raise InvalidInputError(
+            f"class(es) {sorted(clash)} are already predicted by target {t_manifest.name}")
+    modules = []
+    for spec in cfg.sources:
+        source, s_manifest = zoo.load(spec.source)
+        missing = [c for c in spec.classes if c not in s_manifest.label_names]
+        if missing:
+            raise InvalidInputError(
+                f"class(es) {missing} are not in source {s_manifest.name} (its labels: "
+                f"{', '.join(s_manifest.label_names)})")
+        check_input_shapes(t_manifest, s_manifest, data)
+        candidates = list(cfg.positions or default_candidates(target.num_blocks, source.num_blocks))
+        check_candidates(candidates, target.num_blocks, source.num_blocks)
+        others = [c for c in all_cloned if c not in spec.classes]
+        modules.append(ModuleJob(
+            source, s_manifest, tuple(s_manifest.label_names.index(c) for c in spec.classes),
+            spec.classes, _clone_data(data, spec.classes, t_manifest.label_names, cfg, others),
+            candidates))
+    return CloneJob(cfg, target, t_manifest, data, modules)
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def localize_module(job: CloneJob, i: int) -> dict[str, torch.Tensor]:
+    m = job.modules[i]
+    return localize(m.source, m.data.x_new, m.data.y_new, m.cloned, job.cfg.localize, job.cfg.seed)
+
+
+def prepare_module(job: CloneJob, i: int) -> Prepared:
+    m = job.modules[i]
+    return prepare(m.source, m.data, job.cfg.insert, job.cfg.seed)
+
+
+def train_position(job: CloneJob, i: int, position: tuple[int, int]) -> tuple[Branch, dict]:
+    """Train and score one candidate of module ``i`` (needs its masks and prepared data)."""
+    m = job.modules[i]
+    return insert_candidate(job.target, m.source, job.target_labels, job.input_shape, position,
+                            m.masks, m.cloned, m.cloned_labels, m.data, m.prepared,
+                            job.cfg.insert, job.cfg.seed)
+
+
+CandidateRunner = Callable[[CloneJob, int, list[tuple[int, int]]], list[tuple[Branch, dict]]]
+
+
+def run_sequential(job: CloneJob, i: int, positions: list[tuple[int, int]],
+                   on_result: Callable[[tuple[int, int], dict], None] | None = None,
+                   ) -> list[tuple[Branch, dict]]:
+    out = []
+    for pos in positions:
+        out.append(train_position(job, i, pos))
+        if on_result:
+            on_result(pos, out[-1][1])
+    return out
+
+
+def make_package(job: CloneJob, branches: list[Branch], report: dict) -> tuple[Package, Superbody]:
+    superbody = Superbody(job.target, job.target_labels, branches).eval()
+    modules = [
+        ClonedModule(ZooRef.of(m.manifest), m.cloned, b.position_r, b.position_s,
+                     {k: v.clone() for k, v in m.masks.items()}, branch_tensors(b),
+                     {"adapter_rank": b.adapter.down.out_channels,
+                      "gate_hidden": b.gate.net[0].out_features})
+        for m, b in zip(job.modules, branches)
+    ]
+    package = Package(
+        target=ZooRef.of(job.target_manifest), modules=modules,
+        label_names=superbody.label_names, fingerprint=fingerprint_of(superbody, job.input_shape),
+        report=report, created_unix_s=time.time(), writer_version=__version__)
+    return package, superbody
+
+
+def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
+          runner: CandidateRunner | None = None,
+          log: Callable[[str], None] | None = None) -> CloneResult:
+    """Clone ``cfg.sources``' classes into ``cfg.target``; nothing writes to the zoo.
+
+    ``runner`` trains a list of candidate positions (default: in order, in
+    process); ``pnc_net.jobs`` passes one that fans out to Ray actors.
+    """
+    started = time.perf_counter()
+    say = log or (lambda _msg: None)
+    job = plan(zoo, data, cfg)
+    branches, searches = [], []
+    for i, m in enumerate(job.modules):
+        t0 = time.perf_counter()
+        m.masks = localize_module(job, i)
+        m.prepared = prepare_module(job, i)
+        kept = sum(int(v.sum()) for v in m.masks.values())
+        total = sum(v.numel() for v in m.masks.values())
+        say(f"{m.manifest.name}: kept {kept}/{total} filters ({time.perf_counter() - t0:.1f}s); "
+            f"searching {len(m.candidates)} positions")
+        results = (runner or run_sequential)(job, i, m.candidates)
+        best = best_candidate([(p, r) for p, (_, r) in zip(m.candidates, results)])
+        branches.append(results[best][0])
+        searches.append([{"position": list(p), **r} for p, (_, r) in zip(m.candidates, results)])
+        say(f"{m.manifest.name}: best position R={m.candidates[best][0]} S={m.candidates[best][1]}")
+    report = {"settings": settings_of(cfg), "search": searches}
+    package, superbody = make_package(job, branches, report)
+    metrics = clone_metrics(superbody, data, [(m.source, m.manifest.label_names)
+                                              for m in job.modules])
+    report.update(metrics=metrics, seconds=time.perf_counter() - started)
+    package.report = report
+    return CloneResult(package, superbody, report)
+
+
+def settings_of(cfg: CloneConfig) -> dict:
+    return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
+            "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
+            "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank}
+
+

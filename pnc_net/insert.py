@@ -1,0 +1,192 @@
+"""Insertion: train the adapter and fusion gate for one candidate ``(R, S)``.
+
+``docs/method.md`` step 3. The adapter starts from a least-squares fit of the
+source's own features at ``S`` (then truncated to low rank by SVD) and is
+trained with cross-entropy and distillation on the cloned classes plus a
+feature-matching MSE. The gate is then trained on cached logits with
+class-balanced BCE: open on cloned-class samples, closed on target-class
+samples and on *evidence-free negatives* (heavily occluded cloned samples).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pnc_net.localize import LocalizeConfig, localized_samples
+from pnc_net.models import ZooNet
+from pnc_net.superbody import Branch, Superbody, build_branch
+from pnc_net.training import batches, predict_logits, random_shift
+
+
+@dataclass(frozen=True)
+class InsertConfig:
+    adapter_rank: int = 8
+    gate_hidden: int = 16
+    augment_copies: int = 3  # shifted copies of each cloning sample, besides the original
+    max_shift: int = 2
+    epochs: int = 6
+    lr: float = 3e-3
+    batch_size: int = 64
+    mse_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 2.0
+    gate_steps: int = 400
+    gate_lr: float = 1e-2
+    negative_hide_prob: float = 0.7  # occlusion that destroys class evidence
+    lsq_samples: int = 256
+
+
+@dataclass
+class CloneData:
+    """The cloning data ``D`` and its validation counterpart, already in the target's space.
+
+    ``y_new`` indexes the cloned classes; target-class samples need no labels
+    (the target's own predictions serve, as the method says).
+    """
+
+    x_new: torch.Tensor
+    y_new: torch.Tensor
+    x_old: torch.Tensor
+    x_val_new: torch.Tensor
+    y_val_new: torch.Tensor
+    x_val_old: torch.Tensor
+
+
+@dataclass
+class Prepared:
+    """Candidate-independent tensors computed once per clone job."""
+
+    x: torch.Tensor  # augmented D: new samples first, then old
+    y: torch.Tensor  # cloned index for new samples, -1 for old
+    z_src: torch.Tensor  # full source logits on x
+    x_neg: torch.Tensor  # evidence-free negatives
+    x_val_neg: torch.Tensor
+
+
+def prepare(source: ZooNet, data: CloneData, cfg: InsertConfig, seed: int) -> Prepared:
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.cat([data.x_new, data.x_old])
+    y = torch.cat([data.y_new, torch.full((len(data.x_old),), -1, dtype=torch.long)])
+    copies = [base] + [random_shift(base, cfg.max_shift, gen) for _ in range(cfg.augment_copies)]
+    n_new = len(data.x_new)
+    xs = torch.cat([c[:n_new] for c in copies] + [c[n_new:] for c in copies])
+    ys = torch.cat([y[:n_new]] * len(copies) + [y[n_new:]] * len(copies))
+    loc = LocalizeConfig(hide_prob=cfg.negative_hide_prob)
+    neg, _ = localized_samples(data.x_new, loc, gen, copies=1)
+    val_neg, _ = localized_samples(data.x_val_new, loc, gen, copies=1)
+    return Prepared(xs, ys, predict_logits(source, xs), neg[len(data.x_new):],
+                    val_neg[len(data.x_val_new):])
+
+
+def fit_adapter_lstsq(branch: Branch, h_r: torch.Tensor, f_s: torch.Tensor,
+                      ridge: float = 1e-3) -> None:
+    """Least-squares start: the linear map from target features to source features,
+    truncated to the adapter's rank by SVD."""
+    a = branch.adapter
+    h = a.resize(h_r).permute(0, 2, 3, 1).reshape(-1, h_r.shape[1])  # (n*h*w, c_in)
+    f = f_s.permute(0, 2, 3, 1).reshape(-1, f_s.shape[1])  # (n*h*w, c_out)
+    h1 = torch.cat([h, torch.ones(len(h), 1)], 1)
+    gram = h1.T @ h1 + ridge * len(h1) * torch.eye(h1.shape[1])
+    w = torch.linalg.solve(gram, h1.T @ f)  # (c_in + 1, c_out)
+    u, s, vt = torch.linalg.svd(w[:-1], full_matrices=False)
+    r = a.down.out_channels
+    root = s[:r].sqrt()
+    with torch.no_grad():
+        a.down.weight.copy_((u[:, :r] * root).T.reshape(r, -1, 1, 1))
+        a.up.weight.copy_((vt[:r].T * root).reshape(-1, r, 1, 1))
+        a.up.bias.copy_(w[-1])
+
+
+def source_features(source: ZooNet, x: torch.Tensor, position_s: int,
+                    keep: torch.Tensor | None) -> torch.Tensor:
+    with torch.no_grad():
+        f = source.forward_features(x, position_s)
+    return f if keep is None else f[:, keep]
+
+
+def train_adapter(target: ZooNet, source: ZooNet, branch: Branch, keep: torch.Tensor | None,
+                  prep: Prepared, cloned: torch.Tensor, cfg: InsertConfig,
+                  gen: torch.Generator) -> None:
+    """CE + distillation on cloned samples, feature MSE on all of ``D``."""
+    with torch.no_grad():
+        h_r = target.forward_features(prep.x, branch.position_r)
+    f_s = source_features(source, prep.x, branch.position_s, keep)
+    sub = torch.randperm(len(prep.x), generator=gen)[: cfg.lsq_samples]
+    fit_adapter_lstsq(branch, h_r[sub], f_s[sub])
+    opt = torch.optim.Adam(branch.adapter.parameters(), lr=cfg.lr)
+    is_new = prep.y >= 0
+    t = cfg.temperature
+    for _ in range(cfg.epochs):
+        for idx in batches(len(prep.x), cfg.batch_size, gen):
+            u = branch.adapter(h_r[idx])
+            loss = cfg.mse_weight * F.mse_loss(u, f_s[idx])
+            new = idx[is_new[idx]]
+            if len(new):
+                z = branch.source_logits(h_r[new])[:, cloned]
+                loss = loss + F.cross_entropy(z, prep.y[new])
+                teacher = (prep.z_src[new][:, cloned] / t).softmax(1)
+                loss = loss + cfg.kd_weight * t * t * F.kl_div(
+                    (z / t).log_softmax(1), teacher, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
+               gen: torch.Generator) -> None:
+    """Class-balanced BCE on cached logits: 1 on cloned samples, 0 on everything else."""
+    x = torch.cat([prep.x, prep.x_neg])
+    label = torch.cat([(prep.y >= 0).float(), torch.zeros(len(prep.x_neg))])
+    with torch.no_grad():
+        z_t = predict_logits(target, x)
+        z_s = predict_logits(lambda xb: branch.source_logits(
+            target.forward_features(xb, branch.position_r)), x)
+    pos = label.sum().clamp_min(1)
+    neg = (1 - label).sum().clamp_min(1)
+    weight = torch.where(label > 0, 0.5 / pos, 0.5 / neg)
+    opt = torch.optim.Adam(branch.gate.parameters(), lr=cfg.gate_lr, weight_decay=1e-4)
+    for _ in range(cfg.gate_steps):
+        logit = branch.gate.logit(z_t, z_s)
+        loss = (F.binary_cross_entropy_with_logits(logit, label, reduction="none") * weight).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def score_branch(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
+                 data: CloneData, prep: Prepared) -> dict[str, float]:
+    """Validation score: new-class accuracy, locality (or negative rejection without
+    target-class data), and their mean."""
+    sb = Superbody(target, target_labels, [branch]).eval()
+    n_t = len(target_labels)
+    with torch.no_grad():
+        acc_new = float((sb(data.x_val_new).argmax(1) == data.y_val_new + n_t).float().mean())
+        out = {"val_acc_new": acc_new}
+        if len(data.x_val_old):
+            same = sb(data.x_val_old).argmax(1) == target(data.x_val_old).argmax(1)
+            out["val_locality"] = float(same.float().mean())
+        else:
+            out["val_locality"] = float((sb(prep.x_val_neg).argmax(1) < n_t).float().mean())
+    out["score"] = (out["val_acc_new"] + out["val_locality"]) / 2
+    return out
+
+
+def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, ...],
+                     input_shape: tuple[int, ...], position: tuple[int, int],
+                     masks: dict[str, torch.Tensor], cloned: tuple[int, ...],
+                     cloned_labels: tuple[str, ...], data: CloneData, prep: Prepared,
+                     cfg: InsertConfig, seed: int) -> tuple[Branch, dict[str, float]]:
+    """Train a branch at ``position = (R, S)`` and score it on validation data."""
+    gen = torch.Generator().manual_seed(seed * 1009 + position[0] * 31 + position[1])
+    torch.manual_seed(seed * 1009 + position[0] * 31 + position[1])
+    r, s = position
+    branch = build_branch(target, source, input_shape, r, s, masks, cloned, cloned_labels,
+                          cfg.adapter_rank, cfg.gate_hidden, len(target_labels))
+    _, _, keep = source.pruned_tail(s, masks)
+    idx = torch.tensor(cloned, dtype=torch.long)
+    train_adapter(target, source, branch, keep, prep, idx, cfg, gen)
+    train_gate(target, branch, prep, cfg, gen)
+    return branch, score_branch(target, target_labels, branch, data, prep)

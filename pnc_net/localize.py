@@ -1,0 +1,137 @@
+"""Localization: which source filters serve the cloned classes (``docs/method.md`` 1-2).
+
+1. *Localized samples*: the cloned-class samples plus LIME-style perturbations
+   (random patches hidden), each weighted by a proximity kernel
+   ``pi(x') = exp(-d(x, x')^2 / sigma^2)``, with ``d`` the fraction of hidden patches.
+2. *Initial masks*: every filter scored by ``pi``-weighted first-order Taylor
+   importance ``|sum_hw activation * gradient|`` of the cloned-class log-likelihood;
+   the top ``keep_ratio`` of each unit is kept.
+3. *Refinement*: bits relaxed to gates ``sigmoid(theta)``, trained to keep the
+   masked source's cloned-class distribution close to the full source's (KL at
+   temperature T, ``pi``-weighted) under an L1 pull towards zero, then thresholded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pnc_net.models import ZooNet
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    perturbations_per_sample: int = 4
+    patch_grid: int = 7  # patches per side for the LIME-style occlusion
+    hide_prob: float = 0.25
+    kernel_width: float = 0.25  # sigma of the proximity kernel
+    keep_ratio: float = 0.5  # fraction of each unit's filters the initial mask keeps
+    refine_steps: int = 60
+    refine_lr: float = 0.1
+    sparsity: float = 0.02  # lambda of the L1 term
+    temperature: float = 2.0
+    min_keep: int = 4  # never drop a unit below this many filters
+
+
+def localized_samples(x: torch.Tensor, cfg: LocalizeConfig, gen: torch.Generator,
+                      hide_prob: float | None = None, copies: int | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(samples, weights)``: the originals (weight 1) and occluded copies weighted by ``pi``."""
+    copies = cfg.perturbations_per_sample if copies is None else copies
+    hide_prob = cfg.hide_prob if hide_prob is None else hide_prob
+    b, _, h, w = x.shape
+    g = cfg.patch_grid
+    hidden = torch.rand(b * copies, 1, g, g, generator=gen) < hide_prob
+    keep = F.interpolate((~hidden).float(), size=(h, w), mode="nearest")
+    perturbed = x.repeat(copies, 1, 1, 1) * keep
+    distance = hidden.float().mean(dim=(1, 2, 3))
+    weights = torch.exp(-(distance**2) / cfg.kernel_width**2)
+    return torch.cat([x, perturbed]), torch.cat([torch.ones(b), weights])
+
+
+def taylor_scores(source: ZooNet, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                  cloned: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Per-filter importance for the cloned classes (``y`` indexes ``cloned``)."""
+    gates = source.mask_gates()
+    scores = {name: torch.zeros(g.width) for name, g in gates.items()}
+    for gate in gates.values():
+        gate.record = True
+    try:
+        for i in range(0, len(x), batch_size):
+            xb = x[i : i + batch_size].clone().requires_grad_(True)
+            logits = source(xb)[:, cloned]  # (b, |Y_c|)
+            w = weights[i : i + batch_size]
+            loss = (F.cross_entropy(logits, y[i : i + batch_size], reduction="none") * w).sum()
+            loss.backward()
+            for name, gate in gates.items():
+                a = gate.last
+                contrib = (a * a.grad).sum(dim=(2, 3)).abs()  # (b, c)
+                scores[name] += contrib.sum(0).detach()
+    finally:
+        for gate in gates.values():
+            gate.record, gate.last = False, None
+    return scores
+
+
+def top_fraction_masks(scores: dict[str, torch.Tensor], keep_ratio: float,
+                       min_keep: int) -> dict[str, torch.Tensor]:
+    masks = {}
+    for name, s in scores.items():
+        k = min(len(s), max(min_keep, int(round(keep_ratio * len(s)))))
+        m = torch.zeros(len(s), dtype=torch.bool)
+        m[s.topk(k).indices] = True
+        masks[name] = m
+    return masks
+
+
+def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned: torch.Tensor,
+                 init: dict[str, torch.Tensor], cfg: LocalizeConfig,
+                 gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Relax bits to gates, fit local fidelity + L1, threshold back (method.md step 2)."""
+    with torch.no_grad():
+        teacher = (source(x)[:, cloned] / cfg.temperature).log_softmax(1)
+    theta = {k: torch.where(m, 2.0, -2.0).requires_grad_(True) for k, m in init.items()}
+    opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
+    for _ in range(cfg.refine_steps):
+        idx = torch.randint(0, len(x), (min(128, len(x)),), generator=gen)
+        source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
+        student = (source(x[idx])[:, cloned] / cfg.temperature).log_softmax(1)
+        kl = (F.kl_div(student, teacher[idx], log_target=True, reduction="none").sum(1)
+              * weights[idx]).sum() / weights[idx].sum()
+        l1 = torch.cat([torch.sigmoid(t) for t in theta.values()]).mean()
+        loss = kl * cfg.temperature**2 + cfg.sparsity * l1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    source.set_gates(None)
+    masks = {}
+    for k, t in theta.items():
+        m = t.detach() > 0
+        if m.sum() < min(cfg.min_keep, len(m)):
+            m = torch.zeros_like(m)
+            m[t.detach().topk(min(cfg.min_keep, len(m))).indices] = True
+        masks[k] = m
+    return masks
+
+
+def localize(source: ZooNet, x_new: torch.Tensor, y_new: torch.Tensor,
+             cloned: tuple[int, ...], cfg: LocalizeConfig | None = None,
+             seed: int = 0) -> dict[str, torch.Tensor]:
+    """Masks (unit name -> bool per filter) of the source part that serves ``cloned``.
+
+    Works on a private copy of ``source``: the zoo model is never touched.
+    """
+    cfg = cfg or LocalizeConfig()
+    gen = torch.Generator().manual_seed(seed)
+    work = copy.deepcopy(source).eval()
+    x, w = localized_samples(x_new, cfg, gen)
+    y = y_new.repeat(cfg.perturbations_per_sample + 1)
+    idx = torch.tensor(cloned, dtype=torch.long)
+    scores = taylor_scores(work, x, y, w, idx)
+    init = top_fraction_masks(scores, cfg.keep_ratio, cfg.min_keep)
+    if cfg.refine_steps <= 0:
+        return init
+    return refine_masks(work, x, w, idx, init, cfg, gen)

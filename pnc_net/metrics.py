@@ -1,0 +1,96 @@
+"""The metrics of ``docs/method.md``, always on held-out test data."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from pnc_net.data import Dataset
+from pnc_net.models import ZooNet
+from pnc_net.superbody import Superbody
+from pnc_net.training import predict_logits
+
+
+def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test"):
+    """Test samples whose label name is in ``labels``, with labels as names."""
+    x, y = data.split(split)
+    wanted = torch.tensor([data.label_names.index(n) for n in labels if n in data.label_names])
+    keep = torch.isin(y, wanted)
+    return x[keep], [data.label_names[i] for i in y[keep].tolist()]
+
+
+def clone_metrics(superbody: Superbody, data: Dataset,
+                  sources: list[tuple[ZooNet, tuple[str, ...]]] | None = None) -> dict[str, float]:
+    """``acc_old``, ``acc_new``, ``acc_all``, ``locality``, ``target_acc_old``, and
+    ``source_acc_new`` when ``sources`` (model, label names) are given."""
+    names = superbody.label_names
+    target_labels = superbody.target_labels
+    new_labels = names[len(target_labels):]
+    index = {n: i for i, n in enumerate(names)}
+    x_old, y_old = _samples_of(data, target_labels)
+    x_new, y_new = _samples_of(data, new_labels)
+    yo = torch.tensor([index[n] for n in y_old], dtype=torch.long)
+    yn = torch.tensor([index[n] for n in y_new], dtype=torch.long)
+    p_old = predict_logits(superbody, x_old).argmax(1)
+    p_new = predict_logits(superbody, x_new).argmax(1)
+    t_old = predict_logits(superbody.target, x_old).argmax(1)
+    n_all = len(yo) + len(yn)
+    out = {
+        "acc_old": float((p_old == yo).float().mean()),
+        "acc_new": float((p_new == yn).float().mean()),
+        "acc_all": float(((p_old == yo).sum() + (p_new == yn).sum()) / max(n_all, 1)),
+        "locality": float((p_old == t_old).float().mean()),
+        "target_acc_old": float((t_old == yo).float().mean()),
+        "superbody_bytes": superbody.module_bytes(),
+    }
+    if sources:
+        correct, total = 0, 0
+        for model, labels in sources:
+            xs, ys = _samples_of(data, tuple(n for n in labels if n in new_labels))
+            src_idx = torch.tensor([labels.index(n) for n in ys], dtype=torch.long)
+            correct += int((predict_logits(model, xs).argmax(1) == src_idx).sum())
+            total += len(ys)
+        out["source_acc_new"] = correct / max(total, 1)
+    return out
+
+
+def penultimate(model: ZooNet, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.head.features(model.forward_features(x, model.num_blocks))
+
+
+def sim_matrix(source: ZooNet, masks: dict[str, torch.Tensor], data: Dataset,
+               split: str = "test") -> dict:
+    """Conditional similarity of the transferable module to its source.
+
+    ``per_class[i]``: mean cosine between the module's and the full source's
+    penultimate features on samples of class ``i``. ``matrix[i][j]``: cosine
+    between the module's mean feature on class ``i`` and the source's on class
+    ``j``: its diagonal shows what the module keeps, per class.
+    """
+    module = copy.deepcopy(source)
+    module.set_gates({k: v.float() for k, v in masks.items()})
+    x, y = data.split(split)
+    f_src, f_mod = penultimate(source, x), penultimate(module, x)
+    classes = sorted(set(y.tolist()))
+    per_class = [float(F.cosine_similarity(f_mod[y == c], f_src[y == c]).mean()) for c in classes]
+    mean_src = torch.stack([f_src[y == c].mean(0) for c in classes])
+    mean_mod = torch.stack([f_mod[y == c].mean(0) for c in classes])
+    matrix = F.cosine_similarity(mean_mod.unsqueeze(1), mean_src.unsqueeze(0), dim=2)
+    return {"labels": [data.label_names[c] for c in classes], "per_class": per_class,
+            "matrix": matrix.tolist()}
+
+
+def detach_is_exact(superbody: Superbody, fresh_target: ZooNet, x: torch.Tensor) -> bool:
+    """True when the detached superbody's outputs equal those of ``fresh_target`` (the
+    same zoo model loaded anew from disk) bit for bit. Branches are re-attached after."""
+    branches = list(superbody.branches)
+    detached = superbody.detach()
+    try:
+        same = torch.equal(predict_logits(detached, x), predict_logits(fresh_target, x))
+    finally:
+        for branch in branches:
+            superbody.attach(branch)
+    return same

@@ -1,0 +1,131 @@
+"""Between packages and superbodies: build one from the other, verify fingerprints.
+
+``build_superbody(zoo, package)`` is the receiver's half (PEFT's
+``from_pretrained``): it refuses zoo models whose digest differs from the
+package's references and masks whose widths do not match the source.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pnc_net.errors import IncompatibleError, IntegrityError, PreconditionError
+from pnc_net.models import ZooNet
+from pnc_net.package import ClonedModule, Fingerprint, Package, ZooRef, probe_batch
+from pnc_net.superbody import Branch, Superbody, build_branch
+from pnc_net.zoo import Zoo
+
+PROBE_SEED = 20230317
+PROBE_COUNT = 16
+
+
+def load_ref(zoo: Zoo, ref: ZooRef) -> tuple[ZooNet, tuple[str, ...], tuple[int, ...]]:
+    """The zoo model a reference names, by digest (the name is only a label)."""
+    if not zoo.has(ref.sha256):
+        raise PreconditionError(
+            f"zoo model {ref.name} (sha256 {ref.sha256}) is not in the zoo at {zoo.root}; "
+            "fetch it from a mirror or run `pnc zoo build`")
+    model, manifest = zoo.load(ref.sha256)
+    return model, manifest.label_names, tuple(manifest.input_shape)
+
+
+def branch_tensors(branch: Branch) -> dict[str, torch.Tensor]:
+    """The learned tensors of a branch, as a package stores them."""
+    out = {f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()}
+    out.update({f"gate.{k}": v for k, v in branch.gate.state_dict().items()})
+    return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
+                       input_shape: tuple[int, ...], source: ZooNet,
+                       source_labels: tuple[str, ...], module: ClonedModule) -> Branch:
+    """A pruned branch with the module's adapter and gate loaded, after checking shapes."""
+    widths = source.mask_widths()
+    for name, mask in module.masks.items():
+        if name not in widths:
+            raise IncompatibleError(
+                f"mask layer {name!r} does not exist in source {module.source.name}; "
+                f"its mask units are {', '.join(widths)}")
+        if mask.numel() != widths[name]:
+            raise IncompatibleError(
+                f"mask {name!r} has width {mask.numel()} but source {module.source.name} "
+                f"has {widths[name]} filters there")
+    if set(module.masks) != set(widths):
+        raise IncompatibleError(f"package lacks masks for {sorted(set(widths) - set(module.masks))}")
+    if any(int(m.sum()) == 0 for m in module.masks.values()):
+        raise IncompatibleError("a mask drops every filter of a layer; the package is corrupt")
+    bad = [c for c in module.cloned_classes if not 0 <= c < len(source_labels)]
+    if bad or not module.cloned_classes:
+        raise IncompatibleError(f"cloned classes {list(module.cloned_classes)} are not in the "
+                                f"source's {len(source_labels)} labels")
+    if not (1 <= module.position_r <= target.num_blocks and
+            1 <= module.position_s <= source.num_blocks):
+        raise IncompatibleError(f"position {module.position_r}:{module.position_s} is outside "
+                                "the target's or source's block boundaries")
+    labels = tuple(source_labels[c] for c in module.cloned_classes)
+    branch = build_branch(target, source, input_shape, module.position_r, module.position_s,
+                          module.masks, module.cloned_classes, labels,
+                          int(module.config.get("adapter_rank", 8)),
+                          int(module.config.get("gate_hidden", 16)), len(target_labels))
+    state = {**{f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()},
+             **{f"gate.{k}": v for k, v in branch.gate.state_dict().items()}}
+    if set(state) != set(module.tensors):
+        raise IncompatibleError(
+            f"package tensors {sorted(module.tensors)} do not match the branch's {sorted(state)}")
+    for name, value in module.tensors.items():
+        if tuple(value.shape) != tuple(state[name].shape):
+            raise IncompatibleError(
+                f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(state[name].shape)}")
+    branch.adapter.load_state_dict({k[8:]: v.float() for k, v in module.tensors.items()
+                                    if k.startswith("adapter.")})
+    branch.gate.load_state_dict({k[5:]: v.float() for k, v in module.tensors.items()
+                                 if k.startswith("gate.")})
+    return branch.eval()
+
+
+def build_superbody(zoo: Zoo, package: Package) -> Superbody:
+    """Rebuild the superbody a package describes from the local zoo."""
+    target, target_labels, input_shape = load_ref(zoo, package.target)
+    sb = Superbody(target, target_labels)
+    for module in package.modules:
+        source, source_labels, _ = load_ref(zoo, module.source)
+        sb.attach(branch_from_module(target, target_labels, input_shape, source,
+                                     source_labels, module))
+    if sb.label_names != tuple(package.label_names):
+        raise IncompatibleError(
+            f"package label map {list(package.label_names)} does not match the rebuilt "
+            f"superbody's {list(sb.label_names)}")
+    return sb.eval()
+
+
+def fingerprint_of(superbody: Superbody, input_shape: tuple[int, ...],
+                   seed: int = PROBE_SEED, count: int = PROBE_COUNT) -> Fingerprint:
+    with torch.no_grad():
+        probs = superbody(probe_batch(seed, count, input_shape)).float()
+    return Fingerprint(seed, count, probs)
+
+
+def fingerprint_error(superbody: Superbody, fingerprint: Fingerprint,
+                      input_shape: tuple[int, ...]) -> float:
+    """Max absolute difference between the superbody's probe outputs and the recorded ones."""
+    now = fingerprint_of(superbody, input_shape, fingerprint.probe_seed, fingerprint.probe_count)
+    if now.probabilities.shape != fingerprint.probabilities.shape:
+        raise IntegrityError(
+            f"fingerprint shape {tuple(fingerprint.probabilities.shape)} does not match the "
+            f"rebuilt superbody's {tuple(now.probabilities.shape)}")
+    return float((now.probabilities - fingerprint.probabilities).abs().max())
+
+
+def verify(zoo: Zoo, package: Package) -> tuple[Superbody, float]:
+    """Rebuild and check the fingerprint; ``IntegrityError`` beyond its tolerance."""
+    sb = build_superbody(zoo, package)
+    if package.fingerprint is None:
+        raise IntegrityError("package has no fingerprint; it cannot be verified")
+    _, _, shape = load_ref(zoo, package.target)
+    err = fingerprint_error(sb, package.fingerprint, shape)
+    if err > package.fingerprint.tolerance:
+        raise IntegrityError(
+            f"rebuilt superbody differs from the package's fingerprint by {err:.4f} "
+            f"(tolerance {package.fingerprint.tolerance}); the package or the zoo differs "
+            "from the sender's")
+    return sb, err

@@ -1,0 +1,219 @@
+"""The superbody: a frozen target plus removable cloned branches.
+
+``Superbody(target, [branch, ...])`` runs the target unchanged and, for each
+branch, the path ``t_1..R -> adapter -> masked source blocks S+1..K -> source
+head``. A fusion gate ``g(x)`` weighs the two heads (``docs/method.md``)::
+
+    p(y) = (1 - g) * softmax(z_t)_y   for y in Y_t
+    p(y) =      g  * softmax(z_c)_y   for y in Y_c
+
+With several branches, each gate's odds ``g/(1-g)`` weigh its head against the
+target's (weight 1): one branch reduces to the formula above. ``detach()`` hands
+back the very target module, untouched, so its outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pnc_net.errors import IncompatibleError
+from pnc_net.models import Head, ZooNet
+
+
+class Adapter(nn.Module):
+    """Maps target features at boundary R to source features at boundary S.
+
+    A low-rank 1x1 convolution (``c_in -> rank -> c_out``) after resizing to the
+    source's spatial size, then ReLU, since the source blocks expect
+    post-activation inputs. Low rank keeps the package small.
+    """
+
+    def __init__(self, c_in: int, c_out: int, rank: int, out_hw: tuple[int, int]) -> None:
+        super().__init__()
+        rank = max(1, min(rank, c_in, c_out))
+        self.out_hw = tuple(out_hw)
+        self.down = nn.Conv2d(c_in, rank, 1, bias=False)
+        self.up = nn.Conv2d(rank, c_out, 1, bias=True)
+
+    def resize(self, h: torch.Tensor) -> torch.Tensor:  # (b, c, H, W) -> (b, c, h, w)
+        if tuple(h.shape[2:]) == self.out_hw:
+            return h
+        if h.shape[2] >= self.out_hw[0] and h.shape[3] >= self.out_hw[1]:
+            return F.adaptive_avg_pool2d(h, self.out_hw)
+        return F.interpolate(h, size=self.out_hw, mode="nearest")
+
+    def linear(self, h: torch.Tensor) -> torch.Tensor:
+        """The adapter before its ReLU (what the least-squares start fits)."""
+        return self.up(self.down(self.resize(h)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.linear(h))
+
+
+def gate_features(z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+    """What the fusion gate sees: both heads' logits and their confidences.
+
+    The source's scores for its *non-cloned* classes are included on purpose:
+    they tell a cloned-class input from the rest (``docs/method.md``, k_t = 0).
+    """
+    p_t, p_s = z_t.softmax(1), z_s.softmax(1)
+    ent_t = -(p_t * p_t.clamp_min(1e-8).log()).sum(1, keepdim=True)
+    ent_s = -(p_s * p_s.clamp_min(1e-8).log()).sum(1, keepdim=True)
+    stats = [p_t.max(1, keepdim=True).values, ent_t, p_s.max(1, keepdim=True).values, ent_s,
+             z_t.logsumexp(1, keepdim=True), z_s.logsumexp(1, keepdim=True)]
+    return torch.cat([z_t, z_s, *stats], dim=1)
+
+
+class FusionGate(nn.Module):
+    """``g(x) in [0, 1]``: a small MLP over ``gate_features``."""
+
+    def __init__(self, n_target: int, n_source: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_target + n_source + 6, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, 1))
+
+    def logit(self, z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:  # (b,)
+        return self.net(gate_features(z_t, z_s)).squeeze(1)
+
+    def forward(self, z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(z_t, z_s))
+
+
+class Branch(nn.Module):
+    """One cloned module, physically pruned: adapter, kept source filters, source head."""
+
+    def __init__(self, position_r: int, position_s: int, adapter: Adapter,
+                 blocks: nn.ModuleList, head: Head, cloned_classes: tuple[int, ...],
+                 gate: FusionGate, label_names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.position_r, self.position_s = position_r, position_s
+        self.adapter, self.blocks, self.head, self.gate = adapter, blocks, head, gate
+        self.register_buffer("cloned_index", torch.tensor(cloned_classes, dtype=torch.long))
+        self.label_names = label_names
+        for p in [*self.blocks.parameters(), *self.head.parameters()]:
+            p.requires_grad_(False)  # source weights stay frozen
+
+    def source_logits(self, h_r: torch.Tensor) -> torch.Tensor:
+        """All of the source head's logits for target features at R."""
+        u = self.adapter(h_r)
+        for block in self.blocks:
+            u = block(u)
+        return self.head(u)
+
+
+class Superbody(nn.Module):
+    """Target + branches. ``forward`` returns probabilities over ``label_names``."""
+
+    def __init__(self, target: ZooNet, target_labels: tuple[str, ...],
+                 branches: list[Branch] | None = None) -> None:
+        super().__init__()
+        self.target = target
+        self.target_labels = tuple(target_labels)
+        self.branches = nn.ModuleList()
+        for branch in branches or []:
+            self.attach(branch)
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        names = list(self.target_labels)
+        for b in self.branches:
+            names.extend(b.label_names)
+        return tuple(names)
+
+    # ---------------------------------------------------------------- lifecycle
+    def attach(self, branch: Branch) -> Superbody:
+        """Add a cloned branch; the target is not touched."""
+        if not 0 < branch.position_r <= self.target.num_blocks:
+            raise IncompatibleError(
+                f"insertion position R={branch.position_r} is outside the target's "
+                f"boundaries 1..{self.target.num_blocks}")
+        clash = set(branch.label_names) & set(self.label_names)
+        if clash:
+            raise IncompatibleError(f"labels {sorted(clash)} are already predicted by the superbody")
+        self.branches.append(branch)
+        return self
+
+    def detach(self, index: int | None = None) -> ZooNet | Branch:
+        """Remove one branch (returning it), or all (returning the exact target)."""
+        if index is not None:
+            branch = self.branches[index]
+            del self.branches[index]
+            return branch
+        self.branches = nn.ModuleList()
+        return self.target
+
+    @contextmanager
+    def disable_branches(self) -> Iterator[Superbody]:
+        """Run as the bare target inside the block (PEFT's ``disable_adapter``)."""
+        saved = self.branches
+        self.branches = nn.ModuleList()
+        try:
+            yield self
+        finally:
+            self.branches = saved
+
+    # ---------------------------------------------------------------- inference
+    def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Target logits, every branch's source logits and gate, for training and metrics."""
+        wanted = {b.position_r for b in self.branches}
+        h, feats = x, {}
+        for r, block in enumerate(self.target.blocks, start=1):
+            h = block(h)
+            if r in wanted:
+                feats[r] = h
+        z_t = self.target.head(h)
+        z_s = [b.source_logits(feats[b.position_r]) for b in self.branches]
+        gates = [b.gate(z_t, zs) for b, zs in zip(self.branches, z_s)]
+        return {"z_t": z_t, "z_s": z_s, "gates": gates}
+
+    def fuse(self, parts: dict) -> torch.Tensor:
+        """Probabilities over ``label_names`` from ``parts``."""
+        z_t = parts["z_t"]
+        if not self.branches:
+            return z_t.softmax(1)
+        odds = [g.clamp(1e-6, 1 - 1e-6) / (1 - g.clamp(1e-6, 1 - 1e-6)) for g in parts["gates"]]
+        norm = 1 + sum(odds)
+        probs = [z_t.softmax(1) / norm.unsqueeze(1)]
+        for b, zs, o in zip(self.branches, parts["z_s"], odds):
+            probs.append(zs[:, b.cloned_index].softmax(1) * (o / norm).unsqueeze(1))
+        return torch.cat(probs, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.branches:
+            return self.target(x).softmax(1)
+        return self.fuse(self.parts(x))
+
+    def predict(self, x: torch.Tensor) -> list[tuple[str, float]]:
+        """``(label name, probability)`` of the top class for each input."""
+        with torch.no_grad():
+            p = self(x)
+        conf, idx = p.max(1)
+        return [(self.label_names[i], float(c)) for i, c in zip(idx.tolist(), conf)]
+
+    def module_bytes(self) -> int:
+        """fp32 bytes of every weight this superbody uses (``superbody_bytes``)."""
+        tensors = list(self.target.state_dict().values())
+        for b in self.branches:
+            tensors += [v for k, v in b.state_dict().items() if k != "cloned_index"]
+        return sum(t.numel() * 4 for t in tensors if t.is_floating_point())
+
+
+def build_branch(target: ZooNet, source: ZooNet, input_shape: tuple[int, ...],
+                 position_r: int, position_s: int, masks: dict[str, torch.Tensor],
+                 cloned_classes: tuple[int, ...], label_names: tuple[str, ...],
+                 adapter_rank: int, gate_hidden: int, n_target: int) -> Branch:
+    """A physically pruned branch with fresh adapter and gate (weights loaded by the caller)."""
+    t_info = target.feature_info(input_shape)[position_r]
+    s_info = source.feature_info(input_shape)[position_s]
+    blocks, head, adapter_keep = source.pruned_tail(position_s, masks)
+    c_out = s_info.channels if adapter_keep is None else len(adapter_keep)
+    adapter = Adapter(t_info.channels, c_out, adapter_rank, s_info.spatial)
+    gate = FusionGate(n_target, head.fc.out_features, gate_hidden)
+    return Branch(position_r, position_s, adapter, copy.deepcopy(blocks), head,
+                  cloned_classes, gate, label_names).eval()
