@@ -1,0 +1,27 @@
+"""The ``pnc`` command line. Each concern registers its commands from its own module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from pnc_cli import bench, core, jobs, net
+from pnc_cli.common import run_guarded
+
+app = typer.Typer(
+    name="pnc",
+    help="Partial network cloning: give a zoo model new classes by shipping <masks, R, adapter>.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for module in (core, net, jobs, bench):
+    module.register(app)
+
+
+def main() -> None:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    sys.exit(run_guarded(app))

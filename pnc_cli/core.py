@@ -1,0 +1,276 @@
+"""Core commands: the zoo, clone, eval, inspect and the demo."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from pnc_cli.common import JsonOpt, ZooOpt, console, err_console, print_json
+from pnc_net.clone import CloneConfig, SourceSpec, clone, run_sequential
+from pnc_net.data import load_dataset
+from pnc_net.errors import InvalidInputError
+from pnc_net.insert import InsertConfig
+from pnc_net.metrics import clone_metrics, detach_is_exact
+from pnc_net.rebuild import load_ref, verify
+from pnc_net.search import parse_positions
+from pnc_net.zoo import Zoo, model_from_weights
+from pnc_net.zoo_train import ZooSpec, build_default_zoo, train_zoo_model
+from pnc_net import wire
+
+METRIC_KEYS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")
+DataOpt = Annotated[Path | None, typer.Option(
+    "--data", help="An .npz with x_train,y_train,x_test,y_test (default: embedded MNIST).")]
+
+zoo_app = typer.Typer(help="Build, list and verify the local model zoo.", no_args_is_help=True)
+
+
+def split_labels(text: str) -> tuple[str, ...]:
+    labels = tuple(c.strip() for c in text.split(",") if c.strip())
+    if not labels:
+        raise InvalidInputError(f"--classes {text!r} names no class; give e.g. --classes 5,6")
+    return labels
+
+
+# ----------------------------------------------------------------------------- zoo
+
+
+@zoo_app.command("build")
+def zoo_build(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
+    """Train the default MNIST zoo (CNN and ResNet, digits 0-4 and 5-9). Idempotent."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    zoo = Zoo(zoo_dir)
+    built = build_default_zoo(zoo, load_dataset(None), progress=not json_out)
+    if json_out:
+        print_json([{"name": m.name, "sha256": m.sha256, "built": new} for m, new in built])
+        return
+    for m, new in built:
+        console.print(f"{'built ' if new else 'present'} {m.name:20s} {m.sha256[:12]} "
+                      f"test acc {m.test_accuracy:.3f}")
+
+
+@zoo_app.command("train")
+def zoo_train(
+    data: Annotated[Path, typer.Option("--data", help="Training data (.npz).")],
+    classes: Annotated[str, typer.Option("--classes", help="Label names to learn, e.g. 0,1,2.")],
+    arch: Annotated[str, typer.Option("--arch", help="Architecture: cnn or resnet.")] = "cnn",
+    name: Annotated[str, typer.Option("--name", help="Model name (a label).")] = "",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
+    seed: int = 0, zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Train a model on your own data and add it to the zoo."""
+    dataset = load_dataset(data)
+    labels = split_labels(classes)
+    spec = ZooSpec(name or f"{dataset.name}-{arch}-{'-'.join(labels)}", arch, labels, epochs,
+                   seed=seed)
+    m = train_zoo_model(Zoo(zoo_dir), dataset, spec, progress=not json_out)
+    if json_out:
+        print_json({"name": m.name, "sha256": m.sha256, "test_accuracy": m.test_accuracy})
+    else:
+        console.print(f"added {m.name} {m.sha256[:12]} test acc {m.test_accuracy:.3f}")
+
+
+@zoo_app.command("list")
+def zoo_list(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
+    """List the zoo's models (with --json: their manifests)."""
+    zoo = Zoo(zoo_dir)
+    manifests = zoo.manifests()
+    if json_out:
+        import dataclasses
+
+        print_json([dataclasses.asdict(m) for m in manifests])
+        return
+    table = Table(title=f"zoo at {zoo.root}")
+    for col in ("name", "sha256", "arch", "labels", "params", "test acc"):
+        table.add_column(col)
+    for m in manifests:
+        table.add_row(m.name, m.sha256[:12], m.arch, ",".join(m.label_names),
+                      f"{m.num_params:,}", f"{m.test_accuracy:.3f}")
+    console.print(table if manifests else f"the zoo at {zoo.root} is empty; run `pnc zoo build`")
+
+
+@zoo_app.command("verify")
+def zoo_verify(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
+    """Check every model's weights against its manifest's sha256."""
+    report = Zoo(zoo_dir).verify()
+    if json_out:
+        print_json([{"name": m.name, "sha256": m.sha256, "ok": p is None, "problem": p}
+                    for m, p in report])
+    else:
+        for m, problem in report:
+            console.print(f"{'ok  ' if problem is None else 'FAIL'} {m.name} {m.sha256[:12]}"
+                          + (f": {problem}" if problem else ""))
+    if any(p for _, p in report):
+        raise typer.Exit(4)
+
+
+# ----------------------------------------------------------------------------- clone
+
+
+def tqdm_runner(total: int, enabled: bool):
+    bar = tqdm(total=total, desc="position search", disable=not enabled, leave=False)
+
+    def runner(job, i, positions):
+        def on_result(pos, res):
+            bar.set_postfix_str(f"R={pos[0]} S={pos[1]} score={res['score']:.3f}")
+            bar.update(1)
+        return run_sequential(job, i, positions, on_result)
+    return runner, bar
+
+
+def metrics_table(title: str, metrics: dict, extra: dict | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in {**metrics, **(extra or {})}.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    return table
+
+
+def run_clone(target: str, sources: list[str], classes: list[str], per_class: int,
+              target_per_class: int, data: Path | None, zoo_dir: Path | None, seed: int,
+              positions: str | None, adapter_rank: int, quiet: bool, runner=None):
+    """Shared by ``pnc clone`` and ``pnc demo``: returns (result, zoo, dataset)."""
+    if len(classes) != len(sources):
+        raise InvalidInputError(
+            f"give one --classes per --source ({len(sources)} sources, {len(classes)} --classes)")
+    cfg = CloneConfig(
+        target=target,
+        sources=tuple(SourceSpec(s, split_labels(c)) for s, c in zip(sources, classes)),
+        per_class=per_class, target_per_class=target_per_class, seed=seed,
+        positions=tuple(parse_positions(positions)) if positions else None,
+        insert=InsertConfig(adapter_rank=adapter_rank),
+    )
+    zoo, dataset = Zoo(zoo_dir), load_dataset(data)
+    torch.manual_seed(seed)
+    bar = None
+    if runner is None:
+        n = len(cfg.positions) if cfg.positions else 0
+        runner, bar = tqdm_runner(n or None, not quiet)
+    log = None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
+    result = clone(zoo, dataset, cfg, runner=runner, log=log)
+    if bar is not None:
+        bar.close()
+    return result, zoo, dataset
+
+
+def summary(result, package_bytes: int, out: Path | None, seconds: float) -> dict:
+    m = result.report["metrics"]
+    positions = [[b.position_r, b.position_s] for b in result.superbody.branches]
+    return {"package": str(out) if out else None, "package_bytes": package_bytes,
+            "superbody_bytes": m["superbody_bytes"],
+            "position": positions[0] if len(positions) == 1 else positions,
+            **{k: m.get(k) for k in METRIC_KEYS}, "seconds": seconds}
+
+
+def clone_cmd(
+    target: Annotated[str, typer.Option("--target", help="Target zoo model (name or sha256).")],
+    source: Annotated[list[str], typer.Option("--source", help="Source zoo model; repeat for several.")],
+    classes: Annotated[list[str], typer.Option("--classes", help="Classes to clone, e.g. 5,6; one per --source.")],
+    per_class: Annotated[int, typer.Option("--per-class", help="Cloned-class samples per class (k).")] = 100,
+    target_per_class: Annotated[int, typer.Option("--target-per-class", help="Target-class samples per class (k_t); 0 = the article's setting.")] = 20,
+    data: DataOpt = None, zoo_dir: ZooOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Package file to write.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and training.")] = 0,
+    positions: Annotated[str | None, typer.Option("--positions", help="Candidate R:S pairs, e.g. 3:3,4:4 (default: depth-matched pairs).")] = None,
+    adapter_rank: Annotated[int, typer.Option("--adapter-rank", help="Rank of the adapter's 1x1 map.")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16, fp32, int8.")] = "fp16",
+    json_out: JsonOpt = False,
+) -> None:
+    """Clone classes of a source zoo model into a target; write the package."""
+    started = time.perf_counter()
+    if dtype not in wire.WIRE_DTYPES:
+        raise InvalidInputError(f"--dtype {dtype!r} is not one of {', '.join(wire.WIRE_DTYPES)}")
+    result, _, _ = run_clone(target, source, classes, per_class, target_per_class, data,
+                             zoo_dir, seed, positions, adapter_rank, json_out)
+    out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")
+    pid, nbytes = wire.write_package(out, result.package, dtype)
+    info = {**summary(result, nbytes, out, time.perf_counter() - started), "package_id": pid}
+    if json_out:
+        print_json(info)
+        return
+    console.print(metrics_table(f"cloned into {result.package.target.name}", {
+        k: info[k] for k in METRIC_KEYS}, {"position R:S": info["position"],
+        "package_bytes": nbytes, "superbody_bytes": info["superbody_bytes"],
+        "seconds": round(info["seconds"], 1)}))
+    console.print(f"wrote {out} ({nbytes:,} bytes, id {pid[:16]})")
+
+
+# ----------------------------------------------------------------------------- eval / inspect
+
+
+def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
+             data: DataOpt = None, zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
+    """Rebuild the superbody from the zoo and the package; report metrics and detach_exact."""
+    started = time.perf_counter()
+    zoo = Zoo(zoo_dir)
+    pkg, raw = wire.read_package(package)
+    superbody, fp_err = verify(zoo, pkg)
+    dataset = load_dataset(data)
+    sources = [load_ref(zoo, m.source)[:2] for m in pkg.modules]
+    metrics = clone_metrics(superbody, dataset, sources)
+    fresh_manifest = zoo.resolve(pkg.target.sha256)
+    fresh = model_from_weights(fresh_manifest, zoo.read_weights(fresh_manifest))
+    exact = detach_is_exact(superbody, fresh, dataset.x_test)
+    info = {"package": str(package), "package_bytes": len(raw),
+            "superbody_bytes": metrics["superbody_bytes"],
+            "position": [[m.position_r, m.position_s] for m in pkg.modules][0]
+            if len(pkg.modules) == 1 else [[m.position_r, m.position_s] for m in pkg.modules],
+            **{k: metrics.get(k) for k in METRIC_KEYS}, "detach_exact": exact,
+            "fingerprint_error": fp_err, "seconds": time.perf_counter() - started}
+    if json_out:
+        print_json(info)
+    else:
+        console.print(metrics_table(f"{package.name}", {k: info[k] for k in METRIC_KEYS},
+                                    {"detach_exact": exact, "fingerprint_error": f"{fp_err:.2e}",
+                                     "package_bytes": len(raw)}))
+
+
+def inspect_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
+                json_out: JsonOpt = False) -> None:
+    """Show a package: zoo references, position, kept filters, tensors and sizes."""
+    pkg, raw = wire.read_package(package)
+    info = {
+        "package_id": wire.package_id(raw), "package_bytes": len(raw),
+        "format_version": pkg.format_version, "writer_version": pkg.writer_version,
+        "target": vars(pkg.target), "label_names": list(pkg.label_names),
+        "modules": [{
+            "source": vars(m.source), "cloned_classes": list(m.cloned_classes),
+            "position": [m.position_r, m.position_s],
+            "kept_filters": {k: list(v) for k, v in m.kept_filters().items()},
+            "tensors": {k: list(v.shape) for k, v in m.tensors.items()}, "config": m.config,
+        } for m in pkg.modules],
+        "metrics": pkg.report.get("metrics", {}),
+    }
+    if json_out:
+        print_json(info)
+        return
+    console.print(f"package {info['package_id'][:16]}  {len(raw):,} bytes  format v{pkg.format_version}")
+    console.print(f"target  {pkg.target.name}  {pkg.target.sha256[:16]}")
+    console.print(f"labels  {', '.join(pkg.label_names)}")
+    for m in info["modules"]:
+        console.print(f"source  {m['source']['name']}  {m['source']['sha256'][:16]}  "
+                      f"classes {m['cloned_classes']}  R:S = {m['position'][0]}:{m['position'][1]}")
+        table = Table("layer", "kept / width")
+        for k, (kept, width) in m["kept_filters"].items():
+            table.add_row(k, f"{kept} / {width}")
+        console.print(table)
+        table = Table("tensor", "shape")
+        for k, shape in m["tensors"].items():
+            table.add_row(k, "x".join(map(str, shape)))
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(zoo_app, name="zoo")
+    app.command("clone")(clone_cmd)
+    app.command("eval")(eval_cmd)
+    app.command("inspect")(inspect_cmd)
+    from pnc_cli.demo import demo_cmd
+
+    app.command("demo")(demo_cmd)
