@@ -142,26 +142,42 @@ def _labels(name: str, arr: np.ndarray, n_images: int, n_labels: int | None) -> 
     return torch.from_numpy(arr.astype(np.int64))
 
 
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the file. Reading happens here, inside the guard, because numpy
+    only parses (and refuses pickled object arrays) when an array is accessed."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as err:  # noqa: BLE001 - numpy raises many types for a bad file
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InvalidInputError(
+            f"{path} is not a readable .npz file (store plain numeric arrays and a string "
+            f"array for label_names; object arrays are refused): {msg}") from None
+
+
+def _label_names(path: Path, arr: np.ndarray) -> tuple[str, ...]:
+    if arr.ndim != 1 or not len(arr):
+        raise InvalidInputError(
+            f"{path}: label_names must be a non-empty 1-D array of names, got shape {arr.shape}")
+    names = tuple(str(n) for n in arr.tolist())
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"{path}: label_names repeat a name: {list(names)}")
+    return names
+
+
 def load_npz(path: str | Path, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """A user's dataset: ``x_train, y_train, x_test, y_test`` (+ optional ``x_val, y_val``,
     ``label_names``). Without a validation split, ``val_fraction`` of train is held out."""
     path = Path(path)
     if not path.exists():
         raise NotFoundError(f"data file {path} does not exist")
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except Exception as err:  # noqa: BLE001 - numpy raises many types for a bad file
-        raise InvalidInputError(f"{path} is not a readable .npz file: {err}") from None
-    with npz:
-        arrays = {k: npz[k] for k in npz.files}
+    arrays = _read_arrays(path)
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise InvalidInputError(f"{path} is missing array(s) {', '.join(missing)}")
     if ("x_val" in arrays) != ("y_val" in arrays):
         raise InvalidInputError(f"{path} must hold both x_val and y_val, or neither")
-    names = None
-    if "label_names" in arrays:
-        names = tuple(str(n) for n in arrays["label_names"].tolist())
+    names = _label_names(path, arrays["label_names"]) if "label_names" in arrays else None
     n_labels = len(names) if names is not None else None
     t: dict[str, torch.Tensor] = {}
     for split in ("train", "val", "test"):
@@ -169,6 +185,8 @@ def load_npz(path: str | Path, val_fraction: float = 0.1, seed: int = 0) -> Data
             t[f"x_{split}"] = _images(f"x_{split}", arrays[f"x_{split}"])
             t[f"y_{split}"] = _labels(f"y_{split}", arrays[f"y_{split}"],
                                       len(t[f"x_{split}"]), n_labels)
+    if len(t["x_train"]) == 0:
+        raise InvalidInputError(f"{path}: array 'x_train' holds no samples")
     shapes = {k: tuple(v.shape[1:]) for k, v in t.items() if k.startswith("x_")}
     if len(set(shapes.values())) != 1:
         raise InvalidInputError(f"{path}: image shapes differ between splits: {shapes}")
