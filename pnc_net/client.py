@@ -1,0 +1,253 @@
+"""The edge client: send, fetch, predict and status against a pnc daemon.
+
+``with PncClient("127.0.0.1:7000", token=...) as c: c.send_package(data)``.
+Writes are resumable (QueryWriteStatus, then Write from the committed offset),
+reads verify the digest and retry a bounded number of times, every call has a
+deadline, and a failed call raises the project's own error type with the
+server's status in one line.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pnc_net import wire
+from pnc_net._proto import transport_pb2 as tpb
+from pnc_net._proto import transport_pb2_grpc as tgrpc
+from pnc_net.errors import (IncompatibleError, IntegrityError, InvalidInputError, NotFoundError,
+                            PncError, PreconditionError)
+from pnc_net.fsutil import sha256_bytes
+
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 4 << 20
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class RemoteError(PncError):
+    """A daemon answered with a status that has no closer pnc error (UNAVAILABLE, ...)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        super().__init__(message)
+        self.grpc_code = code
+        if code == "UNAUTHENTICATED" or code == "PERMISSION_DENIED":
+            self.exit_code = 8
+
+
+_BY_CODE = {"INVALID_ARGUMENT": InvalidInputError, "NOT_FOUND": NotFoundError,
+            "FAILED_PRECONDITION": PreconditionError, "DATA_LOSS": IntegrityError}
+
+
+def remote_error(address: str, err: grpc.RpcError) -> PncError:
+    """The pnc error for a failed call, with the server's message on one line."""
+    code = err.code().name if err.code() else "UNKNOWN"
+    details = (err.details() or "").replace("\n", " ")
+    msg = f"{address}: {code}: {details}"
+    cls = _BY_CODE.get(code)
+    return cls(msg) if cls else RemoteError(msg, code)
+
+
+def check_address(address: str) -> str:
+    """``HOST:PORT`` with a numeric port; anything else is a user mistake."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:7000)")
+    return address
+
+
+def channel_credentials(tls_ca: Path | None, tls_cert: Path | None,
+                        tls_key: Path | None) -> grpc.ChannelCredentials | None:
+    if tls_ca is None and tls_cert is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidInputError("give --tls-cert and --tls-key together (client certificate)")
+    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+    try:
+        return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
+    except OSError as err:
+        raise InvalidInputError(f"cannot read TLS file: {err}") from None
+
+
+class PncClient:
+    """A connection to one daemon (sender or receiver)."""
+
+    def __init__(self, address: str, token: str | None = None, *, tls_ca: Path | None = None,
+                 tls_cert: Path | None = None, tls_key: Path | None = None,
+                 timeout_s: float = 30.0, max_attempts: int = 6,
+                 tls_server_name: str | None = None) -> None:
+        self.address = check_address(address)
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        creds = channel_credentials(tls_ca, tls_cert, tls_key)
+        opts = list(CHANNEL_OPTIONS)
+        if creds is None:
+            self.channel = grpc.insecure_channel(address, options=opts)
+        else:
+            if tls_server_name:
+                opts.append(("grpc.ssl_target_name_override", tls_server_name))
+            self.channel = grpc.secure_channel(address, creds, options=opts)
+        self.cas = tgrpc.CasStub(self.channel)
+        self.bytestream = tgrpc.ByteStreamStub(self.channel)
+        self.packages = tgrpc.PackagesStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.last_write: tpb.WriteResponse | None = None
+
+    def __enter__(self) -> PncClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn, request, timeout: float | None = None):
+        try:
+            return fn(request, timeout=timeout or self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise remote_error(self.address, err) from None
+
+    # ------------------------------------------------------------------ writes
+    def send_package(self, data: bytes) -> tuple[str, int]:
+        """Send package bytes (validated locally first); returns ``(id, bytes sent)``.
+        The daemon's answer (state, detail) is in ``self.last_write``."""
+        wire.decode(data)
+        pid = sha256_bytes(data)
+        return pid, self.write_blob("packages", data)
+
+    def write_blob(self, kind: str, data: bytes, on_chunk=None) -> int:
+        """Resumable upload; returns the payload bytes sent (re-sent chunks included)."""
+        sha, size = sha256_bytes(data), len(data)
+        name = f"{kind}/{sha}/{size}"
+        sent, delay = 0, 0.2
+        deadline = max(self.timeout_s, size / 20e6)
+        for attempt in range(1, self.max_attempts + 1):
+            counter = [0]
+            try:
+                status = self.bytestream.QueryWriteStatus(
+                    tpb.QueryWriteStatusRequest(resource_name=name), timeout=self.timeout_s,
+                    metadata=self.metadata)
+                if status.complete:
+                    self.last_write = tpb.WriteResponse(committed_size=size,
+                                                        state=self._state(kind, sha))
+                    return sent
+                offset = int(status.committed_size)
+                self.last_write = self.bytestream.Write(
+                    _chunks(name, data, offset, counter, on_chunk), timeout=deadline,
+                    metadata=self.metadata)
+                return sent + counter[0]
+            except grpc.RpcError as err:
+                sent += counter[0]
+                if err.code() not in RETRYABLE or attempt == self.max_attempts:
+                    raise remote_error(self.address, err) from None
+                time.sleep(delay * (1 + random.random() / 2))
+                delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
+
+    def _state(self, kind: str, sha: str) -> str:
+        if kind != "packages":
+            return ""
+        return self.stat(sha).state
+
+    # ------------------------------------------------------------------ reads
+    def read_blob(self, kind: str, sha256: str, size: int | None = None) -> bytes:
+        """Read a blob by digest, resuming after a broken stream, verifying the digest."""
+        name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
+        buf = bytearray()
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                for resp in self.bytestream.Read(
+                        tpb.ReadRequest(resource_name=name, read_offset=len(buf)),
+                        timeout=max(self.timeout_s, (size or 0) / 20e6),
+                        metadata=self.metadata):
+                    buf += resp.data
+                break
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE or attempt == self.max_attempts:
+                    raise remote_error(self.address, err) from None
+                time.sleep(0.2 * attempt)
+        data = bytes(buf)
+        if sha256_bytes(data) != sha256:
+            raise IntegrityError(f"{self.address}: blob {sha256[:16]} arrived with a different "
+                                 f"digest ({len(data)} bytes); not saved")
+        return data
+
+    def fetch_package(self, id_or_prefix: str) -> bytes:
+        info = self.stat(id_or_prefix)
+        return self.read_blob("packages", info.id, info.size_bytes)
+
+    # ------------------------------------------------------------------ queries
+    def find_missing(self, kind: str, digests: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        req = tpb.FindMissingRequest(kind=kind, digests=[
+            tpb.Digest(sha256=s, size_bytes=n) for s, n in digests])
+        resp = self._call(self.cas.FindMissing, req)
+        return [(d.sha256, int(d.size_bytes)) for d in resp.missing]
+
+    def capabilities(self) -> tpb.Capabilities:
+        return self._call(self.cas.GetCapabilities, tpb.CapabilitiesRequest())
+
+    def list(self) -> list[tpb.PackageInfo]:
+        return list(self._call(self.packages.List, tpb.ListRequest()).packages)
+
+    def stat(self, id_or_prefix: str) -> tpb.PackageInfo:
+        return self._call(self.packages.Stat, tpb.StatRequest(id=id_or_prefix))
+
+    def zoo_manifest(self, sha256: str) -> str:
+        return self._call(self.packages.ZooManifest,
+                          tpb.ZooManifestRequest(sha256=sha256)).manifest_json
+
+    def predict(self, id_or_prefix: str, x: torch.Tensor | np.ndarray) -> tpb.PredictResponse:
+        arr = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        req = tpb.PredictRequest(package_id=id_or_prefix,
+                                 inputs=wire.tensor_to_proto("inputs", arr, "fp32"))
+        return self._call(self.packages.Predict, req, timeout=max(self.timeout_s, 60))
+
+    def health(self, service: str = "") -> str:
+        """``SERVING``, ``NOT_SERVING``, ... of the daemon (no token needed)."""
+        resp = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service),
+                          timeout=min(self.timeout_s, 5))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+        except grpc.FutureTimeoutError:
+            raise RemoteError(f"{self.address}: no daemon answered within {timeout_s:.0f} s",
+                              "UNAVAILABLE") from None
+
+
+def _chunks(name: str, data: bytes, offset: int, counter: list[int],
+            on_chunk=None) -> Iterator[tpb.WriteRequest]:
+    view = memoryview(data)
+    first = True
+    if offset >= len(data):
+        yield tpb.WriteRequest(resource_name=name, write_offset=offset, finish_write=True)
+        return
+    while offset < len(data):
+        piece = view[offset: offset + CHUNK_BYTES]
+        end = offset + len(piece)
+        req = tpb.WriteRequest(write_offset=offset, finish_write=end == len(data),
+                               data=bytes(piece))
+        if first:
+            req.resource_name, first = name, False
+        counter[0] += len(piece)
+        if on_chunk is not None:
+            on_chunk(end)
+        yield req
+        offset = end
+
+
+__all__ = ["PncClient", "RemoteError", "CHUNK_BYTES", "MAX_MESSAGE_BYTES", "IncompatibleError"]

@@ -1,0 +1,243 @@
+"""A node's package and blob store on disk: content-addressed, crash-safe.
+
+Layout of a store folder::
+
+    packages/<sha256>.pnc    package bytes (the id is their sha256)
+    packages/<sha256>.json   the node's record of it: state, errors, metadata
+    blobs/<sha256>           other blobs (zoo weights, large artifacts)
+    uploads/<kind>-<sha256>-<size>.part   resumable writes in progress
+
+Everything visible under ``packages/`` and ``blobs/`` was written with temp
+file + fsync + rename after its digest was checked, so a crash never leaves a
+half package behind; an interrupted upload stays in ``uploads/`` and resumes
+from its size. Ids come from clients: they are checked to be hex before they
+go near a path (``../x`` is refused, never resolved).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pnc_net import wire
+from pnc_net.errors import IntegrityError, InvalidInputError, NotFoundError
+from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
+
+MIN_PREFIX = 4
+KINDS = ("packages", "blobs")
+STATES = ("stored", "received", "verified", "repaired", "failed")
+_HEX = re.compile(r"^[0-9a-f]{1,64}$")
+
+
+def check_digest(sha256: str, *, prefix_ok: bool = False, what: str = "id") -> str:
+    """A client-supplied digest, refused unless it is (a prefix of) a hex sha256."""
+    value = sha256.strip().lower()
+    if not _HEX.match(value) or (not prefix_ok and len(value) != 64):
+        shown = sha256[:80]
+        raise InvalidInputError(
+            f"{what} {shown!r} is not a sha256 hex digest"
+            + (f" (or a unique prefix of at least {MIN_PREFIX} hex digits)" if prefix_ok else ""))
+    if prefix_ok and len(value) < MIN_PREFIX:
+        raise InvalidInputError(f"{what} prefix {sha256!r} is too short; give at least "
+                                f"{MIN_PREFIX} hex digits")
+    return value
+
+
+@dataclass
+class PackageRecord:
+    """What a node knows about one package it holds."""
+
+    id: str
+    size_bytes: int
+    state: str = "stored"
+    detail: str = ""
+    received_unix_s: float = 0.0
+    target: str = ""
+    sources: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+    format_version: int = 0
+    fingerprint_error: float | None = None
+    fingerprint_error_before: float | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=float)
+
+    @classmethod
+    def from_json(cls, text: str) -> PackageRecord:
+        raw = json.loads(text)
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+
+
+class PackageStore:
+    """Packages and blobs of one node. ``put(bytes) -> id``; ``get(id or prefix) -> bytes``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.packages_dir = self.root / "packages"
+        self.blobs_dir = self.root / "blobs"
+        self.uploads_dir = self.root / "uploads"
+        for d in (self.packages_dir, self.blobs_dir, self.uploads_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"PackageStore({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ packages
+    def put(self, data: bytes, state: str = "stored") -> str:
+        """Validate (``wire.decode``), store atomically, return the id (sha256 of ``data``)."""
+        package = wire.decode(data)
+        pid = sha256_bytes(data)
+        path = self.packages_dir / f"{pid}.pnc"
+        if not path.exists():
+            atomic_write_bytes(path, data)
+        if not (self.packages_dir / f"{pid}.json").exists():
+            self.save_record(record_for(pid, data, package, state))
+        return pid
+
+    def has_package(self, pid: str) -> bool:
+        return (self.packages_dir / f"{check_digest(pid)}.pnc").exists()
+
+    def ids(self) -> list[str]:
+        return sorted(p.stem for p in self.packages_dir.glob("*.pnc") if _HEX.match(p.stem))
+
+    def resolve(self, id_or_prefix: str) -> str:
+        """The full id for an id or a unique prefix."""
+        want = check_digest(id_or_prefix, prefix_ok=True, what="package id")
+        hits = [i for i in self.ids() if i.startswith(want)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise InvalidInputError(f"package id prefix {want!r} is ambiguous: it matches "
+                                    + ", ".join(h[:16] for h in hits[:5]))
+        raise NotFoundError(f"package {want!r} is not in the store ({len(self.ids())} packages); "
+                            "run `pnc status` to list them")
+
+    def get(self, id_or_prefix: str) -> bytes:
+        pid = self.resolve(id_or_prefix)
+        data = (self.packages_dir / f"{pid}.pnc").read_bytes()
+        if sha256_bytes(data) != pid:
+            raise IntegrityError(f"stored package {pid} is corrupt on disk (digest mismatch)")
+        return data
+
+    def record(self, id_or_prefix: str) -> PackageRecord:
+        pid = self.resolve(id_or_prefix)
+        path = self.packages_dir / f"{pid}.json"
+        if not path.exists():  # a crash between the two renames: rebuild the record
+            data = self.get(pid)
+            rec = record_for(pid, data, wire.decode(data), "stored")
+            self.save_record(rec)
+            return rec
+        return PackageRecord.from_json(path.read_text())
+
+    def save_record(self, record: PackageRecord) -> None:
+        if record.state not in STATES:
+            raise InvalidInputError(f"unknown package state {record.state!r}")
+        atomic_write_bytes(self.packages_dir / f"{record.id}.json", record.to_json().encode())
+
+    def list(self) -> list[PackageRecord]:
+        """Every package's record, oldest first."""
+        recs = [self.record(i) for i in self.ids()]
+        return sorted(recs, key=lambda r: (r.received_unix_s, r.id))
+
+    def remove(self, pid: str) -> None:
+        pid = check_digest(pid)
+        (self.packages_dir / f"{pid}.json").unlink(missing_ok=True)
+        (self.packages_dir / f"{pid}.pnc").unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ blobs
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs_dir / check_digest(sha256)
+
+    def has(self, kind: str, sha256: str) -> bool:
+        if kind == "packages":
+            return self.has_package(sha256)
+        if kind == "blobs":
+            return self.blob_path(sha256).exists()
+        raise InvalidInputError(f"unknown blob kind {kind!r}; use one of {list(KINDS)}")
+
+    # ------------------------------------------------------------------ uploads
+    def upload(self, kind: str, sha256: str, size: int) -> Upload:
+        if kind not in KINDS:
+            raise InvalidInputError(f"unknown blob kind {kind!r}; use one of {list(KINDS)}")
+        return Upload(self, kind, check_digest(sha256), int(size))
+
+
+class Upload:
+    """A resumable write of one blob: appends to ``uploads/…part``; ``finish`` verifies the
+    digest and returns the bytes' path, or raises ``IntegrityError`` and deletes them."""
+
+    def __init__(self, store: PackageStore, kind: str, sha256: str, size: int) -> None:
+        self.store, self.kind, self.sha256, self.size = store, kind, sha256, size
+        self.path = store.uploads_dir / f"{kind}-{sha256}-{size}.part"
+        self._hash: hashlib._Hash | None = None
+        self._file = None
+
+    def committed_size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def open(self, offset: int) -> None:
+        """Start appending at ``offset``, which must equal the committed size."""
+        committed = self.committed_size()
+        if offset != committed:
+            raise InvalidInputError(f"write_offset {offset} does not match the committed size "
+                                    f"{committed}; ask QueryWriteStatus and resume from there")
+        self._hash = hashlib.sha256()
+        if committed:
+            with open(self.path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    self._hash.update(chunk)
+        self._file = open(self.path, "ab")
+
+    def append(self, data: bytes) -> int:
+        assert self._file is not None and self._hash is not None
+        if self._file.tell() + len(data) > self.size:
+            raise InvalidInputError(f"write runs past the declared size {self.size}")
+        self._file.write(data)
+        self._hash.update(data)
+        return self._file.tell()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> Path:
+        """Verify size and digest; on success the bytes are durable at the returned path."""
+        assert self._file is not None and self._hash is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        got_size = self._file.tell()
+        self.close()
+        digest = self._hash.hexdigest()
+        if got_size != self.size or digest != self.sha256:
+            self.discard()
+            raise InvalidInputError(
+                f"blob digest mismatch: received {got_size} bytes with sha256 {digest}, "
+                f"the resource name promised {self.size} bytes with {self.sha256}; nothing stored")
+        return self.path
+
+    def discard(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def record_for(pid: str, data: bytes, package, state: str) -> PackageRecord:
+    """A fresh record for a decoded package."""
+    return PackageRecord(
+        id=pid, size_bytes=len(data), state=state, received_unix_s=time.time(),
+        target=package.target.name, sources=[m.source.name for m in package.modules],
+        label_names=list(package.label_names), format_version=package.format_version,
+        metadata={"created_unix_s": package.created_unix_s,
+                  "writer_version": package.writer_version,
+                  "cloned_classes": [list(m.cloned_classes) for m in package.modules],
+                  "positions": [[m.position_r, m.position_s] for m in package.modules],
+                  "zoo_refs": [r.sha256 for r in package.zoo_refs()]})
