@@ -1,0 +1,337 @@
+"""Cloning on a Ray cluster: ``CloneWorker`` actors and a runner for ``clone(...)``.
+
+Ray is a thin shell here (``docs/cluster.md``; xgboost_ray's layout): the job
+logic is ``pnc_net.clone``'s steps; ``CloneWorker`` is a plain class that runs
+one step for one module and can be used without Ray; the ``@ray.remote``
+wrapper is a few lines, with its resources from ``ClusterConfig`` through
+``.options()``. The driver ``ray.put``s each zoo model's weights once and every
+module's data once; actors fetch a reference only on a cache miss (first use,
+or after a restart), so a worker loads each zoo model once.
+
+Every step is a pure function of its inputs and seeds, so a task that Ray
+retries after its actor died gives the same answer, and the runner returns the
+candidates in the order given: ``best_candidate`` reduces exactly as in process.
+
+Example::
+
+    from pnc_net.cluster import make_ray_runner
+    with make_ray_runner() as runner:            # a local cluster, one worker per CPU
+        result = clone(zoo, data, cfg, runner=runner)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from pnc_net.clone import CloneConfig, CloneJob, ModuleJob, localize_module, prepare_module
+from pnc_net.clone import train_position
+from pnc_net.errors import IntegrityError, InvalidInputError, PreconditionError
+from pnc_net.fsutil import sha256_bytes
+from pnc_net.insert import CloneData, Prepared
+from pnc_net.models import ZooNet
+from pnc_net.package import ClonedModule, ZooRef
+from pnc_net.rebuild import branch_from_module, branch_tensors
+from pnc_net.superbody import Branch
+from pnc_net.zoo import Manifest, model_from_weights
+
+log = logging.getLogger(__name__)
+PAYLOAD_CACHE = 8  # module shards an actor keeps (a few KB to a few MB each)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where to run and how many workers (``pnc clone --ray``'s settings).
+
+    ``address=None`` joins ``$RAY_ADDRESS`` if set, else starts a local cluster
+    (the embedded default). ``num_workers=None`` means one per GPU when the
+    cluster has GPUs, else one per CPU slot.
+    """
+
+    address: str | None = None
+    num_workers: int | None = None
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    torch_threads: int = 1  # intra-op threads per worker; 1 = one core per CPU worker
+    max_restarts: int = 2
+    max_task_retries: int = 2
+    local_num_cpus: int | None = None  # CPUs of a cluster started here (None: all)
+
+    def __post_init__(self) -> None:
+        if self.num_workers is not None and self.num_workers < 1:
+            raise InvalidInputError(f"--workers must be at least 1, got {self.num_workers}")
+        if self.torch_threads < 1:
+            raise InvalidInputError(f"torch_threads must be at least 1, got {self.torch_threads}")
+        if self.max_restarts < 0 or self.max_task_retries < 0:
+            raise InvalidInputError("max_restarts and max_task_retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What one ``CloneWorker`` asks the scheduler for."""
+
+    num_cpus: float
+    num_gpus: float
+
+    @classmethod
+    def for_cluster(cls, cfg: ClusterConfig, resources: dict[str, float]) -> tuple[
+            WorkerResources, int]:
+        """``(per-worker resources, worker count)``: one per GPU, else one per CPU slot."""
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        if cfg.use_gpu and gpus == 0:
+            raise PreconditionError("use_gpu is set but the Ray cluster has no GPU")
+        if gpus and cfg.use_gpu is not False:
+            return cls(num_cpus=1, num_gpus=1), cfg.num_workers or gpus
+        return cls(num_cpus=1, num_gpus=0), cfg.num_workers or max(1, cpus)
+
+    def options(self, cfg: ClusterConfig) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
+                "max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_task_retries}
+
+
+@dataclass
+class ModuleShard:
+    """What a worker needs for one module of a job (a ``ModuleJob`` without models)."""
+
+    cfg: CloneConfig
+    target: Manifest
+    source: Manifest
+    cloned: tuple[int, ...]
+    cloned_labels: tuple[str, ...]
+    data: CloneData
+    masks: dict[str, torch.Tensor] | None = None
+    prepared: Prepared | None = None
+
+
+def weights_bytes(model: ZooNet, manifest: Manifest) -> bytes:
+    """The zoo file's bytes, re-serialized from the loaded model and checked by digest."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    data = save_safetensors(state, metadata={"arch": manifest.arch})
+    if sha256_bytes(data) != manifest.sha256:
+        raise IntegrityError(
+            f"zoo model {manifest.name} in memory no longer matches its digest "
+            f"{manifest.sha256[:12]}; reload it from the zoo")
+    return data
+
+
+def _resolve(value: Any) -> Any:
+    """A value, or what an object reference points to (references travel nested)."""
+    import ray
+
+    return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+
+def _to_device(obj: Any, device: str) -> Any:
+    """Tensors inside dicts and dataclasses moved to ``device`` (a no-op on CPU)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not isinstance(
+            obj, CloneConfig):
+        return dataclasses.replace(obj, **{f.name: _to_device(getattr(obj, f.name), device)
+                                           for f in dataclasses.fields(obj) if f.init})
+    return obj
+
+
+class CloneWorker:
+    """Runs clone steps for any module; caches zoo models and module shards.
+
+    Arguments arrive as ``[ref]`` (a list, so Ray does not fetch them eagerly)
+    or as plain values when used without Ray.
+    """
+
+    def __init__(self, torch_threads: int = 1, device: str = "cpu") -> None:
+        torch.set_num_threads(torch_threads)
+        self.device = device
+        if device != "cpu":  # tensors the steps create follow the models and data
+            torch.set_default_device(device)
+        self.models: dict[str, ZooNet] = {}
+        self.shards: OrderedDict[str, ModuleShard] = OrderedDict()
+        self.model_loads = 0
+
+    def _model(self, manifest: Manifest, weights: dict[str, list]) -> ZooNet:
+        if manifest.sha256 not in self.models:
+            data = _resolve(weights[manifest.sha256][0])
+            if sha256_bytes(data) != manifest.sha256:
+                raise IntegrityError(f"weights received for {manifest.name} do not match "
+                                     f"its digest {manifest.sha256[:12]}")
+            self.models[manifest.sha256] = model_from_weights(manifest, data).to(self.device)
+            self.model_loads += 1
+        return self.models[manifest.sha256]
+
+    def _shard(self, key: str, shard: list) -> ModuleShard:
+        if key not in self.shards:
+            value = _resolve(shard[0])
+            self.shards[key] = value if self.device == "cpu" else _to_device(value, self.device)
+            while len(self.shards) > PAYLOAD_CACHE:
+                self.shards.popitem(last=False)
+        self.shards.move_to_end(key)
+        return self.shards[key]
+
+    def _job(self, key: str, shard: list, weights: dict[str, list]) -> CloneJob:
+        s = self._shard(key, shard)
+        module = ModuleJob(self._model(s.source, weights), s.source, s.cloned, s.cloned_labels,
+                           s.data, [], s.masks, s.prepared)
+        return CloneJob(s.cfg, self._model(s.target, weights), s.target, None, [module])
+
+    def localize(self, key: str, shard: list, weights: dict[str, list],
+                 ) -> tuple[dict[str, torch.Tensor], Prepared]:
+        """Masks and prepared tensors of one module (``clone.localize_module``/``prepare_module``)."""
+        job = self._job(key, shard, weights)
+        masks, prepared = localize_module(job, 0), prepare_module(job, 0)
+        return _to_device(masks, "cpu"), _to_device(prepared, "cpu")
+
+    def train(self, key: str, shard: list, weights: dict[str, list],
+              position: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """One candidate: ``(adapter+gate tensors, branch config, score dict)``."""
+        branch, result = train_position(self._job(key, shard, weights), 0, tuple(position))
+        config = {"adapter_rank": branch.adapter.down.out_channels,
+                  "gate_hidden": branch.gate.net[0].out_features}
+        tensors = {k: v.cpu() for k, v in branch_tensors(branch).items()}
+        return tensors, config, result
+
+    def info(self) -> dict:
+        return {"pid": os.getpid(), "model_loads": self.model_loads, "device": self.device,
+                "threads": torch.get_num_threads()}
+
+
+def _remote_worker_class():
+    import ray
+
+    return ray.remote(CloneWorker)
+
+
+def connect(cfg: ClusterConfig) -> bool:
+    """Join or start a cluster; True when this call connected (and must disconnect)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:  # the embedded default: a one-node cluster on loopback
+            ray.init(num_cpus=cfg.local_num_cpus or os.cpu_count(), include_dashboard=False,
+                     _node_ip_address="127.0.0.1", logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise PreconditionError(
+            f"cannot reach a Ray cluster at {address or 'a new local cluster'}: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+            "start one with `ray start --head` or leave the address out") from None
+    return True
+
+
+class RayRunner:
+    """A ``CandidateRunner`` (and localizer) backed by a pool of ``CloneWorker`` actors."""
+
+    def __init__(self, cfg: ClusterConfig | None = None) -> None:
+        import ray
+        from ray.util import ActorPool
+
+        self.cfg = cfg or ClusterConfig()
+        self._owns_connection = connect(self.cfg)
+        self.resources, n = WorkerResources.for_cluster(self.cfg, ray.cluster_resources())
+        device = "cuda" if self.resources.num_gpus else "cpu"
+        remote = _remote_worker_class().options(**self.resources.options(self.cfg))
+        self.actors = [remote.remote(self.cfg.torch_threads, device) for _ in range(n)]
+        self.pool = ActorPool(self.actors)
+        self._weights: dict[str, Any] = {}  # sha256 -> ObjectRef, put once
+        self._job: CloneJob | None = None  # the job whose shards are cached
+        self._shards: dict[tuple[int, bool], tuple[str, Any]] = {}  # (i, masks?) -> key, ref
+
+    # ------------------------------------------------------------------ object store
+    def _weight_refs(self, job: CloneJob, i: int) -> dict[str, list]:
+        import ray
+
+        m = job.modules[i]
+        for model, manifest in ((job.target, job.target_manifest), (m.source, m.manifest)):
+            if manifest.sha256 not in self._weights:
+                self._weights[manifest.sha256] = ray.put(weights_bytes(model, manifest))
+        return {s: [self._weights[s]] for s in (job.target_manifest.sha256, m.manifest.sha256)}
+
+    def _shard_ref(self, job: CloneJob, i: int) -> tuple[str, list]:
+        """The module's data (and masks, once known) in the object store, put once."""
+        import ray
+
+        m = job.modules[i]
+        if self._job is not job:  # a new job: forget the last one's shards
+            self._job, self._shards = job, {}
+        stage = (i, m.masks is not None)
+        if stage not in self._shards:
+            shard = ModuleShard(job.cfg, job.target_manifest, m.manifest, m.cloned,
+                                m.cloned_labels, m.data, m.masks, m.prepared)
+            self._shards[stage] = (uuid.uuid4().hex, ray.put(shard))
+        key, ref = self._shards[stage]
+        return key, [ref]
+
+    # ------------------------------------------------------------------ steps
+    def localize_all(self, job: CloneJob) -> list[tuple[dict[str, torch.Tensor], Prepared]]:
+        """Localize and prepare every module at once, one module per worker."""
+        args = [(*self._shard_ref(job, i), self._weight_refs(job, i)) for i in range(len(job.modules))]
+        return list(self.pool.map(lambda a, v: a.localize.remote(*v), args))
+
+    def __call__(self, job: CloneJob, i: int, positions: list[tuple[int, int]],
+                 ) -> list[tuple[Branch, dict]]:
+        """Train ``positions`` of module ``i`` across the workers; results in the given order."""
+        key, shard = self._shard_ref(job, i)
+        weights = self._weight_refs(job, i)
+        args = [(key, shard, weights, tuple(p)) for p in positions]
+        out = []
+        for pos, (tensors, config, result) in zip(positions, self.pool.map(
+                lambda a, v: a.train.remote(*v), args)):
+            out.append((self._branch(job, i, pos, tensors, config), result))
+        return out
+
+    @staticmethod
+    def _branch(job: CloneJob, i: int, pos: tuple[int, int], tensors: dict, config: dict,
+                ) -> Branch:
+        m = job.modules[i]
+        module = ClonedModule(ZooRef.of(m.manifest), m.cloned, pos[0], pos[1], m.masks,
+                              tensors, config)
+        return branch_from_module(job.target, job.target_labels, job.input_shape, m.source,
+                                  m.manifest.label_names, module)
+
+    # ------------------------------------------------------------------ lifecycle
+    def worker_info(self) -> list[dict]:
+        import ray
+
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def close(self) -> None:
+        """Stop the workers; disconnect (stopping a cluster started here) if we connected."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors, self._weights, self._job, self._shards = [], {}, None, {}
+        if self._owns_connection:
+            ray.shutdown()
+
+    def __enter__(self) -> RayRunner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_ray_runner(address: str | None = None, num_workers: int | None = None,
+                    **kwargs) -> RayRunner:
+    """A runner for ``clone(zoo, data, cfg, runner=...)``; close it (or use ``with``).
+
+    ``address=None`` joins ``$RAY_ADDRESS`` or starts a local cluster; other
+    ``ClusterConfig`` fields pass as keywords (``use_gpu``, ``torch_threads``...).
+    """
+    return RayRunner(ClusterConfig(address=address, num_workers=num_workers, **kwargs))
