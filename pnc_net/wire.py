@@ -27,10 +27,13 @@ from pnc_net.errors import InvalidInputError, NotFoundError
 from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
 from pnc_net.package import ClonedModule, Fingerprint, Package, ZooRef
 
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # every released version stays readable (tests/data/ fixtures)
 ZSTD_LEVEL = 3
 MAX_PACKAGE_BYTES = 64 << 20  # decompressed; a package is kilobytes, this stops zip bombs
+MAX_JSON_CHARS = 1 << 20
+MAX_MODULES = 64
+MAX_NAME_CHARS = 256
 WIRE_DTYPES = {"fp32": pb.FLOAT32, "fp16": pb.FLOAT16, "int8": pb.INT8}
 _NP = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.INT8: np.int8}
 
@@ -38,15 +41,30 @@ _NP = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.INT8: np.int8}
 # ----------------------------------------------------------------------------- tensors
 
 
-def tensor_to_proto(name: str, t: torch.Tensor, dtype: str = "fp32") -> pb.Tensor:
+def _int8_scales(arr: np.ndarray, per_row: bool) -> np.ndarray:
+    """Symmetric scales: one per row (format 2) or one for the tensor (format 1)."""
+    rows = arr.reshape(arr.shape[0], -1) if per_row and arr.ndim >= 1 and arr.size else (
+        arr.reshape(1, -1))
+    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
+    return np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
+
+
+def tensor_to_proto(name: str, t: torch.Tensor, dtype: str = "fp32",
+                    format_version: int = FORMAT_VERSION) -> pb.Tensor:
     if dtype not in WIRE_DTYPES:
         raise InvalidInputError(f"unknown tensor dtype {dtype!r}; use one of {list(WIRE_DTYPES)}")
     arr = t.detach().cpu().float().numpy()
     msg = pb.Tensor(name=name, dtype=WIRE_DTYPES[dtype], shape=list(arr.shape))
     if dtype == "int8":
-        scale = float(np.abs(arr).max()) / 127 if arr.size and np.abs(arr).max() > 0 else 1.0
-        msg.scale = scale
-        msg.data = np.clip(np.round(arr / scale), -127, 127).astype("<i1").tobytes()
+        per_row = format_version >= 2 and arr.ndim >= 2
+        scales = _int8_scales(arr, per_row)
+        if per_row:
+            msg.scales.extend(scales.tolist())
+            div = scales.reshape(-1, *([1] * (arr.ndim - 1)))
+        else:
+            msg.scale = float(scales[0])
+            div = np.float32(msg.scale)
+        msg.data = np.clip(np.round(arr / div), -127, 127).astype("<i1").tobytes()
     else:
         msg.data = arr.astype(np.dtype(_NP[msg.dtype]).newbyteorder("<")).tobytes()
     return msg
@@ -65,12 +83,26 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
                                 f"as {np_dtype.name} needs {expected}")
     arr = np.frombuffer(msg.data, dtype=np_dtype).astype(np.float32).reshape(shape)
     if msg.dtype == pb.INT8:
-        if not math.isfinite(msg.scale):
-            raise InvalidInputError(f"tensor {msg.name!r} has a non-finite int8 scale")
-        arr = arr * np.float32(msg.scale)
+        arr = arr * _scale_of(msg, shape)
+    elif msg.scales:
+        raise InvalidInputError(f"tensor {msg.name!r} carries int8 scales but is not int8")
     if not np.isfinite(arr).all():
         raise InvalidInputError(f"tensor {msg.name!r} holds NaN or infinite values")
     return torch.from_numpy(arr.copy())
+
+
+def _scale_of(msg: pb.Tensor, shape: tuple[int, ...]) -> np.ndarray | np.float32:
+    if msg.scales:
+        if not shape or len(msg.scales) != shape[0]:
+            raise InvalidInputError(f"tensor {msg.name!r} has {len(msg.scales)} int8 scales for "
+                                    f"shape {shape}; it needs one per row")
+        scales = np.asarray(msg.scales, np.float32)
+        if not np.isfinite(scales).all():
+            raise InvalidInputError(f"tensor {msg.name!r} has a non-finite int8 scale")
+        return scales.reshape(-1, *([1] * (len(shape) - 1)))
+    if not math.isfinite(msg.scale):
+        raise InvalidInputError(f"tensor {msg.name!r} has a non-finite int8 scale")
+    return np.float32(msg.scale)
 
 
 def mask_to_proto(layer: str, mask: torch.Tensor) -> pb.Mask:
@@ -93,15 +125,30 @@ def _ref_to_proto(ref: ZooRef) -> pb.ZooRef:
     return pb.ZooRef(name=ref.name, sha256=ref.sha256, size_bytes=ref.size_bytes, arch=ref.arch)
 
 
+def _name(text: str, what: str) -> str:
+    if not text or len(text) > MAX_NAME_CHARS or not text.isprintable():
+        raise InvalidInputError(f"{what} {text[:80]!r} is empty, too long or not printable")
+    return text
+
+
 def _ref_from_proto(msg: pb.ZooRef, role: str) -> ZooRef:
     digest = msg.sha256
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
         raise InvalidInputError(f"{role} reference has an invalid sha256 {digest[:80]!r}")
-    return ZooRef(msg.name, digest, int(msg.size_bytes), msg.arch)
+    if msg.size_bytes == 0:
+        raise InvalidInputError(f"{role} reference {msg.name[:80]!r} has size 0")
+    return ZooRef(_name(msg.name, f"{role} model name"), digest, int(msg.size_bytes),
+                  _name(msg.arch, f"{role} architecture"))
 
 
-def to_proto(package: Package, dtype: str = "fp16") -> pb.Package:
-    msg = pb.Package(format_version=FORMAT_VERSION, writer_version=__version__,
+def to_proto(package: Package, dtype: str = "fp16",
+             format_version: int = FORMAT_VERSION) -> pb.Package:
+    """``format_version`` below the current one writes an older release's format (for
+    fixtures and for peers that have not upgraded yet)."""
+    if format_version not in READABLE_VERSIONS:
+        raise InvalidInputError(f"cannot write package format {format_version}; "
+                                f"known: {list(READABLE_VERSIONS)}")
+    msg = pb.Package(format_version=format_version, writer_version=__version__,
                      target=_ref_to_proto(package.target), label_names=list(package.label_names),
                      created_unix_s=package.created_unix_s,
                      report_json=json.dumps(package.report, sort_keys=True, default=float))
@@ -110,7 +157,8 @@ def to_proto(package: Package, dtype: str = "fp16") -> pb.Package:
             source=_ref_to_proto(m.source), cloned_classes=list(m.cloned_classes),
             position_r=m.position_r, position_s=m.position_s,
             masks=[mask_to_proto(k, v) for k, v in sorted(m.masks.items())],
-            tensors=[tensor_to_proto(k, v, dtype) for k, v in sorted(m.tensors.items())],
+            tensors=[tensor_to_proto(k, v, dtype, format_version)
+                     for k, v in sorted(m.tensors.items())],
             config_json=json.dumps(m.config, sort_keys=True)))
     if package.fingerprint is not None:
         fp = package.fingerprint
@@ -123,9 +171,12 @@ def to_proto(package: Package, dtype: str = "fp16") -> pb.Package:
 def _json(text: str, what: str) -> dict:
     if not text:
         return {}
+    if len(text) > MAX_JSON_CHARS:
+        raise InvalidInputError(f"package {what} is {len(text)} characters; the limit is "
+                                f"{MAX_JSON_CHARS}")
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidInputError(f"package {what} is not valid JSON") from None
     if not isinstance(value, dict):
         raise InvalidInputError(f"package {what} must be a JSON object")
@@ -135,11 +186,15 @@ def _json(text: str, what: str) -> dict:
 def _module_from_proto(msg: pb.ClonedModule) -> ClonedModule:
     masks = {}
     for m in msg.masks:
+        _name(m.layer, "mask layer")
         if m.layer in masks:
             raise InvalidInputError(f"mask {m.layer!r} appears twice")
         masks[m.layer] = mask_from_proto(m)
     tensors = {}
     for t in msg.tensors:
+        if not t.name.startswith(("adapter.", "gate.")) or len(t.name) > MAX_NAME_CHARS:
+            raise InvalidInputError(f"tensor {t.name[:80]!r} is neither an adapter nor a gate "
+                                    "tensor")
         if t.name in tensors:
             raise InvalidInputError(f"tensor {t.name!r} appears twice")
         tensors[t.name] = tensor_from_proto(t)
@@ -147,6 +202,9 @@ def _module_from_proto(msg: pb.ClonedModule) -> ClonedModule:
         raise InvalidInputError("a cloned module needs masks and tensors")
     if not msg.cloned_classes or len(set(msg.cloned_classes)) != len(msg.cloned_classes):
         raise InvalidInputError(f"cloned classes {list(msg.cloned_classes)} are empty or repeat")
+    if not 1 <= msg.position_r <= 1024 or not 1 <= msg.position_s <= 1024:
+        raise InvalidInputError(f"insertion position {msg.position_r}:{msg.position_s} is not "
+                                "a block boundary (R and S start at 1)")
     return ClonedModule(_ref_from_proto(msg.source, "source"), tuple(msg.cloned_classes),
                         int(msg.position_r), int(msg.position_s), masks, tensors,
                         _json(msg.config_json, "module config"))
@@ -157,10 +215,11 @@ def from_proto(msg: pb.Package) -> Package:
         raise InvalidInputError(
             f"package format version {msg.format_version} is not supported by pnc {__version__} "
             f"(it reads {list(READABLE_VERSIONS)}); upgrade pnc")
-    if not msg.modules:
-        raise InvalidInputError("package holds no cloned module")
+    if not msg.modules or len(msg.modules) > MAX_MODULES:
+        raise InvalidInputError(f"package holds {len(msg.modules)} cloned modules "
+                                f"(1..{MAX_MODULES} allowed)")
     modules = [_module_from_proto(m) for m in msg.modules]
-    labels = tuple(msg.label_names)
+    labels = tuple(_name(n, "label name") for n in msg.label_names)
     if len(set(labels)) != len(labels) or not labels:
         raise InvalidInputError(f"package label map {list(labels)[:20]} is empty or repeats a name")
     n_new = sum(len(m.cloned_classes) for m in modules)
@@ -172,8 +231,15 @@ def from_proto(msg: pb.Package) -> Package:
         if probs.ndim != 2 or probs.shape != (msg.fingerprint.probe_count, len(labels)):
             raise InvalidInputError(f"fingerprint shape {tuple(probs.shape)} does not match "
                                     f"{msg.fingerprint.probe_count} probes x {len(labels)} labels")
+        tol = float(msg.fingerprint.tolerance)
+        in_range = bool(((probs > -1e-3) & (probs < 1 + 1e-3)).all())
+        if not (math.isfinite(tol) and 0 <= tol <= 1) or not in_range:
+            raise InvalidInputError(f"fingerprint tolerance {tol} or probabilities are outside "
+                                    "[0, 1]")
         fingerprint = Fingerprint(int(msg.fingerprint.probe_seed), int(msg.fingerprint.probe_count),
-                                  probs, float(msg.fingerprint.tolerance))
+                                  probs, tol)
+    if not math.isfinite(msg.created_unix_s):
+        raise InvalidInputError("package creation time is not a finite number")
     return Package(target=_ref_from_proto(msg.target, "target"), modules=modules,
                    label_names=labels, fingerprint=fingerprint,
                    report=_json(msg.report_json, "report"), created_unix_s=msg.created_unix_s,
@@ -183,9 +249,9 @@ def from_proto(msg: pb.Package) -> Package:
 # ----------------------------------------------------------------------------- bytes
 
 
-def encode(package: Package, dtype: str = "fp16") -> bytes:
+def encode(package: Package, dtype: str = "fp16", format_version: int = FORMAT_VERSION) -> bytes:
     """Serialized, zstd-compressed package bytes."""
-    raw = to_proto(package, dtype).SerializeToString(deterministic=True)
+    raw = to_proto(package, dtype, format_version).SerializeToString(deterministic=True)
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
 
 
