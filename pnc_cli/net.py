@@ -1,7 +1,282 @@
-"""Commands of this area are registered here (placeholder until its issue lands)."""
+"""Transport commands: the two daemons and the edge client (send, fetch, predict, status)."""
 
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
 import typer
+from rich.table import Table
+
+from pnc_cli.common import JsonOpt, console, print_json
+from pnc_net.errors import InvalidInputError, NotFoundError
+
+receiver_app = typer.Typer(help="The receiver daemon.", no_args_is_help=True)
+sender_app = typer.Typer(help="The sender daemon.", no_args_is_help=True)
+
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="PNC_TOKEN",
+                                              help="Bearer token (or $PNC_TOKEN).")]
+CertOpt = Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate.")]
+KeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key.")]
+CaOpt = Annotated[Path | None, typer.Option(
+    "--tls-ca", help="PEM CA: a client verifies the server with it; a server requires client "
+    "certificates signed by it (mTLS).")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="TOML file; its [receiver]/[sender] table fills unset options.")]
+MetricsOpt = Annotated[int | None, typer.Option(
+    "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT.")]
+GraceOpt = Annotated[float | None, typer.Option(
+    "--grace", help="Seconds in-flight calls get on SIGTERM.")]
+
+
+def _config(cls, section: str, config: Path | None, **flags):
+    from pnc_net.daemon import load_toml, merge
+
+    from dataclasses import MISSING, fields
+
+    values = merge(flags, load_toml(config, section), cls.keys())
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+    if missing:
+        raise InvalidInputError(f"missing --{missing[0]} (flag, $PNC_… variable or config file)")
+    return cls(**values)
+
+
+@receiver_app.command("serve")
+def receiver_serve(
+    listen: Annotated[str | None, typer.Option(envvar="PNC_RECEIVER_LISTEN",
+                                               help="HOST:PORT [127.0.0.1:7100].")] = None,
+    zoo: Annotated[Path | None, typer.Option(envvar="PNC_ZOO", help="Zoo folder.")] = None,
+    store: Annotated[Path | None, typer.Option(envvar="PNC_RECEIVER_STORE",
+                                               help="Package store folder.")] = None,
+    token: TokenOpt = None, tls_cert: CertOpt = None, tls_key: KeyOpt = None,
+    tls_ca: CaOpt = None,
+    mirror: Annotated[list[str] | None, typer.Option(
+        "--mirror", help="Peer to fetch missing zoo models from (repeatable).")] = None,
+    repair_data: Annotated[Path | None, typer.Option(
+        help="Labelled .npz for repairing packages that miss their fingerprint.")] = None,
+    catch_up_from: Annotated[str | None, typer.Option(
+        help="Sender HOST:PORT to catch up with on start.")] = None,
+    peer_token: Annotated[str | None, typer.Option(
+        help="Token for mirrors and the sender (default: --token).")] = None,
+    metrics_port: MetricsOpt = None, grace: GraceOpt = None, config: ConfigOpt = None,
+) -> None:
+    """Accept packages, rebuild and verify superbodies, serve Predict and Read."""
+    from receiver import ReceiverConfig, serve
+
+    serve(_config(ReceiverConfig, "receiver", config, listen=listen, zoo=zoo, store=store,
+                  token=token, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
+                  mirrors=tuple(mirror or ()), repair_data=repair_data,
+                  catch_up_from=catch_up_from, peer_token=peer_token,
+                  metrics_port=metrics_port, grace_s=grace))
+
+
+@sender_app.command("serve")
+def sender_serve(
+    listen: Annotated[str | None, typer.Option(envvar="PNC_SENDER_LISTEN",
+                                               help="HOST:PORT [127.0.0.1:7000].")] = None,
+    store: Annotated[Path | None, typer.Option(envvar="PNC_SENDER_STORE",
+                                               help="Package store folder.")] = None,
+    push_to: Annotated[list[str] | None, typer.Option(
+        "--push-to", help="Receivers HOST:PORT[,HOST:PORT…] (repeatable).")] = None,
+    zoo: Annotated[Path | None, typer.Option(help="Zoo to serve as a mirror.")] = None,
+    token: TokenOpt = None, tls_cert: CertOpt = None, tls_key: KeyOpt = None,
+    tls_ca: CaOpt = None,
+    peer_token: Annotated[str | None, typer.Option(help="Token for receivers.")] = None,
+    peer_tls_ca: Annotated[Path | None, typer.Option(help="CA of receivers' certs.")] = None,
+    poll: Annotated[float | None, typer.Option(help="Store scan interval, s.")] = None,
+    resync: Annotated[float | None, typer.Option(help="Full FindMissing interval, s.")] = None,
+    metrics_port: MetricsOpt = None, grace: GraceOpt = None, config: ConfigOpt = None,
+) -> None:
+    """Serve the store, push new packages to every receiver, mirror the zoo."""
+    from sender import SenderConfig, serve
+
+    serve(_config(SenderConfig, "sender", config, listen=listen, store=store,
+                  push_to=tuple(push_to or ()), zoo=zoo, token=token, tls_cert=tls_cert,
+                  tls_key=tls_key, tls_ca=tls_ca, peer_token=peer_token,
+                  peer_tls_ca=peer_tls_ca, poll_s=poll, resync_s=resync,
+                  metrics_port=metrics_port, grace_s=grace))
+
+
+# ----------------------------------------------------------------------------- edge client
+
+
+def _client(address: str, token, tls_ca, tls_cert, tls_key, timeout: float = 30.0):
+    from pnc_net.client import PncClient
+
+    return PncClient(address, token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                     timeout_s=timeout)
+
+
+def send_cmd(file: Annotated[Path, typer.Argument(help="A .pnc package file.")],
+             to: Annotated[str, typer.Option("--to", help="Daemon HOST:PORT.")],
+             token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+             tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
+    """Send a package; prints its id (sha256 of the file) and the bytes sent."""
+    if not file.is_file():
+        raise NotFoundError(f"package file {file} does not exist")
+    data = file.read_bytes()
+    start = time.perf_counter()
+    with _client(to, token, tls_ca, tls_cert, tls_key) as c:
+        pid, sent = c.send_package(data)
+        state = c.last_write.state if c.last_write else ""
+        detail = c.last_write.detail if c.last_write else ""
+    info = {"id": pid, "bytes_sent": sent, "package_bytes": len(data), "state": state,
+            "detail": detail, "seconds": round(time.perf_counter() - start, 4), "to": to}
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"{pid}  {sent:,} bytes sent  state={state or '-'}"
+                      + (f"  ({detail})" if detail else ""), highlight=False)
+    if state == "failed":
+        raise typer.Exit(4)
+
+
+def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or unique prefix.")],
+              src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT.")],
+              out: Annotated[Path, typer.Option("--out", help="Where to write the package.")],
+              token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+              tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
+    """Fetch a package by id (digest verified) and write it atomically."""
+    from pnc_net.fsutil import atomic_write_bytes
+
+    with _client(src, token, tls_ca, tls_cert, tls_key) as c:
+        data = c.fetch_package(package_id)
+    from pnc_net.fsutil import sha256_bytes
+
+    atomic_write_bytes(out, data)
+    info = {"id": sha256_bytes(data), "bytes": len(data), "out": str(out)}
+    print_json(info) if json_out else console.print(
+        f"{info['id']}  {len(data):,} bytes -> {out}", highlight=False)
+
+
+def load_images(paths: list[Path]) -> np.ndarray:
+    """(N, 1, H, W) float32 in [0, 1] from PNG or .npy files (each may hold several)."""
+    from pnc_net.node import images_from_numpy
+
+    arrays = []
+    for p in paths:
+        if not p.is_file():
+            raise NotFoundError(f"image {p} does not exist")
+        try:
+            if p.suffix.lower() == ".npy":
+                arr = np.load(p, allow_pickle=False)
+            else:
+                from PIL import Image
+
+                arr = np.asarray(Image.open(p).convert("L"))
+        except Exception as err:  # noqa: BLE001 - PIL and numpy raise many kinds
+            raise InvalidInputError(f"cannot read image {p}: {err}") from None
+        arrays.append(images_from_numpy(arr).numpy())
+    shapes = {a.shape[1:] for a in arrays}
+    if len(shapes) != 1:
+        raise InvalidInputError(f"images have different shapes {sorted(shapes)}")
+    return np.concatenate(arrays)
+
+
+def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy files.")],
+                src: Annotated[str, typer.Option("--from", help="Receiver HOST:PORT.")],
+                package: Annotated[str, typer.Option("--package", help="Package id/prefix.")],
+                token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+                tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
+    """Remote inference on the receiver's rebuilt superbody."""
+    x = load_images(images)
+    with _client(src, token, tls_ca, tls_cert, tls_key) as c:
+        resp = c.predict(package, x)
+    rows = [{"label": p.label, "probability": round(p.probability, 4)} for p in resp.predictions]
+    if json_out:
+        print_json({"package_id": resp.package_id, "predictions": rows})
+        return
+    for i, r in enumerate(rows):
+        console.print(f"{i}: {r['label']}  (p={r['probability']:.3f})", highlight=False)
+
+
+def status_cmd(src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT.")],
+               token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
+               tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
+    """Health and every package the daemon holds, with its state."""
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(src, token, tls_ca, tls_cert, tls_key, timeout=10) as c:
+        health = c.health()
+        caps = c.capabilities()
+        packages = c.list()
+    if json_out:
+        print_json({"health": health, "role": caps.role, "version": caps.pnc_version,
+                    "packages": [MessageToDict(p, preserving_proto_field_name=True,
+                                               always_print_fields_with_no_presence=True)
+                                 for p in packages]})
+        return
+    console.print(f"{src}: {caps.role} pnc {caps.pnc_version}, health {health}, "
+                  f"{len(packages)} packages", highlight=False)
+    table = Table()
+    for col in ("id", "bytes", "state", "target", "labels", "fp error", "detail"):
+        table.add_column(col)
+    for p in packages:
+        table.add_row(p.id[:12], f"{p.size_bytes:,}", p.state, p.target,
+                      ",".join(p.label_names), f"{p.fingerprint_error:.4f}", p.detail)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to ``app``."""
+    app.add_typer(receiver_app, name="receiver")
+    app.add_typer(sender_app, name="sender")
+    app.command("send")(send_cmd)
+    app.command("fetch")(fetch_cmd)
+    app.command("predict")(predict_cmd)
+    app.command("status")(status_cmd)
+
+
+# ----------------------------------------------------------------------------- pnc demo
+
+
+def demo_transfer(package_path: Path, zoo_dir: Path | None) -> dict:
+    """Start a receiver on 127.0.0.1 (its own process), send the package through a byte
+    meter, wait until it is verified, ask for predictions on a few test digits, stop it.
+
+    Returns ``wire_bytes`` (both directions, all framing), ``package_bytes``,
+    ``superbody_bytes`` (from the package's report, when it has one),
+    ``send_to_verified_s``, ``state``, ``fingerprint_error`` and ``predictions``.
+    """
+    import shutil
+    import tempfile
+
+    from pnc_net import wire
+    from pnc_net.client import PncClient
+    from pnc_net.daemon import spawn_daemon
+    from pnc_net.data import load_mnist
+    from pnc_net.wiremeter import WireMeter
+    from pnc_net.zoo import default_zoo_dir
+
+    package, data = wire.read_package(package_path)
+    store = Path(tempfile.mkdtemp(prefix="pnc-demo-receiver-"))
+    zoo = Path(zoo_dir) if zoo_dir else default_zoo_dir()
+    proc, port = spawn_daemon("receiver", ["--listen", "127.0.0.1:0", "--zoo", str(zoo),
+                                           "--store", str(store)])
+    try:
+        with WireMeter(port) as meter, PncClient(meter.address) as c:
+            c.wait_ready(30)
+            start = time.perf_counter()
+            pid, _ = c.send_package(data)
+            elapsed = time.perf_counter() - start
+            info = c.stat(pid)
+            wire_bytes = meter.total
+            digits = load_mnist()
+            labels = list(package.label_names)
+            pick = [int((digits.y_test == digits.label_names.index(n)).nonzero()[0])
+                    for n in labels if n in digits.label_names][:8]
+            resp = c.predict(pid, digits.x_test[pick])
+            truth = [digits.label_names[int(digits.y_test[i])] for i in pick]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(store, ignore_errors=True)
+    return {"package_id": pid, "package_bytes": len(data), "wire_bytes": wire_bytes,
+            "superbody_bytes": package.report.get("metrics", {}).get("superbody_bytes"),
+            "send_to_verified_s": round(elapsed, 4), "state": info.state,
+            "fingerprint_error": info.fingerprint_error,
+            "predictions": [{"true": t, "predicted": p.label,
+                             "probability": round(p.probability, 4)}
+                            for t, p in zip(truth, resp.predictions)]}

@@ -1,0 +1,164 @@
+"""What both daemons share to run as services: logs, metrics, config files, signals.
+
+* Structured logs: one JSON object per line on stderr (``ts``, ``level``,
+  ``logger``, ``msg`` and any fields the call adds).
+* Metrics: an optional Prometheus endpoint on 127.0.0.1 (bytes in/out,
+  packages by state, rebuild and repair seconds), from its own registry.
+* Config: flags > ``PNC_*`` environment variables > a TOML file > defaults.
+* Shutdown: SIGTERM or SIGINT sets health to NOT_SERVING and lets in-flight
+  calls finish (``grace_s``) before the process exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+from pnc_net.errors import InvalidInputError
+
+
+class JsonFormatter(logging.Formatter):
+    _SKIP = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("pnc")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class Metrics:
+    """Prometheus counters for one daemon (``start(port)`` serves them on 127.0.0.1)."""
+
+    def __init__(self, role: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self._bytes = Counter("pnc_bytes_total", "Payload bytes moved", ["direction"],
+                              registry=self.registry)
+        self._packages = Counter("pnc_packages_total", "Packages accepted, by state", ["state"],
+                                 registry=self.registry)
+        self._seconds = Histogram("pnc_step_seconds", "Rebuild and repair time", ["step"],
+                                  registry=self.registry)
+        self.role = role
+
+    def bytes(self, direction: str, n: int) -> None:
+        self._bytes.labels(direction).inc(n)
+
+    def package(self, state: str) -> None:
+        self._packages.labels(state).inc()
+
+    def observe(self, step: str, seconds: float) -> None:
+        self._seconds.labels(step).observe(seconds)
+
+    def start(self, port: int) -> int:
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        return server.server_address[1]
+
+
+def load_toml(path: Path | None, section: str) -> dict:
+    """The ``[section]`` table (or the top level) of a TOML config file, keys with ``-`` -> ``_``."""
+    if path is None:
+        return {}
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise InvalidInputError(f"cannot read config file {path}: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InvalidInputError(f"config file {path} is not valid TOML: {err}") from None
+    table = raw.get(section, raw)
+    if not isinstance(table, dict):
+        raise InvalidInputError(f"config file {path}: [{section}] must be a table")
+    return {k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def merge(flags: dict, file_values: dict, known: set[str]) -> dict:
+    """Flags (already merged with env vars by the CLI) win; the file fills what is unset."""
+    unknown = set(file_values) - known
+    if unknown:
+        raise InvalidInputError(f"unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+    out = dict(file_values)
+    out.update({k: v for k, v in flags.items() if v not in (None, (), [])})
+    return out
+
+
+def run_until_signal(daemon, on_stop=None, grace_s: float = 10.0) -> None:
+    """Block until SIGTERM/SIGINT, then shut down gracefully."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(0.5):
+        pass
+    logging.getLogger("pnc.daemon").info("shutting down", extra={"grace_s": grace_s})
+    if on_stop is not None:
+        on_stop()
+    t0 = time.perf_counter()
+    daemon.stop(grace_s)
+    logging.getLogger("pnc.daemon").info(
+        "stopped", extra={"seconds": round(time.perf_counter() - t0, 3)})
+
+
+def announce(role: str, port: int) -> None:
+    """One line on stdout that scripts and tests wait for."""
+    sys.stdout.write(f"pnc {role} listening on 127.0.0.1:{port} port={port}\n")
+    sys.stdout.flush()
+
+
+def spawn_daemon(role: str, args: list[str], timeout_s: float = 120.0, env: dict | None = None):
+    """Start ``python -m <role> ARGS`` (a daemon in its own process) and wait for the line
+    announcing its port; ``(Popen, port)``. For tests, benchmarks and ``pnc demo``."""
+    import os
+    import re
+    import subprocess
+
+    if role not in ("sender", "receiver"):
+        raise InvalidInputError(f"unknown daemon role {role!r}")
+    proc = subprocess.Popen([sys.executable, "-m", role, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    port: list[int] = []
+    ready = threading.Event()
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            m = re.search(r"port=(\d+)", line)
+            if m and not port:
+                port.append(int(m.group(1)))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    if not ready.wait(timeout_s) or not port:
+        proc.kill()
+        err = proc.stderr.read()[-2000:] if proc.stderr else ""
+        raise InvalidInputError(f"{role} did not start within {timeout_s:.0f} s: {err}")
+    threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
+    return proc, port[0]
+
+
+def _drain(stream) -> None:
+    for _ in stream:
+        pass

@@ -1,0 +1,243 @@
+"""What a daemon does with packages, independent of gRPC: accept, verify, repair, predict.
+
+A ``Node`` owns a ``PackageStore`` and (for a receiver) a zoo. ``accept`` is
+the receiver's pipeline: decode (``InvalidInputError``), make sure every
+referenced zoo model is here, fetching a missing one by digest from a mirror
+peer (``PreconditionError`` naming what is missing), rebuild and check
+shapes (``IncompatibleError``), and check the fingerprint. Any of those
+failures stores nothing. A package that rebuilds but misses its fingerprint is
+repaired when repair data is configured, otherwise stored as ``failed`` with
+the reason, so ``pnc status`` can show it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pnc_net import wire
+from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError, PreconditionError
+from pnc_net.fsutil import sha256_bytes
+from pnc_net.rebuild import build_superbody, fingerprint_error, load_ref
+from pnc_net.repair import RepairConfig, repair
+from pnc_net.store import PackageRecord, PackageStore, check_digest, record_for
+from pnc_net.superbody import Superbody
+from pnc_net.zoo import Manifest, Zoo
+
+log = logging.getLogger("pnc.node")
+MAX_PREDICT_INPUTS = 1024
+
+
+class Node:
+    """A sender (``verify=False``: stores what it is given) or a receiver (verifies)."""
+
+    def __init__(self, role: str, store: PackageStore, zoo: Zoo | None,
+                 mirrors: tuple[str, ...] = (), repair_data: Path | None = None,
+                 client_kwargs: dict | None = None, metrics=None) -> None:
+        if role not in ("sender", "receiver"):
+            raise InvalidInputError(f"unknown role {role!r}")
+        if role == "receiver" and zoo is None:
+            raise InvalidInputError("a receiver needs --zoo DIR")
+        self.role, self.store, self.zoo, self.mirrors = role, store, zoo, tuple(mirrors)
+        self.client_kwargs = client_kwargs or {}
+        self.repair_set = _load_repair_data(repair_data) if repair_data else None
+        self.metrics = metrics
+        self._cache: dict[str, Superbody] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ accept
+    def accept(self, data: bytes) -> PackageRecord:
+        """Store ``data`` as a package (verifying it on a receiver); the stored record."""
+        package = wire.decode(data)
+        pid = sha256_bytes(data)
+        with self._lock:
+            if self.store.has_package(pid):
+                return self.store.record(pid)
+            if self.role == "sender":
+                self.store.put(data, "stored")
+                return self._count(self.store.record(pid))
+            self.ensure_zoo(package)
+            record = record_for(pid, data, package, "received")
+            start = time.perf_counter()
+            sb = build_superbody(self.zoo, package)  # IncompatibleError: nothing stored
+            _, _, shape = load_ref(self.zoo, package.target)
+            self._observe("rebuild", time.perf_counter() - start)
+            self._check(sb, package, shape, record)
+            self.store.put(data, record.state)
+            self.store.save_record(record)
+            if record.state != "failed":
+                self._cache[pid] = sb
+            log.info("package %s %s (fingerprint error %s)", pid[:12], record.state,
+                     record.fingerprint_error)
+            return self._count(record)
+
+    def _check(self, sb: Superbody, package, shape, record: PackageRecord) -> None:
+        """Fingerprint check, then repair if needed and possible; fills ``record``."""
+        fp = package.fingerprint
+        if fp is None:
+            record.state, record.detail = "failed", "package has no fingerprint"
+            return
+        err = fingerprint_error(sb, fp, shape)
+        record.fingerprint_error = err
+        if err <= fp.tolerance:
+            record.state = "verified"
+            return
+        reason = (f"rebuilt superbody differs from the fingerprint by {err:.4f} "
+                  f"(tolerance {fp.tolerance:.4f})")
+        if self.repair_set is None:
+            record.state, record.detail = "failed", reason + "; no repair data configured"
+            return
+        x, y = self._repair_xy(sb)
+        result = repair(sb, fp, shape, x, y, RepairConfig())
+        self._observe("repair", result.seconds)
+        record.fingerprint_error_before, record.fingerprint_error = err, result.error_after
+        record.metadata["repair"] = {"seconds": result.seconds, "steps": result.steps,
+                                     "trained_params": result.trained_params,
+                                     "zoo_digests": result.zoo_digests}
+        if result.error_after <= fp.tolerance:
+            record.state = "repaired"
+        else:
+            record.state = "failed"
+            record.detail = reason + f"; repair reached {result.error_after:.4f}, still too far"
+
+    def _repair_xy(self, sb: Superbody) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, names = self.repair_set
+        labels = list(sb.label_names)
+        keep = [i for i, c in enumerate(y.tolist()) if names[c] in labels]
+        if not keep:
+            raise PreconditionError("repair data holds none of the package's labels "
+                                    f"{labels}; give --repair-data with matching labels")
+        idx = torch.tensor(keep)
+        return x[idx], torch.tensor([labels.index(names[c]) for c in y[idx].tolist()])
+
+    # ------------------------------------------------------------------ zoo
+    def ensure_zoo(self, package) -> None:
+        """Every zoo model the package references is local, fetched from a mirror if not."""
+        missing = [r for r in package.zoo_refs() if not self.zoo.has(r.sha256)]
+        for ref in missing:
+            if not self.fetch_zoo_model(ref.sha256, ref.size_bytes):
+                tried = ", ".join(self.mirrors) or "no mirror configured"
+                raise PreconditionError(
+                    f"receiver lacks zoo model {ref.name} (sha256 {ref.sha256}, "
+                    f"{ref.size_bytes} bytes) and no mirror has it ({tried}); "
+                    "add it with `pnc zoo` or start with --mirror HOST:PORT")
+
+    def fetch_zoo_model(self, sha256: str, size: int) -> bool:
+        from pnc_net.client import PncClient
+
+        for mirror in self.mirrors:
+            try:
+                with PncClient(mirror, **self.client_kwargs) as c:
+                    manifest = Manifest.from_json(c.zoo_manifest(sha256))
+                    if manifest.sha256 != sha256 or manifest.size_bytes != size:
+                        log.warning("mirror %s sent a manifest for another model", mirror)
+                        continue
+                    self.zoo.add_blob(manifest, c.read_blob("blobs", sha256, size))
+                    log.info("fetched zoo model %s from %s", manifest.name, mirror)
+                    return True
+            except Exception as err:  # noqa: BLE001 - try the next mirror, say why
+                log.warning("mirror %s could not supply %s: %s", mirror, sha256[:12], err)
+        return False
+
+    def zoo_manifest(self, sha256: str) -> str:
+        sha256 = check_digest(sha256, what="zoo model digest")
+        if self.zoo is None or not self.zoo.has(sha256):
+            raise NotFoundError(f"this {self.role} holds no zoo model {sha256}")
+        return (self.zoo.models_dir / f"{sha256}.json").read_text()
+
+    def blob_path(self, kind: str, sha256: str) -> Path:
+        """Where a readable blob lives (store or zoo weights); ``NotFoundError`` if nowhere."""
+        sha256 = check_digest(sha256, what="blob digest")
+        if kind == "packages":
+            path = self.store.packages_dir / f"{sha256}.pnc"
+        elif kind == "blobs":
+            path = self.store.blob_path(sha256)
+            if not path.exists() and self.zoo is not None and self.zoo.has(sha256):
+                path = self.zoo.weights_path(sha256)
+        else:
+            raise InvalidInputError(f"unknown blob kind {kind!r}; use packages or blobs")
+        if not path.exists():
+            raise NotFoundError(f"this {self.role} holds no {kind[:-1]} {sha256}")
+        return path
+
+    def has(self, kind: str, sha256: str) -> bool:
+        try:
+            self.blob_path(kind, sha256)
+            return True
+        except NotFoundError:
+            return False
+
+    # ------------------------------------------------------------------ predict
+    def superbody(self, id_or_prefix: str) -> tuple[str, Superbody]:
+        pid = self.store.resolve(id_or_prefix)
+        if pid in self._cache:
+            return pid, self._cache[pid]
+        record = self.store.record(pid)
+        if record.state == "failed":
+            raise PreconditionError(f"package {pid[:12]} failed verification: {record.detail}")
+        if self.zoo is None:
+            raise PreconditionError(f"this {self.role} has no zoo; ask a receiver to predict")
+        package = wire.decode(self.store.get(pid))
+        self.ensure_zoo(package)
+        with self._lock:
+            self._cache[pid] = build_superbody(self.zoo, package)
+        return pid, self._cache[pid]
+
+    def predict(self, id_or_prefix: str, x: torch.Tensor) -> tuple[str, Superbody, torch.Tensor]:
+        pid, sb = self.superbody(id_or_prefix)
+        if x.ndim != 4 or not 0 < len(x) <= MAX_PREDICT_INPUTS:
+            raise InvalidInputError(f"inputs must be (N, C, H, W) with 1..{MAX_PREDICT_INPUTS} "
+                                    f"images; got shape {tuple(x.shape)}")
+        want = self._input_shape(pid)
+        if tuple(x.shape[1:]) != want:
+            raise IncompatibleError(f"inputs have shape {tuple(x.shape[1:])}; this package's "
+                                    f"models take {want}")
+        with torch.no_grad():
+            return pid, sb, sb(x.float())
+
+    def _input_shape(self, pid: str) -> tuple[int, ...]:
+        package = wire.decode(self.store.get(pid))
+        return tuple(self.zoo.resolve(package.target.sha256).input_shape)
+
+    # ------------------------------------------------------------------ metrics
+    def stats_bytes(self, direction: str, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.bytes(direction, n)
+
+    def _count(self, record: PackageRecord) -> PackageRecord:
+        if self.metrics is not None:
+            self.metrics.package(record.state)
+        return record
+
+    def _observe(self, what: str, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.observe(what, seconds)
+
+
+def _load_repair_data(path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    from pnc_net.data import load_npz
+
+    ds = load_npz(path)
+    x = torch.cat([ds.x_train, ds.x_val]) if len(ds.x_val) else ds.x_train
+    y = torch.cat([ds.y_train, ds.y_val]) if len(ds.y_val) else ds.y_train
+    return x.float(), y.long(), tuple(ds.label_names)
+
+
+def images_from_numpy(arr: np.ndarray) -> torch.Tensor:
+    """(N, C, H, W) float32 in [0, 1] from what a user gave (H, W), (N, H, W), uint8 ..."""
+    a = np.asarray(arr)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    a = a.astype(np.float32)
+    if a.ndim == 2:
+        a = a[None, None]
+    elif a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4:
+        raise InvalidInputError(f"images must be 2-4 dimensional; got shape {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(a))
