@@ -32,8 +32,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from pnc_net.clone import CloneConfig, CloneJob, ModuleJob, localize_module, prepare_module
-from pnc_net.clone import train_position
+from pnc_net.clone import (
+    CloneConfig,
+    CloneJob,
+    ModuleJob,
+    localize_module,
+    prepare_module,
+    train_position,
+)
 from pnc_net.errors import IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.fsutil import sha256_bytes
 from pnc_net.insert import CloneData, Prepared
