@@ -140,7 +140,9 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
               tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Fetch a package by id (digest verified) and write it atomically."""
     from pnc_net.fsutil import atomic_write_bytes
+    from pnc_net.store import check_digest
 
+    check_digest(package_id, prefix_ok=True, what="package id")
     with _client(src, token, tls_ca, tls_cert, tls_key) as c:
         data = c.fetch_package(package_id)
     from pnc_net.fsutil import sha256_bytes
@@ -181,6 +183,9 @@ def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy f
                 token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
                 tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Remote inference on the receiver's rebuilt superbody."""
+    from pnc_net.store import check_digest
+
+    check_digest(package, prefix_ok=True, what="package id")
     x = load_images(images)
     with _client(src, token, tls_ca, tls_cert, tls_key) as c:
         resp = c.predict(package, x)
