@@ -63,10 +63,10 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
         raise IncompatibleError(f"position {module.position_r}:{module.position_s} is outside "
                                 "the target's or source's block boundaries")
     labels = tuple(source_labels[c] for c in module.cloned_classes)
-    branch = build_branch(target, source, input_shape, module.position_r, module.position_s,
+    branch, _ = build_branch(target, source, input_shape, module.position_r, module.position_s,
                           module.masks, module.cloned_classes, labels,
                           int(module.config.get("adapter_rank", 8)),
-                          int(module.config.get("gate_hidden", 16)), len(target_labels))
+                          int(module.config.get("gate_hidden", 8)), len(target_labels))
     state = {**{f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()},
              **{f"gate.{k}": v for k, v in branch.gate.state_dict().items()}}
     if set(state) != set(module.tensors):

@@ -56,33 +56,36 @@ class Adapter(nn.Module):
         return F.relu(self.linear(h))
 
 
-def gate_features(z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
-    """What the fusion gate sees: both heads' logits and their confidences.
+def gate_features(z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+    """What the fusion gate sees: both heads' logits, their confidences, and the
+    branch's pooled penultimate features ``f_b``.
 
     The source's scores for its *non-cloned* classes are included on purpose:
     they tell a cloned-class input from the rest (``docs/method.md``, k_t = 0).
+    The branch features raised test locality from 0.972 to 0.982 on the default
+    task in our measurements (``docs/method.md`` of this project).
     """
     p_t, p_s = z_t.softmax(1), z_s.softmax(1)
     ent_t = -(p_t * p_t.clamp_min(1e-8).log()).sum(1, keepdim=True)
     ent_s = -(p_s * p_s.clamp_min(1e-8).log()).sum(1, keepdim=True)
     stats = [p_t.max(1, keepdim=True).values, ent_t, p_s.max(1, keepdim=True).values, ent_s,
              z_t.logsumexp(1, keepdim=True), z_s.logsumexp(1, keepdim=True)]
-    return torch.cat([z_t, z_s, *stats], dim=1)
+    return torch.cat([z_t, z_s, *stats, f_b], dim=1)
 
 
 class FusionGate(nn.Module):
     """``g(x) in [0, 1]``: a small MLP over ``gate_features``."""
 
-    def __init__(self, n_target: int, n_source: int, hidden: int = 16) -> None:
+    def __init__(self, n_target: int, n_source: int, n_features: int, hidden: int = 8) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(n_target + n_source + 6, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(n_target + n_source + 6 + n_features, hidden),
+                                 nn.ReLU(), nn.Linear(hidden, 1))
 
-    def logit(self, z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:  # (b,)
-        return self.net(gate_features(z_t, z_s)).squeeze(1)
+    def logit(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        return self.net(gate_features(z_t, z_s, f_b)).squeeze(1)  # (b,)
 
-    def forward(self, z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.logit(z_t, z_s))
+    def forward(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.logit(z_t, z_s, f_b))
 
 
 class Branch(nn.Module):
@@ -99,12 +102,17 @@ class Branch(nn.Module):
         for p in [*self.blocks.parameters(), *self.head.parameters()]:
             p.requires_grad_(False)  # source weights stay frozen
 
-    def source_logits(self, h_r: torch.Tensor) -> torch.Tensor:
-        """All of the source head's logits for target features at R."""
+    def run(self, h_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(source logits, pooled penultimate features)`` for target features at R."""
         u = self.adapter(h_r)
         for block in self.blocks:
             u = block(u)
-        return self.head(u)
+        f_b = self.head.features(u)  # (b, c)
+        return self.head.fc(f_b), f_b
+
+    def source_logits(self, h_r: torch.Tensor) -> torch.Tensor:
+        """All of the source head's logits for target features at R."""
+        return self.run(h_r)[0]
 
 
 class Superbody(nn.Module):
@@ -168,9 +176,9 @@ class Superbody(nn.Module):
             if r in wanted:
                 feats[r] = h
         z_t = self.target.head(h)
-        z_s = [b.source_logits(feats[b.position_r]) for b in self.branches]
-        gates = [b.gate(z_t, zs) for b, zs in zip(self.branches, z_s)]
-        return {"z_t": z_t, "z_s": z_s, "gates": gates}
+        runs = [b.run(feats[b.position_r]) for b in self.branches]
+        gates = [b.gate(z_t, zs, fb) for b, (zs, fb) in zip(self.branches, runs)]
+        return {"z_t": z_t, "z_s": [zs for zs, _ in runs], "gates": gates}
 
     def fuse(self, parts: dict) -> torch.Tensor:
         """Probabilities over ``label_names`` from ``parts``."""
@@ -207,13 +215,16 @@ class Superbody(nn.Module):
 def build_branch(target: ZooNet, source: ZooNet, input_shape: tuple[int, ...],
                  position_r: int, position_s: int, masks: dict[str, torch.Tensor],
                  cloned_classes: tuple[int, ...], label_names: tuple[str, ...],
-                 adapter_rank: int, gate_hidden: int, n_target: int) -> Branch:
-    """A physically pruned branch with fresh adapter and gate (weights loaded by the caller)."""
+                 adapter_rank: int, gate_hidden: int, n_target: int,
+                 ) -> tuple[Branch, torch.Tensor | None]:
+    """A physically pruned branch with fresh adapter and gate (weights loaded by the
+    caller), and the source channels kept at boundary S (None = all)."""
     t_info = target.feature_info(input_shape)[position_r]
     s_info = source.feature_info(input_shape)[position_s]
     blocks, head, adapter_keep = source.pruned_tail(position_s, masks)
     c_out = s_info.channels if adapter_keep is None else len(adapter_keep)
     adapter = Adapter(t_info.channels, c_out, adapter_rank, s_info.spatial)
-    gate = FusionGate(n_target, head.fc.out_features, gate_hidden)
-    return Branch(position_r, position_s, adapter, copy.deepcopy(blocks), head,
-                  cloned_classes, gate, label_names).eval()
+    gate = FusionGate(n_target, head.fc.out_features, head.fc.in_features, gate_hidden)
+    branch = Branch(position_r, position_s, adapter, copy.deepcopy(blocks), head,
+                    cloned_classes, gate, label_names).eval()
+    return branch, adapter_keep
