@@ -252,7 +252,7 @@ def from_proto(msg: pb.Package) -> Package:
 def encode(package: Package, dtype: str = "fp16", format_version: int = FORMAT_VERSION) -> bytes:
     """Serialized, zstd-compressed package bytes."""
     raw = to_proto(package, dtype, format_version).SerializeToString(deterministic=True)
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(raw)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw)
 
 
 def decode(data: bytes) -> Package:

@@ -131,6 +131,16 @@ def test_truncated_and_corrupt_bytes(package):
         wire.decode(b"\x28\xb5\x2f\xfd" + b"\x00" * 64)
 
 
+def test_every_single_byte_corruption_is_detected(package):
+    """zstd's content checksum (format 2 writers set it) catches any flipped byte."""
+    data = wire.encode(package)
+    for i in range(0, len(data), 5):
+        bad = bytearray(data)
+        bad[i] ^= 0x5A
+        with pytest.raises(InvalidInputError):
+            wire.decode(bytes(bad))
+
+
 def test_zip_bomb_is_refused():
     bomb = zstandard.ZstdCompressor(level=3).compress(b"\x00" * (wire.MAX_PACKAGE_BYTES + 1))
     with pytest.raises(InvalidInputError):
