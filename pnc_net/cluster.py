@@ -22,12 +22,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 from safetensors.torch import save as save_safetensors
@@ -65,6 +66,7 @@ class ClusterConfig:
     address: str | None = None
     num_workers: int | None = None
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    gpus_per_worker: float = 1.0  # < 1 packs several workers on one GPU (small models)
     torch_threads: int = 1  # intra-op threads per worker; 1 = one core per CPU worker
     max_restarts: int = 2
     max_task_retries: int = 2
@@ -75,6 +77,8 @@ class ClusterConfig:
             raise InvalidInputError(f"--workers must be at least 1, got {self.num_workers}")
         if self.torch_threads < 1:
             raise InvalidInputError(f"torch_threads must be at least 1, got {self.torch_threads}")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise InvalidInputError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}")
         if self.max_restarts < 0 or self.max_task_retries < 0:
             raise InvalidInputError("max_restarts and max_task_retries must be >= 0")
 
@@ -94,7 +98,8 @@ class WorkerResources:
         if cfg.use_gpu and gpus == 0:
             raise PreconditionError("use_gpu is set but the Ray cluster has no GPU")
         if gpus and cfg.use_gpu is not False:
-            return cls(num_cpus=1, num_gpus=1), cfg.num_workers or gpus
+            per_gpu = max(1, int(1 / cfg.gpus_per_worker + 1e-9))
+            return cls(num_cpus=1, num_gpus=cfg.gpus_per_worker), cfg.num_workers or gpus * per_gpu
         return cls(num_cpus=1, num_gpus=0), cfg.num_workers or max(1, cpus)
 
     def options(self, cfg: ClusterConfig) -> dict[str, Any]:
@@ -157,8 +162,9 @@ class CloneWorker:
     def __init__(self, torch_threads: int = 1, device: str = "cpu") -> None:
         torch.set_num_threads(torch_threads)
         self.device = device
-        if device != "cpu":  # tensors the steps create follow the models and data
+        if device != "cpu":  # tensors (and random draws) the steps create follow the data
             torch.set_default_device(device)
+            torch.Generator = functools.partial(torch._C.Generator, device=device)
         self.models: dict[str, ZooNet] = {}
         self.shards: OrderedDict[str, ModuleShard] = OrderedDict()
         self.model_loads = 0
@@ -326,7 +332,7 @@ class RayRunner:
         if self._owns_connection:
             ray.shutdown()
 
-    def __enter__(self) -> RayRunner:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

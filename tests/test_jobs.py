@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,7 +204,7 @@ def test_a_bad_task_fails_alone(runner, zoo, tmp_path):
     assert "NotFoundError" in by_name["unknown-model"]["error"]
     assert "InvalidInputError" in by_name["bad-data"]["error"]
     assert "'target' is missing" in by_name["no-target"]["error"]
-    stored = by_name["good"]["stored"]
-    package = wire.decode(open(stored, "rb").read())
-    assert wire.package_id(open(stored, "rb").read()) == by_name["good"]["package_id"]
+    stored = Path(by_name["good"]["stored"]).read_bytes()
+    package = wire.decode(stored)
+    assert wire.package_id(stored) == by_name["good"]["package_id"]
     assert package.label_names[-2:] == ("5", "6")
