@@ -1,0 +1,341 @@
+"""The benchmark harness: PNC against the tuning baselines on the same tasks and data.
+
+A run is a list of independent *cells*: one ``(task, seed, k, k_t)`` cell runs
+PNC and every baseline on the same draw of cloning data; one Oracle cell per
+``(task, seed)`` serves every budget (it trains on the full train split).
+Cells run in worker processes (``BenchConfig.workers``) and are reduced to
+mean and standard deviation over seeds. ``pnc bench`` is the command line;
+``scripts/render_bench.py`` turns the saved JSON into the README section.
+
+Example::
+
+    from pnc_net.bench import BenchConfig, run_bench
+    result = run_bench(Zoo(), BenchConfig.quick())
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from pnc_net.baselines import (TUNING_METHODS, BaselineResult, TuneConfig, run_oracle,
+                               run_pnc_f, run_tuning, task_data)
+from pnc_net.bench_transmission import sim_of, transmission_of
+from pnc_net.clone import CloneConfig, SourceSpec, clone
+from pnc_net.data import load_mnist
+from pnc_net.errors import InvalidInputError
+from pnc_net.zoo import Zoo
+
+METHODS = ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
+METRICS = ("acc_old", "acc_new", "acc_all", "locality", "bytes", "params_modified", "seconds")
+ALL = 350  # the train split holds 350 samples per class: budget "all"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One clone task: a target and one or more (source, classes) pairs."""
+
+    name: str
+    target: str
+    sources: tuple[SourceSpec, ...]
+    kind: str
+
+    def config(self, k: int, kt: int, seed: int, positions) -> CloneConfig:
+        return CloneConfig(target=self.target, sources=self.sources, per_class=k,
+                           target_per_class=kt, seed=seed, positions=positions)
+
+
+DEFAULT_TASKS = (
+    Task("cnn<-cnn {5,6}", "mnist-cnn-0to4", (SourceSpec("mnist-cnn-5to9", ("5", "6")),),
+         "homogeneous"),
+    Task("cnn<-resnet {7,8}", "mnist-cnn-0to4", (SourceSpec("mnist-resnet-5to9", ("7", "8")),),
+         "heterogeneous"),
+    Task("cnn<-cnn {5,6} + resnet {7}", "mnist-cnn-0to4",
+         (SourceSpec("mnist-cnn-5to9", ("5", "6")), SourceSpec("mnist-resnet-5to9", ("7",))),
+         "two sources"),
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. Defaults are the full run; ``quick()`` is the CI-sized one."""
+
+    mode: str = "full"
+    tasks: tuple[Task, ...] = DEFAULT_TASKS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    budget: int = 20  # k per cloned class for the main table
+    target_budgets: tuple[int, ...] = (20, 0)  # the two regimes of method.md
+    sweep_budgets: tuple[int, ...] = (5, 10, 20, 50, 100, ALL)
+    sweep_task: int = 0  # index into tasks
+    sweep_target_budget: int = 20
+    sweep_seeds: tuple[int, ...] = (0, 1, 2)
+    positions: tuple[tuple[int, int], ...] | None = ((3, 3), (4, 4))
+    methods: tuple[str, ...] = METHODS
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    workers: int = 1
+    threads_per_worker: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise InvalidInputError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.tasks or not self.seeds:
+            raise InvalidInputError("a benchmark needs at least one task and one seed")
+        if not 0 <= self.sweep_task < len(self.tasks):
+            raise InvalidInputError(f"sweep_task {self.sweep_task} is not a task index")
+        if self.workers < 1 or self.threads_per_worker < 1:
+            raise InvalidInputError("workers and threads per worker must be at least 1")
+        bad = [b for b in (self.budget, *self.sweep_budgets) if not 1 <= b <= ALL]
+        if bad or any(kt < 0 or kt > ALL for kt in self.target_budgets):
+            raise InvalidInputError(f"budgets must be in 1..{ALL} per class, got {bad}")
+
+    @classmethod
+    def quick(cls, **kw) -> BenchConfig:
+        """Every table, regime, plot and figure, on a smaller grid (CI: <= 5 min on 2 cores)."""
+        base = dict(mode="quick", seeds=(0,), budget=10, sweep_budgets=(5, 20, 50),
+                    sweep_seeds=(0,), positions=((4, 4),),
+                    tune=TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,),
+                                    oracle_epochs=2))
+        return cls(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: int
+    seed: int
+    budget: int
+    target_budget: int
+    extras: bool = False  # also measure transmission and the Sim matrix
+    oracle: bool = False
+
+
+def plan_cells(cfg: BenchConfig) -> list[Cell]:
+    """Main grid, sweep grid (sharing cells with the main grid), and Oracle cells."""
+    cells: dict[tuple, Cell] = {}
+    for t in range(len(cfg.tasks)):
+        for kt in cfg.target_budgets:
+            for s in cfg.seeds:
+                cells[(t, s, cfg.budget, kt)] = Cell(t, s, cfg.budget, kt, extras=s == cfg.seeds[0])
+    for k in cfg.sweep_budgets:
+        for s in cfg.sweep_seeds:
+            key = (cfg.sweep_task, s, k, cfg.sweep_target_budget)
+            cells.setdefault(key, Cell(*key))
+    out = list(cells.values())
+    if "Oracle" in cfg.methods:
+        out += [Cell(t, s, ALL, 0, oracle=True) for t in range(len(cfg.tasks)) for s in cfg.seeds]
+    # whole seeds of the main table first (a run cut short still reports complete seeds),
+    # then the rest of the sweep
+    def order(c: Cell) -> tuple:
+        in_main = c.oracle or (c.budget == cfg.budget and c.target_budget in cfg.target_budgets)
+        return (not in_main, c.seed, c.oracle, c.task, -c.target_budget, c.budget)
+
+    return sorted(out, key=order)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist():
+    return load_mnist()
+
+
+def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
+    if isinstance(r, BaselineResult):
+        r = dict(method=r.method, metrics=r.metrics, bytes=r.bytes,
+                 params_modified=r.params_modified, seconds=r.seconds, lr=r.lr)
+    m = r["metrics"]
+    return {"task": task.name, "kind": task.kind, "method": r["method"], "seed": cell.seed,
+            "budget": "all" if cell.budget >= ALL else cell.budget,
+            "target_budget": cell.target_budget,
+            **{k: m[k] for k in ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old")},
+            "source_acc_new": m.get("source_acc_new"), "bytes": r["bytes"],
+            "params_modified": r["params_modified"], "seconds": r["seconds"], "lr": r.get("lr")}
+
+
+def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
+    """Every method of one cell, in this process. Returns rows plus the cell's extras."""
+    torch.set_num_threads(cfg.threads_per_worker)
+    zoo, data, task = Zoo(zoo_root), _mnist(), cfg.tasks[cell.task]
+    t0 = time.perf_counter()
+    clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed, cfg.positions)
+    td = task_data(zoo, data, clone_cfg)
+    if cell.oracle:
+        rows = [_row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))]
+        return {"cell": asdict(cell), "rows": rows, "seconds": time.perf_counter() - t0}
+    rows, out = [], {"cell": asdict(cell)}
+    pnc = clone(zoo, data, clone_cfg)
+    from pnc_net import wire
+
+    package_bytes = len(wire.encode(pnc.package))
+    trainable = sum(t.numel() for m in pnc.package.modules for t in m.tensors.values())
+    if "PNC" in cfg.methods:
+        rows.append(_row(cell, task, dict(method="PNC", metrics=pnc.report["metrics"],
+                                          bytes=package_bytes, params_modified=trainable,
+                                          seconds=pnc.report["seconds"])))
+    if "PNC-F" in cfg.methods:
+        rows.append(_row(cell, task, run_pnc_f(pnc.superbody, td, data, cfg.tune, cell.seed,
+                                               package_bytes, pnc.report["seconds"])))
+    for method in (m for m in TUNING_METHODS if m in cfg.methods):
+        rows.append(_row(cell, task, run_tuning(method, td, data, cfg.tune, cell.seed)))
+    if cell.extras:
+        out["transmission"] = {"task": task.name, "target_budget": cell.target_budget,
+                               **transmission_of(zoo, pnc, rows)}
+        out["sim"] = {"task": task.name, "target_budget": cell.target_budget,
+                      "modules": sim_of(zoo, pnc, data)}
+        out["positions"] = [[m.position_r, m.position_s] for m in pnc.package.modules]
+    out.update(rows=rows, seconds=time.perf_counter() - t0)
+    return out
+
+
+# ----------------------------------------------------------------------------- reduce
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
+
+
+def aggregate(raw: list[dict]) -> list[dict]:
+    """Mean and std over seeds for every (task, method, budget, target_budget)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in raw:
+        groups.setdefault((r["task"], r["method"], r["budget"], r["target_budget"]), []).append(r)
+    out = []
+    for (task, method, budget, kt), rs in groups.items():
+        row = {"task": task, "kind": rs[0]["kind"], "method": method, "budget": budget,
+               "target_budget": kt, "seeds": sorted(r["seed"] for r in rs),
+               "lrs": [r["lr"] for r in rs]}
+        for k in (*METRICS, "target_acc_old", "source_acc_new"):
+            row[k], row[f"{k}_std"] = _mean_std([r[k] for r in rs])
+        out.append(row)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(out, key=lambda r: (r["task"], -r["target_budget"], str(r["budget"]),
+                                      order[r["method"]]))
+
+
+def oracle_everywhere(raw: list[dict], cfg: BenchConfig) -> list[dict]:
+    """The Oracle ignores the budget: it is reported beside every (budget, k_t) of its task."""
+    oracle = [r for r in raw if r["method"] == "Oracle"]
+    others = [r for r in raw if r["method"] != "Oracle"]
+    slots = {(r["task"], r["budget"], r["target_budget"], r["seed"]) for r in others}
+    extra = [{**o, "budget": b, "target_budget": kt} for o in oracle
+             for (t, b, kt, s) in sorted(slots, key=str) if t == o["task"] and s == o["seed"]]
+    return others + extra
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_cells(zoo_root: str, cfg: BenchConfig, cells: list[Cell],
+              on_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run ``cells`` (in ``cfg.workers`` spawned processes); ``on_done`` sees each as it ends."""
+    say = on_done or (lambda _r: None)
+    outs = []
+    if cfg.workers == 1:
+        for c in cells:
+            outs.append(run_cell(zoo_root, cfg, c))
+            say(outs[-1])
+        return outs
+    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_cell, zoo_root, cfg, c) for c in cells]
+        for f in as_completed(futures):
+            outs.append(f.result())
+            say(outs[-1])
+    return outs
+
+
+def cell_key(cell: Cell | dict) -> str:
+    return json.dumps(asdict(cell) if isinstance(cell, Cell) else cell, sort_keys=True)
+
+
+def read_checkpoint(path: Path) -> dict[str, dict]:
+    """Finished cells from a ``*.cells.jsonl`` file (a torn last line is ignored)."""
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[cell_key(out["cell"])] = out
+    return done
+
+
+def append_checkpoint(path: Path, out: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(out, sort_keys=True, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None = None,
+              checkpoint: Path | None = None, resume: bool = False,
+              run_missing: bool = True) -> dict:
+    """Run every cell and reduce. The returned dict is what ``bench/results/*.json`` holds.
+
+    With ``checkpoint``, each finished cell is appended there as it ends; ``resume``
+    reuses the cells already in it, and ``run_missing=False`` only reduces them.
+    """
+    started = time.perf_counter()
+    cells = plan_cells(cfg)
+    if checkpoint is not None and not resume and checkpoint.exists():
+        checkpoint.unlink()
+    done = read_checkpoint(checkpoint) if checkpoint is not None else {}
+    todo = [c for c in cells if cell_key(c) not in done] if run_missing else []
+
+    def finished(out: dict) -> None:
+        if checkpoint is not None:
+            append_checkpoint(checkpoint, out)
+        (on_done or (lambda _o: None))(out)
+
+    new = run_cells(str(zoo.root), cfg, todo, finished)
+    wanted = {cell_key(c) for c in cells}
+    outs = [o for k, o in done.items() if k in wanted] + new
+    raw = [r for o in outs for r in o["rows"]]
+    rows = aggregate(oracle_everywhere(raw, cfg))
+    main = [r for r in rows if r["budget"] == cfg.budget]
+    sweep_task = cfg.tasks[cfg.sweep_task].name
+    sweep = [r for r in rows if r["task"] == sweep_task
+             and r["target_budget"] == cfg.sweep_target_budget]
+    return {
+        "mode": cfg.mode, "config": _config_summary(cfg), "machine": _machine(cfg),
+        "rows": main, "sweep": sweep, "raw": raw,
+        "transmission": [o["transmission"] for o in outs if "transmission" in o],
+        "sim": [o["sim"] for o in outs if "sim" in o],
+        "cells_planned": len(cells), "cells_done": len(outs),
+        "cell_seconds": sum(o["seconds"] for o in outs),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def _config_summary(cfg: BenchConfig) -> dict:
+    d = asdict(cfg)
+    d["tasks"] = [{"name": t.name, "kind": t.kind, "target": t.target,
+                   "sources": [[s.source, list(s.classes)] for s in t.sources]} for t in cfg.tasks]
+    d["budget_all"] = ALL
+    return d
+
+
+def _machine(cfg: BenchConfig) -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+            "workers": cfg.workers, "threads_per_worker": cfg.threads_per_worker,
+            "python": platform.python_version()}
+
+
+def with_workers(cfg: BenchConfig, workers: int | None) -> BenchConfig:
+    return cfg if workers is None else replace(cfg, workers=workers)

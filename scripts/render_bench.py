@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Regenerate the README's benchmark section from ``bench/results/*.json`` and PNGs.
+
+Everything between ``<!-- bench:start -->`` and ``<!-- bench:end -->`` in
+README.md is replaced; nothing there is typed by hand except ``bench/notes.md``
+(the reading of the figures), which is included verbatim. The full run's
+results are used when present, else the quick run's.
+
+    python scripts/render_bench.py            # rewrite README.md
+    python scripts/render_bench.py --check    # exit 1 if README.md is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+TUNING = ("FT", "LwF", "KD")
+
+
+def pm(r: dict, key: str, digits: int = 3) -> str:
+    return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}"
+
+
+def size(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
+
+
+def main_tables(res: dict) -> list[str]:
+    out = []
+    for kt in res["config"]["target_budgets"]:
+        rows = [r for r in res["rows"] if r["target_budget"] == kt]
+        regime = (f"k_t = {kt} target-class samples per class" if kt else
+                  "k_t = 0: no target-class samples (the article's setting)")
+        out += [f"**{regime}**, k = {res['config']['budget']} per cloned class:", "",
+                "| task | method | acc_old | acc_new | acc_all | locality | params modified "
+                "| bytes that travel | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            name = f"**{r['method']}**" if r["method"] == "PNC" else r["method"]
+            out.append(f"| {r['task']} | {name} | {pm(r, 'acc_old')} | {pm(r, 'acc_new')} | "
+                       f"{pm(r, 'acc_all')} | {pm(r, 'locality')} | {r['params_modified']:,.0f} | "
+                       f"{size(r['bytes'])} | {r['seconds']:.0f} ± {r['seconds_std']:.0f} |")
+        out.append("")
+    return out
+
+
+def sweep_table(res: dict) -> list[str]:
+    rows = res["sweep"]
+    budgets = sorted({r["budget"] for r in rows}, key=lambda b: 10**9 if b == "all" else b)
+    methods = [m for m in ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
+               if any(r["method"] == m for r in rows)]
+    out = ["| method | " + " | ".join(f"k={b}" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+    for m in methods:
+        cells = []
+        for b in budgets:
+            r = next((r for r in rows if r["method"] == m and r["budget"] == b), None)
+            cells.append("–" if r is None else f"{r['acc_all']:.3f} / {r['locality']:.3f}")
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return out + ["", "(each cell: acc_all / locality, mean over seeds)", ""]
+
+
+def transmission_table(res: dict) -> list[str]:
+    out = ["| task | k_t | package (fp16) | package (int8) | superbody fp32 | full cloned model, "
+           "zstd fp16 | information bound (mask entropy + adapter + fusion) | smallest tuning "
+           "delta | ratio | encode | decode | rebuild |", "|---|" + "---|" * 11]
+    for t in res["transmission"]:
+        ratio = t.get("smallest_tuning_over_package")
+        tuning = min(t["tuning_bytes"].values()) if t["tuning_bytes"] else None
+        out.append(
+            f"| {t['task']} | {t['target_budget']} | {size(t['package_bytes'])} | "
+            f"{size(t['package_int8_bytes'])} | {size(t['superbody_bytes'])} | "
+            f"{size(t['full_model_zstd_fp16_bytes'])} | {size(t['bound_bytes'])} "
+            f"({size(t['mask_entropy_bytes'])} + {size(t['adapter_fp16_bytes'])} + "
+            f"{size(t['fusion_fp16_bytes'])}) | {size(tuning) if tuning else '–'} | "
+            f"{f'{ratio:.0f}×' if ratio else '–'} | {t['encode_ms']:.1f} ms | "
+            f"{t['decode_ms']:.1f} ms | {t['rebuild_ms']:.0f} ms |")
+    return out + [""]
+
+
+def verdicts(res: dict) -> list[str]:
+    """The issue's targets, checked against the numbers (no judgement typed by hand)."""
+    out = []
+    rows = res["rows"] + res["sweep"]
+    small = [(r["task"], r["budget"], r["target_budget"]) for r in rows
+             if r["method"] == "PNC" and r["budget"] != "all" and r["budget"] <= 20]
+    for key in sorted(set(small), key=str):
+        pnc = next(r for r in rows if (r["task"], r["budget"], r["target_budget"]) == key
+                   and r["method"] == "PNC")
+        peers = [r for r in rows if (r["task"], r["budget"], r["target_budget"]) == key
+                 and r["method"] in TUNING]
+        if not peers:
+            continue
+        for metric in ("locality", "acc_all"):
+            best = max(peers, key=lambda r: r[metric])
+            diff = pnc[metric] - best[metric]
+            word = "higher" if diff > 0 else "LOWER" if diff < 0 else "equal"
+            out.append(f"- {key[0]}, k={key[1]}, k_t={key[2]}: PNC {metric} {pnc[metric]:.3f} vs "
+                       f"best tuning baseline ({best['method']}) {best[metric]:.3f}: **{word}** "
+                       f"({diff:+.3f})")
+    for t in res["transmission"]:
+        ratio = t.get("smallest_tuning_over_package")
+        if ratio:
+            ok = "meets" if ratio >= 100 else "MISSES"
+            out.append(f"- {t['task']}, k_t={t['target_budget']}: the smallest tuning delta is "
+                       f"{ratio:.0f}× the PNC package: {ok} the 100× target")
+    return out
+
+
+def section(results_dir: Path) -> str:
+    path = results_dir / "full.json"
+    if not path.exists():
+        path = results_dir / "quick.json"
+    if not path.exists():
+        return "No benchmark results yet: run `pnc bench` (or `pnc bench --quick`).\n"
+    res = json.loads(path.read_text())
+    cfg, mach = res["config"], res["machine"]
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    tasks = "; ".join(f"{t['name']} ({t['kind']})" for t in cfg["tasks"])
+    lines = [
+        "## Benchmarks", "",
+        f"Generated by `scripts/render_bench.py` from `{rel}` (mode **{res['mode']}**, "
+        f"`pnc bench{' --quick' if res['mode'] == 'quick' else ''}`); method details and how "
+        "each baseline was built: [docs/benchmarks.md](docs/benchmarks.md).", "",
+        f"Tasks: {tasks}. Seeds {cfg['seeds']}; every figure is on the held-out test split; "
+        f"mean ± std over seeds. Machine: {mach['cpus']} CPUs, {mach['workers']} worker(s) × "
+        f"{mach['threads_per_worker']} thread(s), torch {mach['torch']}; whole run "
+        f"{res['wall_seconds'] / 60:.1f} min wall, {res['cell_seconds'] / 60:.1f} min of "
+        "cell time. Seconds are wall time per method including its learning-rate search "
+        "(PNC: its position search; PNC-F includes PNC), on shared cores.", "",
+        "### PNC against parameter tuning", "", *main_tables(res),
+        "### Data budget", "",
+        f"![acc_all and locality against budget](bench/results/{res['files']['sweep']})", "",
+        *sweep_table(res),
+        "### What the module keeps: Sim", "",
+        f"![Sim matrix](bench/results/{res['files']['sim']})", "",
+        "### What travels", "", *transmission_table(res),
+        "### Targets of issue 5, checked", "", *verdicts(res), "",
+    ]
+    notes = results_dir.parent / "notes.md"
+    if notes.exists():
+        lines += ["### Reading", "", notes.read_text().strip(), ""]
+    return "\n".join(lines)
+
+
+def render(readme: Path, results_dir: Path) -> str:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{section(results_dir)}{END}{tail}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md is stale")
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    args = ap.parse_args()
+    new = render(args.readme, args.results)
+    if args.check:
+        stale = new != args.readme.read_text()
+        print("README.md benchmark section is stale" if stale else "up to date")
+        return int(stale)
+    tmp = args.readme.with_suffix(".md.tmp")
+    tmp.write_text(new)
+    tmp.replace(args.readme)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

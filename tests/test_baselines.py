@@ -1,0 +1,124 @@
+"""Baselines: same data as PNC, zoo weights untouched, metrics and bytes defined as PNC's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pnc_net.baselines import (Evaluated, TuneConfig, delta_bytes, delta_payload, distill,
+                               extra_loss_for, run_oracle, run_pnc_f, run_tuning, task_data,
+                               widened)
+from pnc_net.clone import CloneConfig, SourceSpec, plan
+from pnc_net.errors import InvalidInputError
+from pnc_net.metrics import clone_metrics
+from pnc_net.zoo import state_digest
+
+TINY = TuneConfig(lrs=(1e-3,), epochs=1, min_steps=2, warmup_epochs=1, oracle_lrs=(3e-3,),
+                  oracle_epochs=1)
+TWO_SOURCES = CloneConfig(target="mnist-cnn-0to4", sources=(
+    SourceSpec("mnist-cnn-5to9", ("5", "6")), SourceSpec("mnist-resnet-5to9", ("7",))),
+    per_class=6, target_per_class=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def td(zoo_dir, mnist):
+    from pnc_net.zoo import Zoo
+
+    return task_data(Zoo(zoo_dir), mnist, TWO_SOURCES)
+
+
+def test_task_data_is_the_very_draw_pnc_uses(zoo, mnist, td):
+    job = plan(zoo, mnist, TWO_SOURCES)
+    n_t = 5
+    x_new = torch.cat([m.data.x_new for m in job.modules])
+    assert torch.equal(td.x[: len(x_new)], x_new)
+    assert torch.equal(td.x_val_new, torch.cat([m.data.x_val_new for m in job.modules]))
+    assert torch.equal(td.x_val_old, job.modules[0].data.x_val_old)
+    assert torch.equal(td.x[len(x_new):], job.modules[0].data.x_old[: 4 * n_t])
+    assert td.label_names == ("0", "1", "2", "3", "4", "5", "6", "7")
+    # cloned labels follow the superbody's order; old samples carry the target's predictions
+    assert td.y[:12].tolist() == [5] * 6 + [6] * 6 and td.y[12:18].tolist() == [7] * 6
+    assert torch.equal(td.y[18:], td.target(td.x[18:]).argmax(1))
+
+
+def test_without_target_samples_the_baselines_get_none(zoo, mnist):
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5",), per_class=3,
+                             target_per_class=0)
+    d = task_data(zoo, mnist, cfg)
+    assert len(d.x) == 3 and len(d.x_val_old) == 0 and set(d.y.tolist()) == {5}
+
+
+@pytest.mark.parametrize("method", ["FT", "LwF", "KD"])
+def test_tuning_leaves_zoo_weights_unchanged_and_reports_its_delta(method, td, mnist):
+    before = [state_digest(td.target)] + [state_digest(s) for s, _ in td.sources]
+    res = run_tuning(method, td, mnist, TINY, seed=0)
+    after = [state_digest(td.target)] + [state_digest(s) for s, _ in td.sources]
+    assert before == after
+    assert res.model.head.fc.out_features == 8
+    n_params = sum(p.numel() for p in res.model.parameters())
+    assert 0 < res.params_modified <= n_params + sum(
+        b.numel() for b in res.model.buffers() if b.is_floating_point())
+    assert res.bytes > 10_000  # a dense fp16 delta of ~0.2 M weights does not vanish
+    assert set(res.metrics) >= {"acc_old", "acc_new", "acc_all", "locality", "source_acc_new"}
+
+
+def test_pnc_f_tunes_a_copy_and_ships_package_plus_delta(default_clone, zoo, mnist):
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,
+                             target_per_class=10)
+    d = task_data(zoo, mnist, cfg)
+    sb = default_clone.superbody
+    before = state_digest(sb)
+    res = run_pnc_f(sb, d, mnist, TINY, seed=0, package_bytes=1000, pnc_seconds=1.0)
+    assert state_digest(sb) == before
+    assert res.bytes > 1000 and res.seconds > 1.0 and res.params_modified > 0
+
+
+def test_oracle_trains_from_scratch_over_all_classes(td, mnist):
+    res = run_oracle(td, mnist, TINY, seed=0)
+    assert res.model.head.fc.out_features == 8
+    assert res.params_modified == sum(p.numel() for p in res.model.parameters())
+    assert 0.0 <= res.metrics["locality"] <= 1.0
+
+
+def test_widened_target_that_never_predicts_new_classes_has_perfect_locality(td, mnist):
+    """The metric is PNC's own ``clone_metrics``: a widened target whose new rows can never
+    win must agree with the target everywhere and score acc_old = target_acc_old."""
+    model = widened(td.target, len(td.label_names), seed=0)
+    with torch.no_grad():
+        model.head.fc.bias[5:] = -1e9
+    m = clone_metrics(Evaluated(model, td.target, ("0", "1", "2", "3", "4"), td.label_names),
+                      mnist)
+    assert m["locality"] == 1.0 and m["acc_new"] == 0.0
+    assert m["acc_old"] == m["target_acc_old"]
+
+
+def test_delta_of_an_unchanged_model_is_zero_and_new_rows_travel_whole(td):
+    same = copy.deepcopy(td.target)
+    payload, changed = delta_payload(same.state_dict(), td.target.state_dict())
+    assert changed == 0 and set(payload) == {0}
+    wide = widened(td.target, 8, seed=0)
+    nbytes, changed = delta_bytes(wide, td.target)
+    assert changed == 3 * wide.head.fc.in_features + 3  # three new rows + biases
+    assert nbytes < 2_000  # zeros compress away; only the new rows remain
+
+
+def test_lwf_term_is_zero_when_the_old_outputs_are_kept(td):
+    model = widened(td.target, len(td.label_names), seed=0).eval()
+    x = td.x[:8]
+    loss = extra_loss_for("LwF", td, TINY)(x, model(x))
+    assert float(loss) == pytest.approx(0.0, abs=1e-5)
+    assert extra_loss_for("FT", td, TINY) is None
+    kd = extra_loss_for("KD", td, TINY)(x, model(x))  # new rows are untrained: KD pulls
+    assert float(kd) > 0.01
+    assert float(distill(torch.zeros(2, 3), torch.zeros(2, 3), 2.0)) == 0.0
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(InvalidInputError):
+        TuneConfig(lrs=())
+    with pytest.raises(InvalidInputError):
+        TuneConfig(lrs=(-1.0,))
+    with pytest.raises(InvalidInputError):
+        TuneConfig(epochs=0)

@@ -1,0 +1,128 @@
+"""The benchmark harness end to end on a micro grid, its reduction, the README renderer
+and the command line's errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pnc_net.baselines import TuneConfig
+from pnc_net.bench import (ALL, DEFAULT_TASKS, BenchConfig, aggregate, oracle_everywhere,
+                           plan_cells, run_bench)
+from pnc_net.bench_plots import write_figures
+from pnc_net.errors import InvalidInputError
+
+ROOT = Path(__file__).resolve().parent.parent
+MICRO = BenchConfig(mode="micro", tasks=DEFAULT_TASKS[:1], seeds=(0,), budget=5,
+                    target_budgets=(5, 0), sweep_budgets=(3, 5), sweep_target_budget=5,
+                    sweep_seeds=(0,), positions=((4, 4),),
+                    tune=TuneConfig(lrs=(1e-3,), epochs=1, min_steps=3, warmup_epochs=1,
+                                    oracle_lrs=(3e-3,), oracle_epochs=1))
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("render_bench", ROOT / "scripts" / "render_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_reuses_main_cells_and_oracle_runs_once_per_task_and_seed():
+    cfg = BenchConfig()
+    cells = plan_cells(cfg)
+    keys = [(c.task, c.seed, c.budget, c.target_budget, c.oracle) for c in cells]
+    assert len(keys) == len(set(keys))
+    main = 3 * 2 * 3
+    sweep_extra = (len(cfg.sweep_budgets) - 1) * len(cfg.sweep_seeds)
+    assert sum(not c.oracle for c in cells) == main + sweep_extra
+    assert sum(c.oracle for c in cells) == 3 * 3
+    assert sum(c.extras for c in cells) == 3 * 2  # one transmission + Sim per task and regime
+
+
+def test_aggregate_is_mean_and_population_std_over_seeds():
+    raw = [{"task": "t", "kind": "k", "method": "FT", "budget": 5, "target_budget": 0,
+            "seed": s, "lr": 1e-3, "acc_old": a, "acc_new": 1.0, "acc_all": 0.5,
+            "locality": 0.25, "bytes": 100, "params_modified": 7, "seconds": 2.0,
+            "target_acc_old": 1.0, "source_acc_new": None}
+           for s, a in ((0, 0.2), (1, 0.4))]
+    (row,) = aggregate(raw)
+    assert row["acc_old"] == pytest.approx(0.3) and row["acc_old_std"] == pytest.approx(0.1)
+    assert row["seeds"] == [0, 1] and row["bytes_std"] == 0.0
+    oracle = {**raw[0], "method": "Oracle", "budget": "all"}
+    spread = oracle_everywhere([*raw, oracle], MICRO)
+    assert {(r["method"], r["budget"]) for r in spread} == {("FT", 5), ("Oracle", 5)}
+
+
+def test_bad_bench_settings_are_rejected():
+    with pytest.raises(InvalidInputError):
+        BenchConfig(methods=("PNC", "SGD"))
+    with pytest.raises(InvalidInputError):
+        BenchConfig(budget=ALL + 1)
+    with pytest.raises(InvalidInputError):
+        BenchConfig(workers=0)
+
+
+@pytest.fixture(scope="module")
+def micro(zoo_dir):
+    from pnc_net.zoo import Zoo
+
+    return run_bench(Zoo(zoo_dir), MICRO)
+
+
+def test_micro_run_reports_every_method_regime_and_budget(micro):
+    methods = ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
+    assert {(r["method"], r["target_budget"]) for r in micro["rows"]} == {
+        (m, kt) for m in methods for kt in (5, 0)}
+    assert {(r["method"], r["budget"]) for r in micro["sweep"]} == {
+        (m, b) for m in methods for b in (3, 5)}
+    for r in micro["rows"]:
+        for key in ("acc_old", "acc_new", "acc_all", "locality"):
+            assert 0.0 <= r[key] <= 1.0 and r[f"{key}_std"] == 0.0
+        assert r["bytes"] > 0 and r["seconds"] > 0
+    pnc = {r["target_budget"]: r for r in micro["rows"] if r["method"] == "PNC"}
+    ft = {r["target_budget"]: r for r in micro["rows"] if r["method"] == "FT"}
+    assert all(pnc[kt]["bytes"] < ft[kt]["bytes"] for kt in (5, 0))  # the package is small
+    (t5, t0) = sorted(micro["transmission"], key=lambda t: -t["target_budget"])
+    assert t5["bound_bytes"] < t5["package_bytes"] < t5["full_model_zstd_fp16_bytes"]
+    assert t5["decode_ms"] > 0 and t5["package_int8_bytes"] < t5["package_bytes"]
+    sim = micro["sim"][0]["modules"][0]
+    assert len(sim["per_class"]) == 10 and sim["cloned"] == ["5", "6"]
+
+
+def test_figures_json_and_readme_section_come_from_the_results(micro, tmp_path):
+    res = {**micro, "files": write_figures(micro, tmp_path / "results")}
+    for name in res["files"].values():
+        assert (tmp_path / "results" / name).read_bytes()[:4] == b"\x89PNG"
+    res["mode"] = "quick"
+    (tmp_path / "results" / "quick.json").write_text(json.dumps(res, default=float))
+    readme = tmp_path / "README.md"
+    readme.write_text("# pnc\n\nintro\n")
+    render = _render_module()
+    text = render.render(readme, tmp_path / "results")
+    section = text.split(render.START)[1].split(render.END)[0]
+    assert text.startswith("# pnc\n\nintro\n")
+    for method in ("**PNC**", "PNC-F", "FT", "LwF", "KD", "Oracle"):
+        assert f"| {method} |" in section
+    assert "micro_budget_sweep.png" in section and "Targets of issue 5" in section
+    readme.write_text(text)
+    assert render.render(readme, tmp_path / "results") == text  # idempotent
+
+
+def test_cli_rejects_bad_options_with_one_line(tmp_path, zoo_dir):
+    env = {**os.environ, "PNC_ZOO": str(zoo_dir)}
+    exe = [sys.executable, "-c", "import pnc_cli; pnc_cli.main()"]
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    for args, fragment in (([" --out", str(a_file)], "not a folder"),
+                           (["--workers", "0"], "at least 1")):
+        res = subprocess.run([*exe, "bench", *[a.strip() for a in args]], capture_output=True,
+                             text=True, env=env, timeout=120, check=False)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr
+        assert "Traceback" not in res.stderr
