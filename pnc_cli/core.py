@@ -112,15 +112,25 @@ def zoo_verify(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
 # ----------------------------------------------------------------------------- clone
 
 
-def tqdm_runner(total: int, enabled: bool):
-    bar = tqdm(total=total, desc="position search", disable=not enabled, leave=False)
+def tqdm_runner(enabled: bool):
+    """A sequential candidate runner with a progress bar per source.
+
+    The bar is created when the search starts, not before: a user mistake that
+    planning rejects must print its one error line and nothing else.
+    """
 
     def runner(job, i, positions):
+        bar = tqdm(total=len(positions), desc=f"position search {job.modules[i].manifest.name}",
+                   disable=not enabled, leave=False)
+
         def on_result(pos, res):
             bar.set_postfix_str(f"R={pos[0]} S={pos[1]} score={res['score']:.3f}")
             bar.update(1)
-        return run_sequential(job, i, positions, on_result)
-    return runner, bar
+        try:
+            return run_sequential(job, i, positions, on_result)
+        finally:
+            bar.close()
+    return runner
 
 
 def metrics_table(title: str, metrics: dict, extra: dict | None = None) -> Table:
@@ -148,14 +158,9 @@ def run_clone(target: str, sources: list[str], classes: list[str], per_class: in
     )
     zoo, dataset = Zoo(zoo_dir), load_dataset(data)
     torch.manual_seed(seed)
-    bar = None
-    if runner is None:
-        n = len(cfg.positions) if cfg.positions else 0
-        runner, bar = tqdm_runner(n or None, not quiet)
+    runner = runner or tqdm_runner(not quiet)
     log = None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
     result = clone(zoo, dataset, cfg, runner=runner, log=log)
-    if bar is not None:
-        bar.close()
     return result, zoo, dataset
 
 
