@@ -23,7 +23,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for
 def run_guarded(app: typer.Typer) -> int:
     """Run the app; a ``PncError`` becomes one line on stderr and its exit code."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click *returns* the code of a ``typer.Exit`` raised
+        # inside a command (``pnc zoo verify`` uses 4) instead of raising it.
+        rc = app(standalone_mode=False)
     except PncError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return err.exit_code
@@ -35,6 +37,9 @@ def run_guarded(app: typer.Typer) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
+    except OSError as err:  # a path the user named: unwritable, not a folder, disk full...
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        return 1
     except Exception as err:  # click usage errors
         import click
 
@@ -42,7 +47,7 @@ def run_guarded(app: typer.Typer) -> int:
             err.show()
             return err.exit_code
         raise
-    return 0
+    return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
 def print_json(obj) -> None:
