@@ -104,7 +104,7 @@ def zoo_verify(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     else:
         for m, problem in report:
             console.print(f"{'ok  ' if problem is None else 'FAIL'} {m.name} {m.sha256[:12]}"
-                          + (f": {problem}" if problem else ""))
+                          + (f": {problem}" if problem else ""), soft_wrap=True, highlight=False)
     if any(p for _, p in report):
         raise typer.Exit(4)
 
