@@ -261,6 +261,7 @@ class RayRunner:
         self._weights: dict[str, Any] = {}  # sha256 -> ObjectRef, put once
         self._job: CloneJob | None = None  # the job whose shards are cached
         self._shards: dict[tuple[int, bool], tuple[str, Any]] = {}  # (i, masks?) -> key, ref
+        self.submitted = 0  # candidate tasks handed to workers so far (progress, tests)
 
     # ------------------------------------------------------------------ object store
     def _weight_refs(self, job: CloneJob, i: int) -> dict[str, list]:
@@ -301,9 +302,13 @@ class RayRunner:
         args = [(key, shard, weights, tuple(p)) for p in positions]
         out = []
         for pos, (tensors, config, result) in zip(positions, self.pool.map(
-                lambda a, v: a.train.remote(*v), args)):
+                self._submit_train, args)):
             out.append((self._branch(job, i, pos, tensors, config), result))
         return out
+
+    def _submit_train(self, actor, args: tuple):
+        self.submitted += 1
+        return actor.train.remote(*args)
 
     @staticmethod
     def _branch(job: CloneJob, i: int, pos: tuple[int, int], tensors: dict, config: dict,

@@ -39,12 +39,14 @@ import yaml
 
 from pnc_net import wire
 from pnc_net.clone import CloneConfig, CloneResult, SourceSpec, clone
+from pnc_net.cluster import make_ray_runner
 from pnc_net.data import Dataset, load_dataset
 from pnc_net.errors import InvalidInputError, NotFoundError, PncError
 from pnc_net.insert import InsertConfig
 from pnc_net.search import parse_positions
 from pnc_net.zoo import Zoo
 
+__all__ = ["clone_on_cluster", "load_spec", "make_ray_runner", "run_batch", "main"]
 log = logging.getLogger(__name__)
 TASK_KEYS = {"name", "data", "target", "source", "sources", "classes", "per_class",
              "target_per_class", "seed", "positions", "adapter_rank", "dtype"}
@@ -276,8 +278,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="CloneWorker actors (default: per GPU/CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pnc_net.cluster import make_ray_runner
-
     try:
         spec = load_spec(args.spec)
         zoo = Zoo(args.zoo or spec.zoo)

@@ -172,9 +172,13 @@ def test_a_killed_worker_does_not_fail_the_job(runner, reference, zoo_dir, mnist
         except Exception as err:  # noqa: BLE001 - reported by the assertion below
             out["error"] = err
 
+    before = runner.submitted
     thread = threading.Thread(target=job)
     thread.start()
-    time.sleep(8)  # localization (on the driver) then candidates on both workers
+    deadline = time.monotonic() + 300
+    while runner.submitted < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until both workers hold a candidate
+    time.sleep(1.0)  # into the candidate's training (each takes seconds)
     os.kill(victim, signal.SIGKILL)  # a crash, not a polite ray.kill
     thread.join(timeout=600)
     assert "error" not in out, out.get("error")
@@ -208,3 +212,23 @@ def test_a_bad_task_fails_alone(runner, zoo, tmp_path):
     package = wire.decode(stored)
     assert wire.package_id(stored) == by_name["good"]["package_id"]
     assert package.label_names[-2:] == ("5", "6")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_localization_of_several_sources_on_workers_matches_in_process(runner, zoo, mnist):
+    from pnc_net.clone import SourceSpec, localize_module, plan, prepare_module
+
+    cfg = CloneConfig("mnist-cnn-0to4", (SourceSpec("mnist-cnn-5to9", ("5",)),
+                                         SourceSpec("mnist-resnet-5to9", ("6",))),
+                      per_class=10, target_per_class=5, positions=((4, 4),),
+                      localize=LocalizeConfig(refine_steps=10))
+    job = plan(zoo, mnist, cfg)
+    remote = runner.localize_all(job)
+    assert len(remote) == 2
+    for i, (masks, prepared) in enumerate(remote):
+        local_masks, local_prepared = localize_module(job, i), prepare_module(job, i)
+        assert masks.keys() == local_masks.keys()
+        assert all(torch.equal(masks[k], local_masks[k]) for k in masks)
+        for name in ("x", "y", "z_src", "x_neg", "x_val_neg"):
+            assert torch.equal(getattr(prepared, name), getattr(local_prepared, name)), name
