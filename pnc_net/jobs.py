@@ -46,7 +46,7 @@ from pnc_net.insert import InsertConfig
 from pnc_net.search import parse_positions
 from pnc_net.zoo import Zoo
 
-__all__ = ["clone_on_cluster", "load_spec", "make_ray_runner", "run_batch", "main"]
+__all__ = ["clone_on_cluster", "load_spec", "main", "make_ray_runner", "run_batch"]
 log = logging.getLogger(__name__)
 TASK_KEYS = {"name", "data", "target", "source", "sources", "classes", "per_class",
              "target_per_class", "seed", "positions", "adapter_rank", "dtype"}

@@ -10,7 +10,7 @@ import pytest
 
 def pnc(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from pnc_cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 @pytest.mark.parametrize("args, code, message", [
