@@ -43,6 +43,7 @@ class Pusher(threading.Thread):
         last_full = 0.0
         while not self.stopping.is_set():
             full = time.monotonic() - last_full >= self.resync_s
+            self.wake.clear()  # before the scan: a package stored during it wakes us again
             try:
                 self.sync_once(client, full)
                 last_full = time.monotonic() if full else last_full
@@ -52,7 +53,6 @@ class Pusher(threading.Thread):
                 log.warning("push to %s failed: %s (retry in %.1f s)", self.address, err, delay)
                 self.stopping.wait(delay * (1 + random.random() / 2))
                 delay = min(delay * 2, 10.0)
-            self.wake.clear()
         client.close()
 
     def sync_once(self, client: PncClient, full: bool) -> int:

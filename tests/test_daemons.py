@@ -5,6 +5,7 @@ daemon serving."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +103,16 @@ def test_send_verify_predict_fetch(receiver, pkg_bytes, mnist, tmp_path):
     r = subprocess.run([*cli, "status", "--from", addr, "--json"], capture_output=True,
                        text=True, env=env, timeout=60)
     assert r.returncode == 0 and '"verified"' in r.stdout and '"SERVING"' in r.stdout
+    from PIL import Image
+
+    png, npy = tmp_path / "digit.png", tmp_path / "digits.npy"
+    Image.fromarray((x[0, 0].numpy() * 255).round().astype("uint8")).save(png)
+    np.save(npy, x[1:3, 0].numpy())
+    r = subprocess.run([*cli, "predict", "--from", addr, "--package", pid[:8], str(png), str(npy),
+                        "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = [p["label"] for p in json.loads(r.stdout)["predictions"]]
+    assert got == [p.label for p in resp.predictions[:3]]
 
 
 # ----------------------------------------------------------------------------- faults
