@@ -21,7 +21,21 @@ for module in (core, net, jobs, bench):
     module.register(app)
 
 
+def optional_flag_values(argv: list[str], flag: str, default: str) -> list[str]:
+    """Let ``--ray`` stand alone: click options need a value, so a bare ``--ray``
+    (last, or followed by another option) gets ``default``."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        if arg == flag and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            out.append(default)
+    return out
+
+
 def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from pnc_cli.core import RAY_LOCAL
+
+    sys.argv[1:] = optional_flag_values(sys.argv[1:], "--ray", RAY_LOCAL)
     sys.exit(run_guarded(app))

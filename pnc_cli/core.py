@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -160,8 +161,24 @@ def run_clone(target: str, sources: list[str], classes: list[str], per_class: in
     torch.manual_seed(seed)
     runner = runner or tqdm_runner(not quiet)
     log = None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
-    result = clone(zoo, dataset, cfg, runner=runner, log=log)
+    localizer = getattr(runner, "localize_all", None)  # Ray runners localize in parallel too
+    result = clone(zoo, dataset, cfg, runner=runner, log=log, localizer=localizer)
     return result, zoo, dataset
+
+
+RAY_LOCAL = "local"  # what `--ray` without an address becomes (see pnc_cli.main)
+
+
+@contextmanager
+def ray_runner(address: str | None):
+    """A Ray candidate runner for ``--ray [ADDRESS]``, or None (in process) without it."""
+    if address is None:
+        yield None
+        return
+    from pnc_net.cluster import make_ray_runner
+
+    with make_ray_runner(None if address == RAY_LOCAL else address) as runner:
+        yield runner
 
 
 def summary(result, package_bytes: int, out: Path | None, seconds: float) -> dict:
@@ -185,14 +202,16 @@ def clone_cmd(
     positions: Annotated[str | None, typer.Option("--positions", help="Candidate R:S pairs, e.g. 3:3,4:4 (default: depth-matched pairs).")] = None,
     adapter_rank: Annotated[int, typer.Option("--adapter-rank", help="Rank of the adapter's 1x1 map.")] = 8,
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16, fp32, int8.")] = "fp16",
+    ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Clone classes of a source zoo model into a target; write the package."""
     started = time.perf_counter()
     if dtype not in wire.WIRE_DTYPES:
         raise InvalidInputError(f"--dtype {dtype!r} is not one of {', '.join(wire.WIRE_DTYPES)}")
-    result, _, _ = run_clone(target, source, classes, per_class, target_per_class, data,
-                             zoo_dir, seed, positions, adapter_rank, json_out)
+    with ray_runner(ray) as runner:
+        result, _, _ = run_clone(target, source, classes, per_class, target_per_class, data,
+                                 zoo_dir, seed, positions, adapter_rank, json_out, runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")
     pid, nbytes = wire.write_package(out, result.package, dtype)
     info = {**summary(result, nbytes, out, time.perf_counter() - started), "package_id": pid}

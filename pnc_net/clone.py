@@ -203,6 +203,12 @@ def train_position(job: CloneJob, i: int, position: tuple[int, int]) -> tuple[Br
 
 
 CandidateRunner = Callable[[CloneJob, int, list[tuple[int, int]]], list[tuple[Branch, dict]]]
+Localizer = Callable[[CloneJob], list[tuple[dict[str, torch.Tensor], Prepared]]]
+
+
+def localize_sequential(job: CloneJob) -> list[tuple[dict[str, torch.Tensor], Prepared]]:
+    """Masks and prepared data of every module, one after another."""
+    return [(localize_module(job, i), prepare_module(job, i)) for i in range(len(job.modules))]
 
 
 def run_sequential(job: CloneJob, i: int, positions: list[tuple[int, int]],
@@ -234,23 +240,25 @@ def make_package(job: CloneJob, branches: list[Branch], report: dict) -> tuple[P
 
 def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
           runner: CandidateRunner | None = None,
-          log: Callable[[str], None] | None = None) -> CloneResult:
+          log: Callable[[str], None] | None = None,
+          localizer: Localizer | None = None) -> CloneResult:
     """Clone ``cfg.sources``' classes into ``cfg.target``; nothing writes to the zoo.
 
     ``runner`` trains a list of candidate positions (default: in order, in
-    process); ``pnc_net.jobs`` passes one that fans out to Ray actors.
+    process) and ``localizer`` localizes every source (default: in order);
+    ``pnc_net.cluster`` provides both backed by Ray actors.
     """
     started = time.perf_counter()
     say = log or (lambda _msg: None)
     job = plan(zoo, data, cfg)
+    for m, (masks, prepared) in zip(job.modules, (localizer or localize_sequential)(job)):
+        m.masks, m.prepared = masks, prepared
+    say(f"localized {len(job.modules)} source(s) in {time.perf_counter() - started:.1f}s")
     branches, searches = [], []
     for i, m in enumerate(job.modules):
-        t0 = time.perf_counter()
-        m.masks = localize_module(job, i)
-        m.prepared = prepare_module(job, i)
         kept = sum(int(v.sum()) for v in m.masks.values())
         total = sum(v.numel() for v in m.masks.values())
-        say(f"{m.manifest.name}: kept {kept}/{total} filters ({time.perf_counter() - t0:.1f}s); "
+        say(f"{m.manifest.name}: kept {kept}/{total} filters; "
             f"searching {len(m.candidates)} positions")
         results = (runner or run_sequential)(job, i, m.candidates)
         best = best_candidate([(p, r) for p, (_, r) in zip(m.candidates, results)])
