@@ -21,7 +21,7 @@ from concurrent import futures
 import grpc
 
 OPTS = [("grpc.max_send_message_length", 4 << 20), ("grpc.max_receive_message_length", 4 << 20)]
-ident = lambda b: b  # noqa: E731
+ident = lambda b: b
 
 
 def sync_server():

@@ -30,6 +30,7 @@ from pathlib import Path
 from pnc_net import wire
 from pnc_net.client import CHUNK_BYTES, PncClient
 from pnc_net.daemon import spawn_daemon
+from pnc_net.errors import PncError
 from pnc_net.fsutil import sha256_bytes
 from pnc_net.store import PackageStore
 from pnc_net.wiremeter import WireMeter
@@ -105,7 +106,7 @@ def bench_fanout(tmp: Path, zoo: Path, data: bytes, n: int) -> dict:
         for port in ports:  # warm: each receiver has its zoo models cached
             with PncClient(f"127.0.0.1:{port}") as c:
                 c.wait_ready(30)
-        s, sport = spawn_daemon("sender", ["--listen", "127.0.0.1:0", "--store",
+        s, _ = spawn_daemon("sender", ["--listen", "127.0.0.1:0", "--store",
                                            str(tmp / "fan-sender"), "--push-to",
                                            ",".join(f"127.0.0.1:{p}" for p in ports)])
         procs.append(s)
@@ -120,8 +121,8 @@ def bench_fanout(tmp: Path, zoo: Path, data: bytes, n: int) -> dict:
                     try:
                         if c.stat(pid).state == "verified":
                             done[i] = time.perf_counter() - t0
-                    except Exception:  # noqa: BLE001 - not there yet
-                        pass
+                    except PncError:
+                        continue  # not there yet
             time.sleep(0.02)
         for c in clients:
             c.close()

@@ -32,9 +32,9 @@ GraceOpt = Annotated[float | None, typer.Option(
 
 
 def _config(cls, section: str, config: Path | None, **flags):
-    from pnc_net.daemon import load_toml, merge
-
     from dataclasses import MISSING, fields
+
+    from pnc_net.daemon import load_toml, merge
 
     values = merge(flags, load_toml(config, section), cls.keys())
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]

@@ -13,6 +13,7 @@ import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import grpc
 import numpy as np
@@ -22,8 +23,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pnc_net import wire
 from pnc_net._proto import transport_pb2 as tpb
 from pnc_net._proto import transport_pb2_grpc as tgrpc
-from pnc_net.errors import (IncompatibleError, IntegrityError, InvalidInputError, NotFoundError,
-                            PncError, PreconditionError)
+from pnc_net.errors import (
+    IncompatibleError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    PncError,
+    PreconditionError,
+)
 from pnc_net.fsutil import sha256_bytes
 
 CHUNK_BYTES = 1 << 20
@@ -73,7 +80,7 @@ def channel_credentials(tls_ca: Path | None, tls_cert: Path | None,
         return None
     if (tls_cert is None) != (tls_key is None):
         raise InvalidInputError("give --tls-cert and --tls-key together (client certificate)")
-    read = lambda p: Path(p).read_bytes() if p else None  # noqa: E731
+    read = lambda p: Path(p).read_bytes() if p else None
     try:
         return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
     except OSError as err:
@@ -105,7 +112,7 @@ class PncClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.last_write: tpb.WriteResponse | None = None
 
-    def __enter__(self) -> PncClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -250,4 +257,4 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int],
         offset = end
 
 
-__all__ = ["PncClient", "RemoteError", "CHUNK_BYTES", "MAX_MESSAGE_BYTES", "IncompatibleError"]
+__all__ = ["CHUNK_BYTES", "MAX_MESSAGE_BYTES", "IncompatibleError", "PncClient", "RemoteError"]

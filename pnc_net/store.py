@@ -194,7 +194,7 @@ class Upload:
             with open(self.path, "rb") as f:
                 while chunk := f.read(1 << 22):
                     self._hash.update(chunk)
-        self._file = open(self.path, "ab")
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held across append() calls
 
     def append(self, data: bytes) -> int:
         assert self._file is not None and self._hash is not None

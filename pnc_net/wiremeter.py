@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from typing import Self
 
 
 class WireMeter:
@@ -24,7 +25,7 @@ class WireMeter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._accept, daemon=True, name="wiremeter")
 
-    def __enter__(self) -> WireMeter:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

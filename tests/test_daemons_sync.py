@@ -21,7 +21,7 @@ from pnc_net import wire
 from pnc_net.client import PncClient
 from pnc_net.daemon import spawn_daemon
 from pnc_net.errors import PncError
-from pnc_net.fsutil import sha256_bytes, sha256_file
+from pnc_net.fsutil import sha256_file
 from pnc_net.store import PackageStore
 from pnc_net.zoo import Zoo
 
@@ -116,11 +116,11 @@ def test_receiver_fetches_missing_zoo_model_from_mirror(tmp_path, zoo_dir, pkg):
     recv, pr = spawn_daemon("receiver", receiver_args(partial.parent, tmp_path / "r1",
                                                       "--mirror", f"127.0.0.1:{pm}"))
     try:
-        with PncClient(f"127.0.0.1:{pl}") as c:  # no mirror: refused, naming the model
-            with pytest.raises(PncError, match=f"FAILED_PRECONDITION.*{source}"):
-                c.send_package(data)
+        with (PncClient(f"127.0.0.1:{pl}") as c,  # no mirror: refused, naming the model
+              pytest.raises(PncError, match=f"FAILED_PRECONDITION.*{source}")):
+            c.send_package(data)
         with PncClient(f"127.0.0.1:{pr}") as c:
-            pid, _ = c.send_package(data)
+            c.send_package(data)
             assert c.last_write.state == "verified"
         fetched = partial / f"{source}.safetensors"
         assert sha256_file(fetched) == source
@@ -185,7 +185,7 @@ def _certs(tmp: Path) -> dict[str, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def make(cn, issuer=None, issuer_key=None, ca=False):
         key = ec.generate_private_key(ec.SECP256R1())
@@ -224,14 +224,14 @@ def test_mtls_and_graceful_shutdown(tmp_path, zoo_dir, pkg):
     try:
         with PncClient(addr, tls_ca=c["ca_cert"], tls_cert=c["client_cert"],
                        tls_key=c["client_key"]) as cl:
-            pid, _ = cl.send_package(wire.encode(pkg))
+            cl.send_package(wire.encode(pkg))
             assert cl.last_write.state == "verified"
-        with PncClient(addr, tls_ca=c["ca_cert"], max_attempts=1, timeout_s=5) as cl:
-            with pytest.raises(PncError, match="UNAVAILABLE"):  # no client certificate
-                cl.list()
-        with PncClient(addr, max_attempts=1, timeout_s=5) as cl:  # plaintext to a TLS port
-            with pytest.raises(PncError, match="UNAVAILABLE"):
-                cl.list()
+        with (PncClient(addr, tls_ca=c["ca_cert"], max_attempts=1, timeout_s=5) as cl,
+              pytest.raises(PncError, match="UNAVAILABLE")):  # no client certificate
+            cl.list()
+        with (PncClient(addr, max_attempts=1, timeout_s=5) as cl,  # plaintext to a TLS port
+              pytest.raises(PncError, match="UNAVAILABLE")):
+            cl.list()
     finally:
         assert stop(proc, signal.SIGTERM) == 0  # graceful: a clean exit status
 
@@ -268,7 +268,7 @@ def test_metrics_endpoint_and_config_file(tmp_path, zoo_dir):
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, needle, code):
     r = subprocess.run([sys.executable, "-c", "import pnc_cli; pnc_cli.main()", *args],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60, check=False,
                        env={k: v for k, v in os.environ.items() if k != "PNC_ZOO"})
     assert r.returncode == code, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
