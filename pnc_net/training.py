@@ -48,10 +48,13 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
                      lr: float, batch_size: int = 64, max_shift: int = 2, seed: int = 0,
                      desc: str = "train", progress: bool = True,
                      extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                     params: list[nn.Parameter] | None = None) -> nn.Module:
+                     params: list[nn.Parameter] | None = None,
+                     recalibrate_bn: bool = True) -> nn.Module:
     """Cross-entropy training with Adam, cosine decay and shift augmentation.
 
     ``extra_loss(x_batch, logits)`` adds a term (distillation for LwF/KD).
+    ``recalibrate_bn`` ends with exact BatchNorm statistics over ``x``
+    (``recalibrate_batchnorm``), so short runs give a usable eval-mode model.
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -74,4 +77,33 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epoc
             sched.step()
             bar.update(1)
     bar.close()
+    if recalibrate_bn:
+        recalibrate_batchnorm(model, x, batch_size)
     return model.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
+    """Set every BatchNorm's running statistics to their exact mean over ``x``.
+
+    With momentum 0.1 the running statistics trail the weights by about ten
+    steps; after a short run (a user's small data set: tens of steps) they still
+    describe an early network, and the eval-mode model can sit at chance while
+    the train-mode one is accurate. One pass with a cumulative average fixes it.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats]
+    if not bns or not len(x):
+        return
+    saved = [(m, m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(x[i : i + batch_size])
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
