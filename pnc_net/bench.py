@@ -103,7 +103,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
         """Every table, regime, plot and figure, on a smaller grid (CI: <= 5 min on 2 cores)."""
-        base = dict(mode="quick", seeds=(0,), budget=10, sweep_budgets=(5, 20, 50),
+        base = dict(mode="quick", seeds=(0,), budget=10, sweep_budgets=(5, 10),
                     sweep_seeds=(0,), positions=((4, 4),),
                     tune=TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,),
                                     oracle_epochs=2))
@@ -137,11 +137,10 @@ def plan_cells(cfg: BenchConfig) -> list[Cell]:
     out = list(cells.values())
     if "Oracle" in cfg.methods:
         out += [Cell(t, s, ALL, 0, oracle=True) for t in range(len(cfg.tasks)) for s in cfg.seeds]
-    # whole seeds of the main table first (a run cut short still reports complete seeds),
-    # then the rest of the sweep
+    # seed by seed (a run cut short still reports whole seeds): main table, then sweep
     def order(c: Cell) -> tuple:
         in_main = c.oracle or (c.budget == cfg.budget and c.target_budget in cfg.target_budgets)
-        return (not in_main, c.seed, c.oracle, c.task, -c.target_budget, c.budget)
+        return (c.seed, not in_main, c.oracle, c.task, -c.target_budget, c.budget)
 
     return sorted(out, key=order)
 
@@ -209,7 +208,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
 
 
-def aggregate(raw: list[dict]) -> list[dict]:
+def aggregate(raw: list[dict], task_order: tuple[str, ...] = ()) -> list[dict]:
     """Mean and std over seeds for every (task, method, budget, target_budget)."""
     groups: dict[tuple, list[dict]] = {}
     for r in raw:
@@ -223,8 +222,10 @@ def aggregate(raw: list[dict]) -> list[dict]:
             row[k], row[f"{k}_std"] = _mean_std([r[k] for r in rs])
         out.append(row)
     order = {m: i for i, m in enumerate(METHODS)}
-    return sorted(out, key=lambda r: (r["task"], -r["target_budget"], str(r["budget"]),
-                                      order[r["method"]]))
+    tasks = {t: i for i, t in enumerate(task_order)}
+    return sorted(out, key=lambda r: (tasks.get(r["task"], len(tasks)), r["task"],
+                                      -r["target_budget"], ALL if r["budget"] == "all"
+                                      else r["budget"], order[r["method"]]))
 
 
 def oracle_everywhere(raw: list[dict], cfg: BenchConfig) -> list[dict]:
@@ -307,7 +308,12 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
     wanted = {cell_key(c) for c in cells}
     outs = [o for k, o in done.items() if k in wanted] + new
     raw = [r for o in outs for r in o["rows"]]
-    rows = aggregate(oracle_everywhere(raw, cfg))
+    rows = aggregate(oracle_everywhere(raw, cfg), tuple(t.name for t in cfg.tasks))
+    task_index = {t.name: i for i, t in enumerate(cfg.tasks)}
+
+    def by_task(items: list[dict]) -> list[dict]:
+        return sorted(items, key=lambda d: (task_index.get(d["task"], 99), -d["target_budget"]))
+
     main = [r for r in rows if r["budget"] == cfg.budget]
     sweep_task = cfg.tasks[cfg.sweep_task].name
     sweep = [r for r in rows if r["task"] == sweep_task
@@ -315,8 +321,8 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
     return {
         "mode": cfg.mode, "config": _config_summary(cfg), "machine": _machine(cfg),
         "rows": main, "sweep": sweep, "raw": raw,
-        "transmission": [o["transmission"] for o in outs if "transmission" in o],
-        "sim": [o["sim"] for o in outs if "sim" in o],
+        "transmission": by_task([o["transmission"] for o in outs if "transmission" in o]),
+        "sim": by_task([o["sim"] for o in outs if "sim" in o]),
         "cells_planned": len(cells), "cells_done": len(outs),
         "cell_seconds": sum(o["seconds"] for o in outs),
         "wall_seconds": time.perf_counter() - started,

@@ -37,7 +37,7 @@ def _budget_x(budget, all_value: int) -> int:
 def plot_sweep(result: dict, path: Path) -> Path:
     """``acc_all`` and ``locality`` vs budget per method, for the sweep task."""
     rows, all_value = result["sweep"], result["config"]["budget_all"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     methods = [m for m in COLORS if any(r["method"] == m for r in rows)]
     for ax, metric in zip(axes, ("acc_all", "locality")):
         for m in methods:
@@ -65,25 +65,30 @@ def plot_sweep(result: dict, path: Path) -> Path:
 
 
 def plot_sim(result: dict, path: Path) -> Path:
-    """Per-class Sim bars and the class-by-class Sim matrix of every module."""
-    sims = result["sim"][0]["modules"] if result["sim"] else []
-    fig, axes = plt.subplots(len(sims), 2, figsize=(10, 3.8 * len(sims)), squeeze=False)
-    for (bar_ax, mat_ax), sim in zip(axes, sims):
+    """Per-class Sim bars and the class-by-class Sim matrix of every module of every task
+    (in the first regime of the run)."""
+    kt = result["sim"][0]["target_budget"] if result["sim"] else None
+    sims = [(s["task"], m) for s in result["sim"] if s["target_budget"] == kt for m in s["modules"]]
+    fig, axes = plt.subplots(max(1, len(sims)), 2, figsize=(10, 3.4 * max(1, len(sims))),
+                             squeeze=False, layout="constrained")
+    for (bar_ax, mat_ax), (task, sim) in zip(axes, sims):
         labels, cloned = sim["labels"], set(sim["cloned"])
         colors = ["#1b7837" if lab in cloned else "#bbbbbb" for lab in labels]
         bar_ax.bar(labels, sim["per_class"], color=colors)
         bar_ax.set_ylim(min(0.0, min(sim["per_class"])), 1.0)
-        bar_ax.set_xlabel("class of the test samples (green: cloned)")
+        if (bar_ax, mat_ax) == tuple(axes[-1]):
+            bar_ax.set_xlabel("class of the test samples (green: cloned)")
+            mat_ax.set_xlabel("source: class-mean feature")
         bar_ax.set_ylabel("Sim (cosine, module vs source)")
-        bar_ax.set_title(f"{sim['source']}: cloned {','.join(sim['cloned'])}", fontsize=9)
+        bar_ax.set_title(f"task {task}: module from {sim['source']}, cloned "
+                         f"{','.join(sim['cloned'])}", fontsize=9)
         im = mat_ax.imshow(sim["matrix"], cmap="viridis", vmin=-1, vmax=1)
         mat_ax.set_xticks(range(len(labels)), labels)
         mat_ax.set_yticks(range(len(labels)), labels)
-        mat_ax.set_xlabel("source mean feature, class")
-        mat_ax.set_ylabel("module mean feature, class")
+        mat_ax.set_ylabel("module: class-mean feature")
         fig.colorbar(im, ax=mat_ax, fraction=0.046)
-    if result["sim"]:
-        fig.suptitle(f"Sim of the transferable module(s), task {result['sim'][0]['task']}",
+    if sims:
+        fig.suptitle(f"Sim: transferable module vs its full source (test split, k_t = {kt})",
                      fontsize=10)
     return _save(fig, path)
 

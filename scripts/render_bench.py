@@ -40,12 +40,13 @@ def main_tables(res: dict) -> list[str]:
                   "k_t = 0: no target-class samples (the article's setting)")
         out += [f"**{regime}**, k = {res['config']['budget']} per cloned class:", "",
                 "| task | method | acc_old | acc_new | acc_all | locality | params modified "
-                "| bytes that travel | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+                "| bytes that travel | seconds | seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             name = f"**{r['method']}**" if r["method"] == "PNC" else r["method"]
             out.append(f"| {r['task']} | {name} | {pm(r, 'acc_old')} | {pm(r, 'acc_new')} | "
                        f"{pm(r, 'acc_all')} | {pm(r, 'locality')} | {r['params_modified']:,.0f} | "
-                       f"{size(r['bytes'])} | {r['seconds']:.0f} ± {r['seconds_std']:.0f} |")
+                       f"{size(r['bytes'])} | {r['seconds']:.0f} ± {r['seconds_std']:.0f} | "
+                       f"{len(r['seeds'])} |")
         out.append("")
     return out
 
@@ -113,6 +114,14 @@ def verdicts(res: dict) -> list[str]:
     return out
 
 
+def partial_note(res: dict) -> list[str]:
+    if res["cells_done"] >= res["cells_planned"]:
+        return []
+    return [f"**Partial run: {res['cells_done']} of {res['cells_planned']} cells finished** "
+            "(cells run seed by seed; the `seeds` column says how many seeds each row "
+            "averages; `pnc bench --resume` completes the run).", ""]
+
+
 def section(results_dir: Path) -> str:
     path = results_dir / "full.json"
     if not path.exists():
@@ -134,6 +143,7 @@ def section(results_dir: Path) -> str:
         f"{res['wall_seconds'] / 60:.1f} min wall, {res['cell_seconds'] / 60:.1f} min of "
         "cell time. Seconds are wall time per method including its learning-rate search "
         "(PNC: its position search; PNC-F includes PNC), on shared cores.", "",
+        *partial_note(res),
         "### PNC against parameter tuning", "", *main_tables(res),
         "### Data budget", "",
         f"![acc_all and locality against budget](bench/results/{res['files']['sweep']})", "",

@@ -14,13 +14,13 @@ import pytest
 
 from pnc_net.baselines import TuneConfig
 from pnc_net.bench import (ALL, DEFAULT_TASKS, BenchConfig, aggregate, oracle_everywhere,
-                           plan_cells, run_bench)
+                           plan_cells, read_checkpoint, run_bench)
 from pnc_net.bench_plots import write_figures
 from pnc_net.errors import InvalidInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = BenchConfig(mode="micro", tasks=DEFAULT_TASKS[:1], seeds=(0,), budget=5,
-                    target_budgets=(5, 0), sweep_budgets=(3, 5), sweep_target_budget=5,
+                    target_budgets=(5, 0), sweep_budgets=(5,), sweep_target_budget=5,
                     sweep_seeds=(0,), positions=((4, 4),),
                     tune=TuneConfig(lrs=(1e-3,), epochs=1, min_steps=3, warmup_epochs=1,
                                     oracle_lrs=(3e-3,), oracle_epochs=1))
@@ -69,18 +69,33 @@ def test_bad_bench_settings_are_rejected():
 
 
 @pytest.fixture(scope="module")
-def micro(zoo_dir):
+def checkpoint(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench") / "micro.cells.jsonl"
+
+
+@pytest.fixture(scope="module")
+def micro(zoo_dir, checkpoint):
     from pnc_net.zoo import Zoo
 
-    return run_bench(Zoo(zoo_dir), MICRO)
+    return run_bench(Zoo(zoo_dir), MICRO, checkpoint=checkpoint)
+
+
+def test_a_run_cut_short_is_reduced_from_its_checkpoint(micro, checkpoint, zoo_dir):
+    from pnc_net.zoo import Zoo
+
+    with open(checkpoint, "a") as f:
+        f.write('{"cell": {"task": 0')  # a torn last line, as a kill leaves it
+    assert len(read_checkpoint(checkpoint)) == 3
+    again = run_bench(Zoo(zoo_dir), MICRO, checkpoint=checkpoint, resume=True, run_missing=False)
+    assert again["rows"] == micro["rows"] and again["transmission"] == micro["transmission"]
 
 
 def test_micro_run_reports_every_method_regime_and_budget(micro):
     methods = ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
     assert {(r["method"], r["target_budget"]) for r in micro["rows"]} == {
         (m, kt) for m in methods for kt in (5, 0)}
-    assert {(r["method"], r["budget"]) for r in micro["sweep"]} == {
-        (m, b) for m in methods for b in (3, 5)}
+    assert {(r["method"], r["budget"]) for r in micro["sweep"]} == {(m, 5) for m in methods}
+    assert micro["cells_done"] == micro["cells_planned"] == 3  # two regimes + one Oracle
     for r in micro["rows"]:
         for key in ("acc_old", "acc_new", "acc_all", "locality"):
             assert 0.0 <= r[key] <= 1.0 and r[f"{key}_std"] == 0.0
