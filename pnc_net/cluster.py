@@ -249,19 +249,16 @@ class RayRunner:
 
     def __init__(self, cfg: ClusterConfig | None = None) -> None:
         import ray
-        from ray.util import ActorPool
-
         self.cfg = cfg or ClusterConfig()
         self._owns_connection = connect(self.cfg)
         self.resources, n = WorkerResources.for_cluster(self.cfg, ray.cluster_resources())
         device = "cuda" if self.resources.num_gpus else "cpu"
         remote = _remote_worker_class().options(**self.resources.options(self.cfg))
         self.actors = [remote.remote(self.cfg.torch_threads, device) for _ in range(n)]
-        self.pool = ActorPool(self.actors)
         self._weights: dict[str, Any] = {}  # sha256 -> ObjectRef, put once
         self._job: CloneJob | None = None  # the job whose shards are cached
         self._shards: dict[tuple[int, bool], tuple[str, Any]] = {}  # (i, masks?) -> key, ref
-        self.submitted = 0  # candidate tasks handed to workers so far (progress, tests)
+        self.submitted = 0  # tasks handed to workers so far (progress, tests)
 
     # ------------------------------------------------------------------ object store
     def _weight_refs(self, job: CloneJob, i: int) -> dict[str, list]:
@@ -292,7 +289,7 @@ class RayRunner:
     def localize_all(self, job: CloneJob) -> list[tuple[dict[str, torch.Tensor], Prepared]]:
         """Localize and prepare every module at once, one module per worker."""
         args = [(*self._shard_ref(job, i), self._weight_refs(job, i)) for i in range(len(job.modules))]
-        return list(self.pool.map(lambda a, v: a.localize.remote(*v), args))
+        return self._fan_out("localize", args)
 
     def __call__(self, job: CloneJob, i: int, positions: list[tuple[int, int]],
                  ) -> list[tuple[Branch, dict]]:
@@ -300,15 +297,31 @@ class RayRunner:
         key, shard = self._shard_ref(job, i)
         weights = self._weight_refs(job, i)
         args = [(key, shard, weights, tuple(p)) for p in positions]
-        out = []
-        for pos, (tensors, config, result) in zip(positions, self.pool.map(
-                self._submit_train, args)):
-            out.append((self._branch(job, i, pos, tensors, config), result))
-        return out
+        return [(self._branch(job, i, pos, tensors, config), result)
+                for pos, (tensors, config, result) in zip(positions, self._fan_out("train", args))]
 
-    def _submit_train(self, actor, args: tuple):
-        self.submitted += 1
-        return actor.train.remote(*args)
+    def _fan_out(self, method: str, calls: list[tuple]) -> list:
+        """Results of ``actor.method(*args)`` for each call, in the order given.
+
+        A worker that finishes takes the next call at once (Ray's ``ActorPool.map``
+        would wait for results in order and leave it idle behind a slow candidate).
+        A task whose worker died is retried by Ray on the restarted worker.
+        """
+        import ray
+
+        free, queue, pending = list(self.actors), list(enumerate(calls)), {}
+        results: list = [None] * len(calls)
+        while queue or pending:
+            while free and queue:
+                index, args = queue.pop(0)
+                actor = free.pop(0)
+                pending[getattr(actor, method).remote(*args)] = (index, actor)
+                self.submitted += 1
+            (done,), _ = ray.wait(list(pending), num_returns=1)
+            index, actor = pending.pop(done)
+            results[index] = ray.get(done)
+            free.append(actor)
+        return results
 
     @staticmethod
     def _branch(job: CloneJob, i: int, pos: tuple[int, int], tensors: dict, config: dict,
