@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 from pnc_net.errors import InvalidInputError
 
@@ -105,6 +104,10 @@ class ResBlock(nn.Module):
     """torchvision's ``BasicBlock`` with a gate on its middle channels (the mask unit)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        # Imported here: importing torchvision costs about as much as importing torch,
+        # and most CLI commands (errors, zoo list, inspect) never build a ResNet.
+        from torchvision.models.resnet import BasicBlock, conv1x1
+
         super().__init__()
         downsample = None
         if stride != 1 or cin != cout:
