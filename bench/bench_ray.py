@@ -87,12 +87,21 @@ def search_on(job, cluster: ClusterConfig, repeats: int = 1) -> tuple[list[float
         return times, results, runner.worker_info()
 
 
-def cpu_targets(zoo, data, threads: int) -> dict:
+def cpu_targets(zoo, data, threads: int, repeats: int) -> dict:
+    """Sequential and Ray searches alternate ``repeats`` times (other load on the machine
+    hits both alike); the ratio compares the fastest of each."""
     torch.set_num_threads(threads)
     job = prepared_job(zoo, data, task(SEARCH_POSITIONS))
-    seq_s, seq = timed(lambda: run_sequential(job, 0, list(SEARCH_POSITIONS)))
     ray_start_s = start_cluster(num_cpus=2)
-    (ray_s,), par, workers = search_on(job, ClusterConfig(num_workers=2))
+    seq_s, ray_s = [], []
+    with RayRunner(ClusterConfig(num_workers=2)) as runner:
+        runner.worker_info()  # actor processes up
+        for _ in range(repeats):
+            seconds, seq = timed(lambda: run_sequential(job, 0, list(SEARCH_POSITIONS)))
+            seq_s.append(seconds)
+            seconds, par = timed(lambda: runner(job, 0, list(SEARCH_POSITIONS)))
+            ray_s.append(seconds)
+        workers = runner.worker_info()
     same_best = best_candidate([(p, r) for p, (_, r) in zip(SEARCH_POSITIONS, seq)]) == \
         best_candidate([(p, r) for p, (_, r) in zip(SEARCH_POSITIONS, par)])
     one = task(((4, 4),))
@@ -101,7 +110,7 @@ def cpu_targets(zoo, data, threads: int) -> dict:
         ray_one_s, _ = timed(lambda: clone(zoo, data, one, runner=runner))
     return {
         "candidates": len(SEARCH_POSITIONS), "in_process_threads": threads,
-        "sequential_search_s": seq_s, "ray_search_s": ray_s, "ratio": ray_s / seq_s,
+        "sequential_search_s": seq_s, "ray_search_s": ray_s, "ratio": min(ray_s) / min(seq_s),
         "ratio_target": SEARCH_TARGET, "same_best": same_best,
         "workers": [{k: w[k] for k in ("pid", "model_loads", "threads")} for w in workers],
         "ray_cluster_start_s": ray_start_s, "one_candidate_in_process_s": in_proc_s,
@@ -144,6 +153,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help=(
         "in-process torch threads (1 = what each actor gets, so both paths compute the same "
         "floats and pick the same best position)"))
+    parser.add_argument("--repeats", type=int, default=2, help="alternating search runs")
     parser.add_argument("--json", action="store_true", help="one JSON object")
     args = parser.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -152,7 +162,7 @@ def main() -> int:
     if args.gpu:
         out = gpu_speedup(zoo, data)
     else:
-        out = cpu_targets(zoo, data, args.threads)
+        out = cpu_targets(zoo, data, args.threads, args.repeats)
         import ray
 
         ray.shutdown()
