@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 
-def pnc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from pnc_cli import main; main()", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+@pytest.fixture()
+def pnc(monkeypatch, capsys):
+    """Run ``pnc ARGS`` in process as ``main()`` does; returns (exit code, stderr)."""
+    from pnc_cli import app
+    from pnc_cli.common import run_guarded
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["pnc", *args])
+        code = run_guarded(app)
+        return code, capsys.readouterr().err
+    return run
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -21,15 +28,16 @@ def pnc(*args: str) -> subprocess.CompletedProcess:
     (["jobs", "submit", "no-such-spec.yaml", "--store", "x"], 3, "does not exist"),
     (["jobs", "submit", "pyproject.toml", "--store", "x"], 2, "is not readable YAML/JSON"),
 ])
-def test_jobs_cli_mistakes_are_one_line_errors(args, code, message):
-    proc = pnc(*args)
-    assert proc.returncode == code, proc.stderr
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_jobs_cli_mistakes_are_one_line_errors(pnc, args, code, message):
+    got, err = pnc(*args)
+    assert got == code, err
+    assert message in " ".join(err.split())
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_spec_outside_the_working_dir_is_refused(tmp_path):
+def test_a_spec_outside_the_working_dir_is_refused(pnc, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("- {target: a, source: b, classes: [5]}\n")
-    proc = pnc("jobs", "submit", str(spec), "--store", str(tmp_path), "--working-dir", "pnc_net")
-    assert proc.returncode == 2 and "outside --working-dir" in proc.stderr
+    code, err = pnc("jobs", "submit", str(spec), "--store", str(tmp_path), "--working-dir",
+                    "pnc_net")
+    assert code == 2 and "outside --working-dir" in err
