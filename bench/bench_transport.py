@@ -51,7 +51,7 @@ def receiver(zoo: Path, store: Path, port: int = 0):
 
 
 def bench_send(tmp: Path, zoo: Path, data: bytes, repeats: int) -> dict:
-    wire_bytes, seconds = [], []
+    wire_bytes, seconds, inside = [], [], []
     for i in range(repeats):
         proc, port = receiver(zoo, tmp / f"send{i}")
         try:
@@ -64,6 +64,7 @@ def bench_send(tmp: Path, zoo: Path, data: bytes, repeats: int) -> dict:
                 seconds.append(time.perf_counter() - t0)
                 assert c.last_write.state == "verified", c.last_write.detail
                 wire_bytes.append(meter.total - base)
+                inside.append(json.loads(c.stat(sha256_bytes(data)).metadata_json)["timings_s"])
                 setup = base
         finally:
             stop(proc)
@@ -73,6 +74,7 @@ def bench_send(tmp: Path, zoo: Path, data: bytes, repeats: int) -> dict:
             "target_wire_ok": max(wire_bytes) <= len(data) + 2048,
             "send_to_verified_s": [round(s, 4) for s in seconds],
             "send_to_verified_s_median": round(statistics.median(seconds), 4),
+            "receiver_side_s": inside,
             "target_verify_ok": max(seconds) <= 1.0}
 
 
@@ -83,16 +85,21 @@ def bench_blob(tmp: Path, zoo: Path, mib: int) -> dict:
     try:
         with PncClient(f"127.0.0.1:{port}", timeout_s=120) as c:
             t0 = time.perf_counter()
-            c.write_blob("blobs", blob)  # the server hashes every byte before it is visible
+            c.write_blob("blobs", blob, max_unacked=None)  # unpaced; the server hashes it all
             w = time.perf_counter() - t0
             t0 = time.perf_counter()
             back = c.read_blob("blobs", sha, len(blob))  # the client hashes what it reads
             r = time.perf_counter() - t0
             assert back == blob
+            blob2 = os.urandom(len(blob))
+            t0 = time.perf_counter()
+            c.write_blob("blobs", blob2, max_unacked=0)  # paced: one chunk in flight
+            paced = time.perf_counter() - t0
     finally:
         stop(proc)
     return {"blob_mb": round(len(blob) / 1e6, 1), "write_MB_per_s": round(len(blob) / w / 1e6, 1),
             "read_MB_per_s": round(len(blob) / r / 1e6, 1),
+            "paced_write_MB_per_s": round(len(blob) / paced / 1e6, 1),
             "target_blob_ok": min(len(blob) / w, len(blob) / r) >= 300e6}
 
 
@@ -114,13 +121,16 @@ def bench_fanout(tmp: Path, zoo: Path, data: bytes, n: int) -> dict:
         t0 = time.perf_counter()
         pid = PackageStore(tmp / "fan-sender").put(data)  # as `pnc clone` or a cluster job would
         done: dict[int, float] = {}
+        inside: dict[int, dict] = {}
         clients = [PncClient(f"127.0.0.1:{p}", timeout_s=5, max_attempts=1) for p in ports]
         while len(done) < n and time.perf_counter() - t0 < 60:
             for i, c in enumerate(clients):
                 if i not in done:
                     try:
-                        if c.stat(pid).state == "verified":
+                        info = c.stat(pid)
+                        if info.state == "verified":
                             done[i] = time.perf_counter() - t0
+                            inside[i] = json.loads(info.metadata_json)["timings_s"]
                     except PncError:
                         continue  # not there yet
             time.sleep(0.02)
@@ -132,17 +142,25 @@ def bench_fanout(tmp: Path, zoo: Path, data: bytes, n: int) -> dict:
     worst = max(done.values()) if len(done) == n else float("inf")
     return {"receivers": n, "all_verified_s": round(worst, 3),
             "per_receiver_s": sorted(round(v, 3) for v in done.values()),
+            "receiver_side_s": [inside[i] for i in sorted(inside)],
             "target_fanout_ok": worst <= 2.0}
 
 
-def bench_kill_resume(tmp: Path, zoo: Path, mib: int, kill_after_s: float) -> dict:
+def bench_kill_resume(tmp: Path, zoo: Path, mib: int, kill_after: float,
+                      max_unacked: int | None) -> dict:
     blob = os.urandom(mib << 20)
-    store = tmp / "kill"
+    store = tmp / f"kill{max_unacked}"
     proc, port = receiver(zoo, store)
     state = {"proc": proc}
 
     def kill_and_restart():
-        time.sleep(kill_after_s)
+        """SIGKILL once the receiver has stored ``kill_after`` of the blob (mid-transfer)."""
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            part = next((store / "uploads").glob("blobs-*.part"), None)
+            if part is not None and part.stat().st_size >= kill_after * len(blob):
+                break
+            time.sleep(0.001)
         os.kill(state["proc"].pid, signal.SIGKILL)
         state["proc"].wait()
         part = next((store / "uploads").glob("blobs-*.part"), None)
@@ -154,7 +172,7 @@ def bench_kill_resume(tmp: Path, zoo: Path, mib: int, kill_after_s: float) -> di
         with PncClient(f"127.0.0.1:{port}", timeout_s=120, max_attempts=30) as c:
             killer.start()
             t0 = time.perf_counter()
-            sent = c.write_blob("blobs", blob)
+            sent = c.write_blob("blobs", blob, max_unacked=max_unacked)
             total_s = time.perf_counter() - t0
             killer.join()
             ok = c.read_blob("blobs", sha256_bytes(blob)) == blob
@@ -162,11 +180,12 @@ def bench_kill_resume(tmp: Path, zoo: Path, mib: int, kill_after_s: float) -> di
         killer.join()
         stop(state["proc"])
     resent = sent - len(blob)
-    return {"kill_blob_mb": round(len(blob) / 1e6, 1),
-            "committed_at_kill_bytes": state.get("committed_at_kill"),
-            "resent_bytes": resent, "resent_chunks": round(resent / CHUNK_BYTES, 2),
-            "resume_total_s": round(total_s, 2), "resumed_blob_intact": ok,
-            "target_resume_ok": ok and resent <= CHUNK_BYTES}
+    mode = "paced" if max_unacked == 0 else "unpaced"
+    return {f"kill_{mode}": {
+        "blob_mb": round(len(blob) / 1e6, 1), "committed_at_kill_bytes":
+        state.get("committed_at_kill"), "resent_bytes": resent,
+        "resent_chunks": round(resent / CHUNK_BYTES, 2), "resume_total_s": round(total_s, 2),
+        "resumed_blob_intact": ok, "target_resume_ok": ok and resent <= CHUNK_BYTES}}
 
 
 def main() -> None:
@@ -176,8 +195,9 @@ def main() -> None:
     ap.add_argument("--blob-mib", type=int, default=200)
     ap.add_argument("--receivers", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--kill-after", type=float, default=0.25)
-    ap.add_argument("--only", default="send,blob,fanout,kill")
+    ap.add_argument("--kill-after", type=float, default=0.4,
+                    help="fraction of the blob stored when the receiver is killed")
+    ap.add_argument("--only", default="send,blob,fanout,kill,kill_unpaced")
     args = ap.parse_args()
     data = args.package.read_bytes()
     wire.decode(data)
@@ -188,7 +208,9 @@ def main() -> None:
                  "blob": lambda: bench_blob(tmp, args.zoo, args.blob_mib),
                  "fanout": lambda: bench_fanout(tmp, args.zoo, data, args.receivers),
                  "kill": lambda: bench_kill_resume(tmp, args.zoo, args.blob_mib,
-                                                   args.kill_after)}
+                                                   args.kill_after, 0),
+                 "kill_unpaced": lambda: bench_kill_resume(tmp, args.zoo, args.blob_mib,
+                                                           args.kill_after, None)}
         for name in args.only.split(","):
             out.update(steps[name]())
             print(json.dumps(out), flush=True)

@@ -60,6 +60,8 @@ def receiver_serve(
         help="Sender HOST:PORT to catch up with on start.")] = None,
     peer_token: Annotated[str | None, typer.Option(
         help="Token for mirrors and the sender (default: --token).")] = None,
+    torch_threads: Annotated[int | None, typer.Option(
+        help="torch threads per process [1].")] = None,
     metrics_port: MetricsOpt = None, grace: GraceOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Accept packages, rebuild and verify superbodies, serve Predict and Read."""
@@ -69,7 +71,7 @@ def receiver_serve(
                   token=token, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
                   mirrors=tuple(mirror or ()), repair_data=repair_data,
                   catch_up_from=catch_up_from, peer_token=peer_token,
-                  metrics_port=metrics_port, grace_s=grace))
+                  metrics_port=metrics_port, grace_s=grace, torch_threads=torch_threads))
 
 
 @sender_app.command("serve")

@@ -9,6 +9,7 @@ server's status in one line.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Iterator
@@ -135,8 +136,16 @@ class PncClient:
         pid = sha256_bytes(data)
         return pid, self.write_blob("packages", data)
 
-    def write_blob(self, kind: str, data: bytes, on_chunk=None) -> int:
-        """Resumable upload; returns the payload bytes sent (re-sent chunks included)."""
+    def write_blob(self, kind: str, data: bytes, on_chunk=None,
+                   max_unacked: int | None = 0) -> int:
+        """Resumable upload; returns the payload bytes sent (re-sent chunks included).
+
+        ``max_unacked`` bounds the bytes handed to gRPC beyond the server's committed
+        size (polled with QueryWriteStatus before each chunk). The default 0 means a
+        broken stream re-sends at most the one chunk in flight, at some cost in
+        throughput for multi-MiB blobs (a package is one chunk, so it costs nothing);
+        None streams unpaced, and HTTP/2 flow control may then hold several MiB in
+        flight that a restarted server never received."""
         sha, size = sha256_bytes(data), len(data)
         name = f"{kind}/{sha}/{size}"
         sent, delay = 0, 0.2
@@ -152,9 +161,11 @@ class PncClient:
                                                         state=self._state(kind, sha))
                     return sent
                 offset = int(status.committed_size)
+                pace = None if max_unacked is None else (
+                    lambda target: self._wait_committed(name, target))
                 self.last_write = self.bytestream.Write(
-                    _chunks(name, data, offset, counter, on_chunk), timeout=deadline,
-                    metadata=self.metadata)
+                    _chunks(name, data, offset, counter, on_chunk, pace, max_unacked or 0),
+                    timeout=deadline, metadata=self.metadata)
                 return sent + counter[0]
             except grpc.RpcError as err:
                 sent += counter[0]
@@ -163,6 +174,23 @@ class PncClient:
                 time.sleep(delay * (1 + random.random() / 2))
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
+
+    def _wait_committed(self, name: str, target: int) -> None:
+        """Block until the server has committed ``target`` bytes of ``name`` (or give up
+        quietly: a dead server fails the stream itself)."""
+        pause = 0.0002
+        end = time.monotonic() + self.timeout_s
+        while time.monotonic() < end:
+            try:
+                st = self.bytestream.QueryWriteStatus(
+                    tpb.QueryWriteStatusRequest(resource_name=name), timeout=5,
+                    metadata=self.metadata)
+            except grpc.RpcError:
+                return
+            if st.complete or st.committed_size >= target:
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.005)
 
     def _state(self, kind: str, sha: str) -> str:
         if kind != "packages":
@@ -174,6 +202,7 @@ class PncClient:
         """Read a blob by digest, resuming after a broken stream, verifying the digest."""
         name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
         buf = bytearray()
+        digest = hashlib.sha256()  # hashed as it arrives, overlapping the transfer
         for attempt in range(1, self.max_attempts + 1):
             try:
                 for resp in self.bytestream.Read(
@@ -181,13 +210,14 @@ class PncClient:
                         timeout=max(self.timeout_s, (size or 0) / 20e6),
                         metadata=self.metadata):
                     buf += resp.data
+                    digest.update(resp.data)
                 break
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE or attempt == self.max_attempts:
                     raise remote_error(self.address, err) from None
                 time.sleep(0.2 * attempt)
         data = bytes(buf)
-        if sha256_bytes(data) != sha256:
+        if digest.hexdigest() != sha256:
             raise IntegrityError(f"{self.address}: blob {sha256[:16]} arrived with a different "
                                  f"digest ({len(data)} bytes); not saved")
         return data
@@ -236,9 +266,10 @@ class PncClient:
                               "UNAVAILABLE") from None
 
 
-def _chunks(name: str, data: bytes, offset: int, counter: list[int],
-            on_chunk=None) -> Iterator[tpb.WriteRequest]:
+def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=None,
+            pace=None, max_unacked: int = 0) -> Iterator[tpb.WriteRequest]:
     view = memoryview(data)
+    start = offset
     first = True
     if offset >= len(data):
         yield tpb.WriteRequest(resource_name=name, write_offset=offset, finish_write=True)
@@ -250,6 +281,8 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int],
                                data=bytes(piece))
         if first:
             req.resource_name, first = name, False
+        if pace is not None and offset - max_unacked > start:
+            pace(offset - max_unacked)
         counter[0] += len(piece)
         if on_chunk is not None:
             on_chunk(end)

@@ -91,15 +91,18 @@ class PackageStore:
         return f"PackageStore({str(self.root)!r})"
 
     # ------------------------------------------------------------------ packages
-    def put(self, data: bytes, state: str = "stored") -> str:
-        """Validate (``wire.decode``), store atomically, return the id (sha256 of ``data``)."""
+    def put(self, data: bytes, state: str = "stored", record: PackageRecord | None = None) -> str:
+        """Validate (``wire.decode``), store atomically, return the id (sha256 of ``data``).
+
+        The record is written before the bytes: a package is listed once its ``.pnc``
+        exists, and by then its record is complete."""
         package = wire.decode(data)
         pid = sha256_bytes(data)
         path = self.packages_dir / f"{pid}.pnc"
-        if not path.exists():
-            atomic_write_bytes(path, data)
-        if not (self.packages_dir / f"{pid}.json").exists():
-            self.save_record(record_for(pid, data, package, state))
+        if path.exists():
+            return pid
+        self.save_record(record or record_for(pid, data, package, state))
+        atomic_write_bytes(path, data)
         return pid
 
     def has_package(self, pid: str) -> bool:
@@ -130,11 +133,9 @@ class PackageStore:
     def record(self, id_or_prefix: str) -> PackageRecord:
         pid = self.resolve(id_or_prefix)
         path = self.packages_dir / f"{pid}.json"
-        if not path.exists():  # a crash between the two renames: rebuild the record
+        if not path.exists():  # written by an older pnc or by hand: describe it, write nothing
             data = self.get(pid)
-            rec = record_for(pid, data, wire.decode(data), "stored")
-            self.save_record(rec)
-            return rec
+            return record_for(pid, data, wire.decode(data), "stored")
         return PackageRecord.from_json(path.read_text())
 
     def save_record(self, record: PackageRecord) -> None:
@@ -201,6 +202,7 @@ class Upload:
         if self._file.tell() + len(data) > self.size:
             raise InvalidInputError(f"write runs past the declared size {self.size}")
         self._file.write(data)
+        self._file.flush()  # the committed size QueryWriteStatus reports is on disk
         self._hash.update(data)
         return self._file.tell()
 

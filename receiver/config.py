@@ -25,6 +25,7 @@ class ReceiverConfig:
     peer_token: str | None = None  # token for mirrors and the sender (default: token)
     metrics_port: int | None = None
     grace_s: float = 10.0
+    torch_threads: int = 1  # per process: calls run in parallel on the thread pool instead
 
     def __post_init__(self) -> None:
         for name in ("zoo", "store", "tls_cert", "tls_key", "tls_ca", "repair_data"):
@@ -43,6 +44,8 @@ class ReceiverConfig:
             raise InvalidInputError(f"--repair-data {self.repair_data} is not a file")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise InvalidInputError(f"--metrics-port {self.metrics_port} is not a port")
+        if not 1 <= self.torch_threads <= 256:
+            raise InvalidInputError("--torch-threads must be 1..256")
         if self.grace_s < 0:
             raise InvalidInputError("--grace must be >= 0 seconds")
 

@@ -51,8 +51,12 @@ def catch_up(node: Node, sender: str, client_kwargs: dict) -> int:
 
 
 def serve(cfg: ReceiverConfig) -> None:
+    import torch
+
+    torch.set_num_threads(cfg.torch_threads)
     setup_logging()
     daemon, port = create_server(cfg)
+    daemon.servicer.node.warm.wait(120)  # announce once the zoo is in memory
     announce("receiver", port)
     log.info("serving", extra={"port": port, "store": str(cfg.store), "zoo": str(cfg.zoo)})
     run_until_signal(daemon, grace_s=cfg.grace_s)
