@@ -27,6 +27,7 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -259,6 +260,8 @@ class RayRunner:
         self._job: CloneJob | None = None  # the job whose shards are cached
         self._shards: dict[tuple[int, bool], tuple[str, Any]] = {}  # (i, masks?) -> key, ref
         self.submitted = 0  # tasks handed to workers so far (progress, tests)
+        # called as each candidate finishes (in finishing order), e.g. to advance a progress bar
+        self.on_result: Callable[[tuple[int, int], dict], None] | None = None
 
     # ------------------------------------------------------------------ object store
     def _weight_refs(self, job: CloneJob, i: int) -> dict[str, list]:
@@ -297,10 +300,16 @@ class RayRunner:
         key, shard = self._shard_ref(job, i)
         weights = self._weight_refs(job, i)
         args = [(key, shard, weights, tuple(p)) for p in positions]
-        return [(self._branch(job, i, pos, tensors, config), result)
-                for pos, (tensors, config, result) in zip(positions, self._fan_out("train", args))]
+        def done(index: int, value: tuple) -> None:
+            if self.on_result is not None:
+                self.on_result(tuple(positions[index]), value[2])
 
-    def _fan_out(self, method: str, calls: list[tuple]) -> list:
+        return [(self._branch(job, i, pos, tensors, config), result)
+                for pos, (tensors, config, result) in zip(
+                    positions, self._fan_out("train", args, done))]
+
+    def _fan_out(self, method: str, calls: list[tuple],
+                 on_done: Callable[[int, Any], None] | None = None) -> list:
         """Results of ``actor.method(*args)`` for each call, in the order given.
 
         A worker that finishes takes the next call at once (Ray's ``ActorPool.map``
@@ -321,6 +330,8 @@ class RayRunner:
             index, actor = pending.pop(done)
             results[index] = ray.get(done)
             free.append(actor)
+            if on_done is not None:
+                on_done(index, results[index])
         return results
 
     @staticmethod

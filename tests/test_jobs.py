@@ -149,8 +149,15 @@ def test_ray_clone_gives_the_in_process_package(runner, reference, zoo_dir, mnis
     from pnc_net.jobs import clone_on_cluster
     from pnc_net.zoo import Zoo
 
-    result = clone_on_cluster(Zoo(zoo_dir), mnist, small_config(), runner)
+    seen: list = []
+    runner.on_result = lambda position, res: seen.append((position, res["score"]))
+    try:
+        result = clone_on_cluster(Zoo(zoo_dir), mnist, small_config(), runner)
+    finally:
+        runner.on_result = None
     assert_same_package(encoded(reference), encoded(result))
+    scores = {tuple(s["position"]): s["score"] for s in result.report["search"][0]}
+    assert sorted(seen) == sorted(scores.items())  # progress callback: every candidate once
     info = runner.worker_info()
     assert len({i["pid"] for i in info}) == 2 and all(i["threads"] == 1 for i in info)
     # each worker loaded the target and the source once, however many candidates it ran
