@@ -243,7 +243,8 @@ def demo_transfer(package_path: Path, zoo_dir: Path | None) -> dict:
     """Start a receiver on 127.0.0.1 (its own process), send the package through a byte
     meter, wait until it is verified, ask for predictions on a few test digits, stop it.
 
-    Returns ``wire_bytes`` (both directions, all framing), ``package_bytes``,
+    Returns ``wire_bytes`` (the send, both directions, all framing; the connection's
+    setup is ``connection_setup_bytes``), ``package_bytes``,
     ``superbody_bytes`` (from the package's report, when it has one),
     ``send_to_verified_s``, ``state``, ``fingerprint_error`` and ``predictions``.
     """
@@ -265,11 +266,13 @@ def demo_transfer(package_path: Path, zoo_dir: Path | None) -> dict:
     try:
         with WireMeter(port) as meter, PncClient(meter.address) as c:
             c.wait_ready(30)
+            c.health()
+            setup = meter.total  # HTTP/2 connection setup and a health check
             start = time.perf_counter()
             pid, _ = c.send_package(data)
             elapsed = time.perf_counter() - start
+            wire_bytes = meter.total - setup  # both directions, framing and headers included
             info = c.stat(pid)
-            wire_bytes = meter.total
             digits = load_mnist()
             labels = list(package.label_names)
             pick = [int((digits.y_test == digits.label_names.index(n)).nonzero()[0])
@@ -281,6 +284,7 @@ def demo_transfer(package_path: Path, zoo_dir: Path | None) -> dict:
         proc.wait(30)
         shutil.rmtree(store, ignore_errors=True)
     return {"package_id": pid, "package_bytes": len(data), "wire_bytes": wire_bytes,
+            "connection_setup_bytes": setup,
             "superbody_bytes": package.report.get("metrics", {}).get("superbody_bytes"),
             "send_to_verified_s": round(elapsed, 4), "state": info.state,
             "fingerprint_error": info.fingerprint_error,
