@@ -11,7 +11,6 @@ import torch
 from pnc_net.data import MNIST_SPLIT, load_dataset, load_mnist, load_npz, select_classes
 from pnc_net.errors import InvalidInputError, NotFoundError, PncError
 
-
 # ----------------------------------------------------------------------------- MNIST
 
 

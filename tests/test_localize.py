@@ -7,8 +7,13 @@ import dataclasses
 import pytest
 import torch
 
-from pnc_net.localize import (LocalizeConfig, localize, localized_samples, taylor_scores,
-                              top_fraction_masks)
+from pnc_net.localize import (
+    LocalizeConfig,
+    localize,
+    localized_samples,
+    taylor_scores,
+    top_fraction_masks,
+)
 from pnc_net.metrics import sim_matrix
 from pnc_net.zoo import state_digest
 

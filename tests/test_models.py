@@ -221,7 +221,7 @@ def test_resnet_refuses_a_pruned_input_stream():
 
 @pytest.mark.parametrize("name", ["mnist-cnn-5to9", "mnist-resnet-5to9"])
 def test_pruning_real_zoo_models(zoo, mnist, name):
-    model, manifest = zoo.load(name)
+    model, _ = zoo.load(name)
     masks = _random_masks(model, seed=3, keep=0.6)
     x = mnist.x_test[:16]
     gated = _gated_forward(model, masks, x)

@@ -134,9 +134,8 @@ def test_disable_branches(sb, x_mix):
 
 def test_disable_branches_restores_after_an_error(sb):
     n = len(sb.branches)
-    with pytest.raises(RuntimeError, match="boom"):
-        with sb.disable_branches():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), sb.disable_branches():
+        raise RuntimeError("boom")
     assert len(sb.branches) == n
 
 
