@@ -41,7 +41,7 @@ from pnc_net import wire
 from pnc_net.clone import CloneConfig, CloneResult, SourceSpec, clone
 from pnc_net.cluster import make_ray_runner
 from pnc_net.data import Dataset, load_dataset
-from pnc_net.errors import InvalidInputError, NotFoundError, PncError
+from pnc_net.errors import InvalidInputError, NotFoundError, PncError, PreconditionError
 from pnc_net.insert import InsertConfig
 from pnc_net.search import parse_positions
 from pnc_net.zoo import Zoo
@@ -186,6 +186,9 @@ def publish_sink(address: str, token: str | None = None) -> Callable[[bytes], di
     from pnc_net.client import PncClient
 
     client = PncClient(address, token)
+    status = client.health()  # fail before any cloning, not after each task
+    if status != "SERVING":
+        raise PreconditionError(f"the sender at {address} is {status}; start it or wait")
 
     def send(data: bytes) -> dict:
         client.send_package(data)

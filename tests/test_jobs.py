@@ -18,9 +18,10 @@ from ray_fixtures import ray_cluster  # noqa: F401 - the shared session cluster
 from pnc_net import wire
 from pnc_net.clone import CloneConfig, clone
 from pnc_net.cluster import ClusterConfig, RayRunner, WorkerResources
-from pnc_net.errors import InvalidInputError, NotFoundError, PreconditionError
+from pnc_net.daemon import spawn_daemon
+from pnc_net.errors import InvalidInputError, NotFoundError, PncError, PreconditionError
 from pnc_net.insert import InsertConfig
-from pnc_net.jobs import BatchSpec, load_spec, parse_task, run_batch, store_sink
+from pnc_net.jobs import BatchSpec, load_spec, parse_task, publish_sink, run_batch, store_sink
 from pnc_net.localize import LocalizeConfig
 
 POSITIONS = ((2, 2), (3, 3), (3, 4), (4, 4))
@@ -195,7 +196,8 @@ def test_a_killed_worker_does_not_fail_the_job(runner, reference, zoo_dir, mnist
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_bad_task_fails_alone(runner, zoo, tmp_path):
+@pytest.mark.grpc
+def test_a_bad_task_fails_alone_and_good_ones_are_stored_and_published(runner, zoo, tmp_path):
     bad_data = tmp_path / "bad.npz"
     np.savez(bad_data, x_train=np.zeros((3, 5)))
     spec_path = tmp_path / "spec.yaml"
@@ -208,7 +210,14 @@ def test_a_bad_task_fails_alone(runner, zoo, tmp_path):
         f" data: '{bad_data}'}}\n"
         "  - {name: no-target}\n")
     spec: BatchSpec = load_spec(spec_path)
-    records = run_batch(spec, zoo, runner, store_sink(tmp_path / "store"))
+    sender_store = tmp_path / "sender-store"
+    proc, port = spawn_daemon("sender", ["--listen", "127.0.0.1:0", "--store", str(sender_store)])
+    try:
+        to_store, to_sender = store_sink(tmp_path / "store"), publish_sink(f"127.0.0.1:{port}")
+        records = run_batch(spec, zoo, runner, lambda data: {**to_store(data), **to_sender(data)})
+    finally:
+        proc.terminate()
+        proc.wait(30)
     by_name = {r["task"]: r for r in records}
     assert [r["task"] for r in records] == ["unknown-model", "good", "bad-data", "no-target"]
     assert by_name["good"]["ok"], by_name["good"]
@@ -219,6 +228,15 @@ def test_a_bad_task_fails_alone(runner, zoo, tmp_path):
     package = wire.decode(stored)
     assert wire.package_id(stored) == by_name["good"]["package_id"]
     assert package.label_names[-2:] == ("5", "6")
+    assert by_name["good"]["published"] == f"127.0.0.1:{port}"
+    published = sender_store / "packages" / f"{by_name['good']['package_id']}.pnc"
+    assert published.read_bytes() == stored  # the sender holds the very same package
+    assert len(list((sender_store / "packages").glob("*.pnc"))) == 1
+
+
+def test_publishing_to_a_sender_that_is_not_there_fails_before_any_work():
+    with pytest.raises(PncError):
+        publish_sink("127.0.0.1:9")
 
 
 @pytest.mark.ray
