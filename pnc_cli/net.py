@@ -130,7 +130,7 @@ def send_cmd(file: Annotated[Path, typer.Argument(help="A .pnc package file.")],
         print_json(info)
     else:
         console.print(f"{pid}  {sent:,} bytes sent  state={state or '-'}"
-                      + (f"  ({detail})" if detail else ""), highlight=False)
+                      + (f"  ({detail})" if detail else ""), highlight=False, soft_wrap=True)
     if state == "failed":
         raise typer.Exit(4)
 
@@ -152,7 +152,7 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
     atomic_write_bytes(out, data)
     info = {"id": sha256_bytes(data), "bytes": len(data), "out": str(out)}
     print_json(info) if json_out else console.print(
-        f"{info['id']}  {len(data):,} bytes -> {out}", highlight=False)
+        f"{info['id']}  {len(data):,} bytes -> {out}", highlight=False, soft_wrap=True)
 
 
 def load_images(paths: list[Path]) -> np.ndarray:
@@ -196,7 +196,7 @@ def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy f
         print_json({"package_id": resp.package_id, "predictions": rows})
         return
     for i, r in enumerate(rows):
-        console.print(f"{i}: {r['label']}  (p={r['probability']:.3f})", highlight=False)
+        console.print(f"{i}: {r['label']}  (p={r['probability']:.3f})", highlight=False, soft_wrap=True)
 
 
 def status_cmd(src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT.")],
@@ -216,7 +216,7 @@ def status_cmd(src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT
                                  for p in packages]})
         return
     console.print(f"{src}: {caps.role} pnc {caps.pnc_version}, health {health}, "
-                  f"{len(packages)} packages", highlight=False)
+                  f"{len(packages)} packages", highlight=False, soft_wrap=True)
     table = Table()
     for col in ("id", "bytes", "state", "target", "labels", "fp error", "detail"):
         table.add_column(col)

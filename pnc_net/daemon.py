@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -119,6 +120,13 @@ def run_until_signal(daemon, on_stop=None, grace_s: float = 10.0) -> None:
     daemon.stop(grace_s)
     logging.getLogger("pnc.daemon").info(
         "stopped", extra={"seconds": round(time.perf_counter() - t0, 3)})
+    # Every call has finished and every write was fsynced: exit now. The interpreter's
+    # own teardown (gRPC's grace thread, gRPC core and torch destructors) took 10+ s on
+    # the development machine, which a supervisor would read as a hung process.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def announce(role: str, port: int) -> None:
@@ -130,7 +138,6 @@ def announce(role: str, port: int) -> None:
 def spawn_daemon(role: str, args: list[str], timeout_s: float = 120.0, env: dict | None = None):
     """Start ``python -m <role> ARGS`` (a daemon in its own process) and wait for the line
     announcing its port; ``(Popen, port)``. For tests, benchmarks and ``pnc demo``."""
-    import os
     import re
     import subprocess
 
