@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from pnc_cli.common import JsonOpt, ZooOpt, console, err_console, print_json
 from pnc_net.clone import CloneConfig, SourceSpec, clone, run_sequential
 from pnc_net.data import load_dataset
-from pnc_net.errors import InvalidInputError
+from pnc_net.errors import IncompatibleError, InvalidInputError
 from pnc_net.insert import InsertConfig
 from pnc_net.metrics import clone_metrics, detach_is_exact
 from pnc_net.rebuild import load_ref, verify
@@ -228,6 +228,19 @@ def clone_cmd(
 # ----------------------------------------------------------------------------- eval / inspect
 
 
+def check_eval_data(dataset, input_shape: tuple[int, ...], labels: tuple[str, ...]) -> None:
+    """Refuse test data the superbody cannot run on or has no label in common with."""
+    if tuple(dataset.input_shape) != input_shape:
+        raise IncompatibleError(
+            f"dataset {dataset.name!r} has inputs {tuple(dataset.input_shape)} but the package's "
+            f"target takes {input_shape}")
+    missing = [n for n in labels if n not in dataset.label_names]
+    if missing:
+        raise IncompatibleError(
+            f"dataset {dataset.name!r} lacks the package's label(s) {missing} (its labels: "
+            f"{', '.join(dataset.label_names)}); every metric needs test samples of each")
+
+
 def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
              data: DataOpt = None, zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     """Rebuild the superbody from the zoo and the package; report metrics and detach_exact."""
@@ -236,6 +249,7 @@ def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
     pkg, raw = wire.read_package(package)
     superbody, fp_err = verify(zoo, pkg)
     dataset = load_dataset(data)
+    check_eval_data(dataset, tuple(load_ref(zoo, pkg.target)[2]), pkg.label_names)
     sources = [load_ref(zoo, m.source)[:2] for m in pkg.modules]
     metrics = clone_metrics(superbody, dataset, sources)
     fresh_manifest = zoo.resolve(pkg.target.sha256)
