@@ -162,11 +162,25 @@ def test_digest_mismatch_stores_nothing(receiver, pkg_bytes):
 
 
 def test_oversized_message(receiver):
+    """A client configured to send 5 MiB messages meets the server's explicit 4 MiB limit."""
+    from pnc_net._proto import transport_pb2_grpc as tgrpc
+
     before = visible(receiver[1])
-    with pytest.raises(grpc.RpcError) as info:
-        write_raw(receiver[0], os.urandom(5 << 20), kind="blobs")
+    data = os.urandom(5 << 20)
+    name = f"blobs/{sha256_bytes(data)}/{len(data)}"
+    opts = [("grpc.max_send_message_length", 16 << 20)]
+    with grpc.insecure_channel(receiver[0], options=opts) as ch, \
+            pytest.raises(grpc.RpcError) as info:
+        tgrpc.ByteStreamStub(ch).Write(
+            iter([tpb.WriteRequest(resource_name=name, data=data, finish_write=True)]),
+            timeout=30, metadata=(("authorization", f"Bearer {TOKEN}"),))
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert_untouched(receiver, before)
+    with PncClient(receiver[0], TOKEN) as c:  # and our own client refuses to send one
+        with pytest.raises(grpc.RpcError) as info:
+            c.bytestream.Write(iter([tpb.WriteRequest(resource_name=name, data=data)]),
+                               timeout=30, metadata=c.metadata)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
