@@ -210,3 +210,11 @@ _refs = st.builds(pb.ZooRef, name=st.text(max_size=8),
     created_unix_s=st.floats()))
 def test_fuzz_structured_messages(msg):
     _decodes_or_pnc_error(_compress(msg.SerializeToString()))
+
+
+def test_generated_code_is_current():
+    """Regenerating pnc_net/_proto from proto/ changes nothing (needs grpcio-tools)."""
+    pytest.importorskip("grpc_tools")
+    from pnc_net import protogen
+
+    assert protogen.main(["--check"]) == 0
