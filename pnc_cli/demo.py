@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -16,24 +17,33 @@ from pnc_net.rebuild import verify
 from pnc_net.zoo import Zoo, model_from_weights
 from pnc_net.zoo_train import build_default_zoo
 
+METRICS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")
 
-def demo_cmd(zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
-             out: Path | None = typer.Option(None, "--out", help="Where to keep the package.")) -> None:
-    """Build the zoo if missing, clone digits 5,6 from a 5-9 model into a 0-4 model,
-    verify the package, and show that detaching restores the target exactly."""
-    from pnc_cli.core import run_clone
+
+def demo_cmd(
+    zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to keep the package.")] = None,
+    use_ray: Annotated[bool, typer.Option("--ray/--no-ray", help="Run the clone job on a local Ray cluster.")] = True,
+    transfer: Annotated[bool, typer.Option("--transfer/--no-transfer", help="Send the package to a receiver daemon on 127.0.0.1.")] = True,
+) -> None:
+    """The main job: build the zoo if missing, clone digits 5,6 of a 5-9 model into a 0-4
+    model on a local Ray cluster, verify the package, show that detaching restores the
+    target exactly, and send the package to a receiver on loopback that answers predictions."""
+    from pnc_cli.core import RAY_LOCAL, ray_runner, run_clone
 
     zoo = Zoo(zoo_dir)
     data = load_dataset(None)
     say = (lambda *_: None) if json_out else console.print
-    say("[bold]1. zoo[/] (trains the default models once; ~1 min on 2 cores)")
+    say("[bold]1. zoo[/]: the default models (trained once, about a minute on 2 cores)")
     build_default_zoo(zoo, data, progress=not json_out)
-    say("[bold]2. clone[/] digits 5,6 of mnist-cnn-5to9 into mnist-cnn-0to4")
-    result, _, _ = run_clone("mnist-cnn-0to4", ["mnist-cnn-5to9"], ["5,6"], 100, 20, None,
-                             zoo_dir, 0, None, 8, json_out)
+    say("[bold]2. clone[/] digits 5,6 of mnist-cnn-5to9 into mnist-cnn-0to4"
+        + (" on a local Ray cluster" if use_ray else ""))
+    with ray_runner(RAY_LOCAL if use_ray else None) as runner:
+        result, _, _ = run_clone("mnist-cnn-0to4", ["mnist-cnn-5to9"], ["5,6"], 100, 20, None,
+                                 zoo_dir, 0, None, 8, json_out, runner)
     out = out or Path(tempfile.mkdtemp(prefix="pnc-demo-")) / "demo.pnc"
     pid, nbytes = wire.write_package(out, result.package)
-    say(f"[bold]3. package[/] {out} ({nbytes:,} bytes); rebuilding from the zoo and verifying")
+    say(f"[bold]3. package[/] {out} ({nbytes:,} bytes): rebuild from the zoo, verify, detach")
     package, _ = wire.read_package(out)
     superbody, fp_err = verify(zoo, package)
     manifest = zoo.resolve(package.target.sha256)
@@ -42,11 +52,21 @@ def demo_cmd(zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
     m = result.report["metrics"]
     info = {"package": str(out), "package_id": pid, "package_bytes": nbytes,
             "superbody_bytes": m["superbody_bytes"], "detach_exact": exact,
-            "fingerprint_error": fp_err, **{k: m[k] for k in (
-                "acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")}}
+            "fingerprint_error": fp_err, "ray": use_ray, **{k: m[k] for k in METRICS}}
+    if transfer:
+        from pnc_cli.net import demo_transfer
+
+        say("[bold]4. transfer[/]: a receiver daemon on 127.0.0.1 rebuilds it from its own zoo")
+        info["transfer"] = demo_transfer(out, zoo_dir)
     if json_out:
         print_json(info)
         return
+    console.print(results_table(info, m))
+    if transfer:
+        console.print(transfer_table(info["transfer"]))
+
+
+def results_table(info: dict, m: dict) -> Table:
     table = Table(title="pnc demo: mnist-cnn-0to4 + {5, 6} from mnist-cnn-5to9 (test split)")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -54,8 +74,21 @@ def demo_cmd(zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
     table.add_row("new-class accuracy (source alone)", f"{m['acc_new']:.3f} ({m['source_acc_new']:.3f})")
     table.add_row("all-class accuracy", f"{m['acc_all']:.3f}")
     table.add_row("locality (agrees with target)", f"{m['locality']:.3f}")
-    table.add_row("package bytes", f"{nbytes:,}")
+    table.add_row("package bytes", f"{info['package_bytes']:,}")
     table.add_row("superbody bytes (fp32)", f"{m['superbody_bytes']:,}")
-    table.add_row("package / superbody", f"{nbytes / m['superbody_bytes']:.2%}")
-    table.add_row("detach() restores the target bit for bit", "yes" if exact else "NO")
-    console.print(table)
+    table.add_row("package / superbody", f"{info['package_bytes'] / m['superbody_bytes']:.2%}")
+    table.add_row("detach() restores the target bit for bit", "yes" if info["detach_exact"] else "NO")
+    return table
+
+
+def transfer_table(t: dict) -> Table:
+    table = Table(title="receiver on 127.0.0.1: rebuilt from its zoo + the package")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("bytes on the wire (both directions)", f"{t['wire_bytes']:,}")
+    if t.get("superbody_bytes"):
+        table.add_row("full cloned model (fp32)", f"{t['superbody_bytes']:,}")
+    table.add_row("send -> rebuilt and verified", f"{t['send_to_verified_s']:.3f} s ({t['state']})")
+    preds = ", ".join(f"{p['true']}->{p['predicted']}" for p in t["predictions"])
+    table.add_row("remote predictions (true->predicted)", preds)
+    return table

@@ -26,6 +26,7 @@ from pnc_net.package import ClonedModule, Package, ZooRef
 from pnc_net.rebuild import branch_tensors, fingerprint_of
 from pnc_net.search import best_candidate, check_candidates, default_candidates
 from pnc_net.superbody import Branch, Superbody
+from pnc_net.synthesize import SynthesizeConfig, synthesize_target_samples
 from pnc_net.zoo import Manifest, Zoo
 
 
@@ -53,6 +54,7 @@ class CloneConfig:
     target_per_class: int = 20  # k_t: target-class samples per class (0 = the article's setting)
     seed: int = 0
     positions: tuple[tuple[int, int], ...] | None = None  # None = default_candidates
+    synthesize: bool = True  # with k_t = 0, invert the target for stand-in target samples
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     insert: InsertConfig = field(default_factory=InsertConfig)
 
@@ -130,15 +132,21 @@ def _take(data: Dataset, split: str, labels: Sequence[str], per_class: int, seed
 
 
 def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: CloneConfig,
-                others: Sequence[str]) -> CloneData:
+                others: Sequence[str], synthetic: torch.Tensor | None) -> CloneData:
+    """Samples of the cloned classes, of the target's classes (or, with ``k_t = 0``,
+    ``synthetic`` stand-ins, half for training, half for validation) and of the
+    classes other sources contribute (negatives for this branch's gate)."""
     k, kt, seed = cfg.per_class, cfg.target_per_class, cfg.seed
     x_new, y_new = _take(data, "train", new, k, seed, "cloned")
     if len(x_new) == 0:
         raise InvalidInputError(f"dataset {data.name!r} has no training samples of {list(new)}")
-    x_old, _ = _take(data, "train", old, kt, seed, "target") if kt else (x_new[:0], None)
-    x_oth, _ = _take(data, "train", others, k, seed, "cloned") if others else (x_new[:0], None)
+    none = x_new[:0]
+    x_old, _ = _take(data, "train", old, kt, seed, "target") if kt else (none, None)
+    x_oth, _ = _take(data, "train", others, k, seed, "cloned") if others else (none, None)
     xv_new, yv_new = _take(data, "val", new, min(k, 50), seed, "cloned")
-    xv_old, _ = _take(data, "val", old, min(kt, 50), seed, "target") if kt else (x_new[:0], None)
+    xv_old, _ = _take(data, "val", old, min(kt, 50), seed, "target") if kt else (none, None)
+    if not kt and synthetic is not None:
+        x_old, xv_old = synthetic[0::2], synthetic[1::2]
     return CloneData(x_new, y_new, torch.cat([x_old, x_oth]), xv_new, yv_new, xv_old)
 
 
@@ -162,8 +170,8 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
     if clash:
         raise InvalidInputError(
             f"class(es) {sorted(clash)} are already predicted by target {t_manifest.name}")
-    modules = []
-    for spec in cfg.sources:
+    checked = []
+    for spec in cfg.sources:  # every check before any expensive step
         source, s_manifest = zoo.load(spec.source)
         missing = [c for c in spec.classes if c not in s_manifest.label_names]
         if missing:
@@ -173,10 +181,20 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
         check_input_shapes(t_manifest, s_manifest, data)
         candidates = list(cfg.positions or default_candidates(target.num_blocks, source.num_blocks))
         check_candidates(candidates, target.num_blocks, source.num_blocks)
+        _data_indices(data, [*spec.classes, *t_manifest.label_names], "cloned or target")
+        checked.append((spec, source, s_manifest, candidates))
+    synthetic = None
+    if cfg.target_per_class == 0 and cfg.synthesize:
+        synthetic = synthesize_target_samples(
+            target, len(t_manifest.label_names), tuple(t_manifest.input_shape),
+            SynthesizeConfig(per_class=2 * SynthesizeConfig().per_class), seed=cfg.seed)
+    modules = []
+    for spec, source, s_manifest, candidates in checked:
         others = [c for c in all_cloned if c not in spec.classes]
         modules.append(ModuleJob(
             source, s_manifest, tuple(s_manifest.label_names.index(c) for c in spec.classes),
-            spec.classes, _clone_data(data, spec.classes, t_manifest.label_names, cfg, others),
+            spec.classes,
+            _clone_data(data, spec.classes, t_manifest.label_names, cfg, others, synthetic),
             candidates))
     return CloneJob(cfg, target, t_manifest, data, modules)
 
@@ -277,6 +295,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
 def settings_of(cfg: CloneConfig) -> dict:
     return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
-            "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank}
+            "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
+            "synthetic_target_samples": cfg.target_per_class == 0 and cfg.synthesize}
 
 
