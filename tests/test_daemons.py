@@ -252,15 +252,15 @@ def test_receiver_killed_mid_transfer_resumes(tmp_path, zoo_dir, pkg_bytes):
     store = tmp_path / "store"
     args = ["--listen", "127.0.0.1:0", "--zoo", str(zoo_dir), "--store", str(store)]
     proc, port = spawn_daemon("receiver", args)
-    blob = os.urandom(24 * CHUNK_BYTES + 7)
+    blob = os.urandom(14 * CHUNK_BYTES + 7)
     sha = sha256_bytes(blob)
     part = store / "uploads" / f"blobs-{sha}-{len(blob)}.part"
     yielded = []
 
     def kill_mid_stream(end: int) -> None:  # runs as the client hands over each chunk
-        if end >= 10 * CHUNK_BYTES and proc.poll() is None:
+        if end >= 7 * CHUNK_BYTES and proc.poll() is None:
             for _ in range(200):
-                if part.exists() and part.stat().st_size >= 8 * CHUNK_BYTES:
+                if part.exists() and part.stat().st_size >= 5 * CHUNK_BYTES:
                     break
                 time.sleep(0.05)
             yielded.append(end - CHUNK_BYTES)  # bytes handed to gRPC before this chunk

@@ -125,12 +125,12 @@ def test_repair_trains_only_adapter_and_gate(zoo, default_clone, mnist):
     _, _, shape = load_ref(zoo, pkg.target)
     names = list(sb.label_names)
     keep = [i for i, c in enumerate(mnist.y_train.tolist()) if mnist.label_names[c] in names]
-    x = mnist.x_train[keep][::3]
-    y = torch.tensor([names.index(mnist.label_names[c]) for c in mnist.y_train[keep][::3]])
+    x = mnist.x_train[keep][::6]
+    y = torch.tensor([names.index(mnist.label_names[c]) for c in mnist.y_train[keep][::6]])
     frozen = {k: v.clone() for k, v in sb.state_dict().items()
               if not (".adapter." in k or ".gate." in k)}
     digests = zoo_digests(sb)
-    result = repair(sb, pkg.fingerprint, shape, x, y, RepairConfig(steps=60))
+    result = repair(sb, pkg.fingerprint, shape, x, y, RepairConfig(steps=25, batch=32))
     assert result.error_before > pkg.fingerprint.tolerance
     assert result.error_after < result.error_before
     assert result.zoo_digests == digests
