@@ -35,6 +35,8 @@ from pnc_net.bench_transmission import sim_of, transmission_of
 from pnc_net.clone import CloneConfig, SourceSpec, clone
 from pnc_net.data import load_mnist
 from pnc_net.errors import InvalidInputError
+from pnc_net.insert import InsertConfig
+from pnc_net.localize import LocalizeConfig
 from pnc_net.zoo import Zoo
 
 METHODS = ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
@@ -51,9 +53,9 @@ class Task:
     sources: tuple[SourceSpec, ...]
     kind: str
 
-    def config(self, k: int, kt: int, seed: int, positions) -> CloneConfig:
+    def config(self, k: int, kt: int, seed: int, positions, **kw) -> CloneConfig:
         return CloneConfig(target=self.target, sources=self.sources, per_class=k,
-                           target_per_class=kt, seed=seed, positions=positions)
+                           target_per_class=kt, seed=seed, positions=positions, **kw)
 
 
 DEFAULT_TASKS = (
@@ -83,6 +85,8 @@ class BenchConfig:
     positions: tuple[tuple[int, int], ...] | None = ((3, 3), (4, 4))
     methods: tuple[str, ...] = METHODS
     tune: TuneConfig = field(default_factory=TuneConfig)
+    localize: LocalizeConfig = field(default_factory=LocalizeConfig)  # PNC's own settings:
+    insert: InsertConfig = field(default_factory=InsertConfig)  # the defaults, except in tests
     workers: int = 1
     threads_per_worker: int = 2
 
@@ -103,7 +107,8 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
         """Every table, regime, plot and figure, on a smaller grid (CI: <= 5 min on 2 cores)."""
-        base = dict(mode="quick", seeds=(0,), budget=10, sweep_budgets=(5, 10),
+        base = dict(mode="quick", tasks=DEFAULT_TASKS[::2], seeds=(0,), budget=10,
+                    sweep_budgets=(5, 10),
                     sweep_seeds=(0,), positions=((4, 4),),
                     tune=TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,),
                                     oracle_epochs=2))
@@ -168,7 +173,8 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     torch.set_num_threads(cfg.threads_per_worker)
     zoo, data, task = Zoo(zoo_root), _mnist(), cfg.tasks[cell.task]
     t0 = time.perf_counter()
-    clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed, cfg.positions)
+    clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed, cfg.positions,
+                            localize=cfg.localize, insert=cfg.insert)
     td = task_data(zoo, data, clone_cfg)
     if cell.oracle:
         rows = [_row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))]

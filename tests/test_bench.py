@@ -17,13 +17,17 @@ from pnc_net.bench import (ALL, DEFAULT_TASKS, BenchConfig, aggregate, oracle_ev
                            plan_cells, read_checkpoint, run_bench)
 from pnc_net.bench_plots import write_figures
 from pnc_net.errors import InvalidInputError
+from pnc_net.insert import InsertConfig
+from pnc_net.localize import LocalizeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MICRO = BenchConfig(mode="micro", tasks=DEFAULT_TASKS[:1], seeds=(0,), budget=5,
                     target_budgets=(5, 0), sweep_budgets=(5,), sweep_target_budget=5,
                     sweep_seeds=(0,), positions=((4, 4),),
-                    tune=TuneConfig(lrs=(1e-3,), epochs=1, min_steps=3, warmup_epochs=1,
-                                    oracle_lrs=(3e-3,), oracle_epochs=1))
+                    tune=TuneConfig(lrs=(1e-3,), epochs=1, min_steps=3, max_steps=3,
+                                    warmup_epochs=1, oracle_lrs=(3e-3,), oracle_epochs=1),
+                    localize=LocalizeConfig(perturbations_per_sample=1, refine_steps=5),
+                    insert=InsertConfig(augment_copies=0, epochs=1, gate_steps=20))
 
 
 def _render_module():
@@ -80,6 +84,7 @@ def micro(zoo_dir, checkpoint):
     return run_bench(Zoo(zoo_dir), MICRO, checkpoint=checkpoint)
 
 
+@pytest.mark.slow
 def test_a_run_cut_short_is_reduced_from_its_checkpoint(micro, checkpoint, zoo_dir):
     from pnc_net.zoo import Zoo
 
@@ -90,6 +95,7 @@ def test_a_run_cut_short_is_reduced_from_its_checkpoint(micro, checkpoint, zoo_d
     assert again["rows"] == micro["rows"] and again["transmission"] == micro["transmission"]
 
 
+@pytest.mark.slow
 def test_micro_run_reports_every_method_regime_and_budget(micro):
     methods = ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
     assert {(r["method"], r["target_budget"]) for r in micro["rows"]} == {
@@ -110,6 +116,7 @@ def test_micro_run_reports_every_method_regime_and_budget(micro):
     assert len(sim["per_class"]) == 10 and sim["cloned"] == ["5", "6"]
 
 
+@pytest.mark.slow
 def test_figures_json_and_readme_section_come_from_the_results(micro, tmp_path):
     res = {**micro, "files": write_figures(micro, tmp_path / "results")}
     for name in res["files"].values():
