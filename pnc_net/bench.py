@@ -200,7 +200,8 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
         out["sim"] = {"task": task.name, "target_budget": cell.target_budget,
                       "modules": sim_of(zoo, pnc, data)}
         out["positions"] = [[m.position_r, m.position_s] for m in pnc.package.modules]
-    out.update(rows=rows, seconds=time.perf_counter() - t0)
+    out.update(rows=rows, seconds=time.perf_counter() - t0, finished_unix_s=time.time(),
+               threads=cfg.threads_per_worker)
     return out
 
 

@@ -60,7 +60,8 @@ def plot_sweep(result: dict, path: Path) -> Path:
         r0 = rows[0]
         fig.suptitle(f"{r0['task']}, k_t = {r0['target_budget']}, mean ± std over "
                      f"{len(r0['seeds'])} seed(s)", fontsize=10)
-    axes[1].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
     return _save(fig, path)
 
 
