@@ -21,7 +21,7 @@ from pnc_net import wire
 from pnc_net.client import PncClient
 from pnc_net.daemon import spawn_daemon
 from pnc_net.errors import PncError
-from pnc_net.fsutil import sha256_file
+from pnc_net.fsutil import sha256_bytes, sha256_file
 from pnc_net.store import PackageStore
 from pnc_net.zoo import Zoo
 
@@ -272,3 +272,39 @@ def test_cli_bad_input_is_one_line(tmp_path, args, needle, code):
                        env={k: v for k, v in os.environ.items() if k != "PNC_ZOO"})
     assert r.returncode == code, r.stderr
     assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_lets_an_inflight_upload_finish(tmp_path, zoo_dir):
+    """SIGTERM mid-stream: the stream in flight completes (grace), new calls are refused,
+    then the daemon exits 0 with the blob stored."""
+    from pnc_net._proto import transport_pb2 as tpb
+    from pnc_net.client import CHUNK_BYTES
+
+    store = tmp_path / "r"
+    proc, port = spawn_daemon("receiver", receiver_args(zoo_dir, store, "--grace", "60"))
+    blob = os.urandom(12 * CHUNK_BYTES)
+    sha = sha256_bytes(blob)
+    name = f"blobs/{sha}/{len(blob)}"
+    refused = []
+
+    def slow_stream(c: PncClient):
+        for i in range(12):
+            if i == 4:
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(1.5)  # the daemon is shutting down now
+                try:
+                    c.list()
+                except PncError as err:
+                    refused.append(str(err))
+            yield tpb.WriteRequest(resource_name=name if i == 0 else "",
+                                   write_offset=i * CHUNK_BYTES, finish_write=i == 11,
+                                   data=blob[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES])
+    try:
+        with PncClient(f"127.0.0.1:{port}", max_attempts=1, timeout_s=60) as c:
+            resp = c.bytestream.Write(slow_stream(c), timeout=60, metadata=c.metadata)
+        assert resp.committed_size == len(blob)
+        assert refused, "a new call was accepted during shutdown"
+        assert proc.wait(60) == 0
+        assert sha256_file(store / "blobs" / sha) == sha
+    finally:
+        stop(proc)
