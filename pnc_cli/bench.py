@@ -58,7 +58,7 @@ def bench(
 
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--out {out} exists and is not a folder")
-    kw = dict(workers=workers, threads_per_worker=threads)
+    kw = {"workers": workers, "threads_per_worker": threads}
     cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
     zoo = Zoo(zoo_dir)
     for manifest, new in build_default_zoo(zoo, load_mnist(), progress=False):

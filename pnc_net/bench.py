@@ -29,8 +29,15 @@ from pathlib import Path
 
 import torch
 
-from pnc_net.baselines import (TUNING_METHODS, BaselineResult, TuneConfig, run_oracle,
-                               run_pnc_f, run_tuning, task_data)
+from pnc_net.baselines import (
+    TUNING_METHODS,
+    BaselineResult,
+    TuneConfig,
+    run_oracle,
+    run_pnc_f,
+    run_tuning,
+    task_data,
+)
 from pnc_net.bench_transmission import sim_of, transmission_of
 from pnc_net.clone import CloneConfig, SourceSpec, clone
 from pnc_net.data import load_mnist
@@ -107,11 +114,11 @@ class BenchConfig:
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
         """Every table, regime, plot and figure, on a smaller grid (CI: <= 5 min on 2 cores)."""
-        base = dict(mode="quick", tasks=DEFAULT_TASKS[::2], seeds=(0,), budget=10,
-                    sweep_budgets=(5, 10),
-                    sweep_seeds=(0,), positions=((4, 4),),
-                    tune=TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,),
-                                    oracle_epochs=2))
+        base = {"mode": "quick", "tasks": DEFAULT_TASKS[::2], "seeds": (0,), "budget": 10,
+                    "sweep_budgets": (5, 10),
+                    "sweep_seeds": (0,), "positions": ((4, 4),),
+                    "tune": TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,),
+                                    oracle_epochs=2)}
         return cls(**{**base, **kw})
 
 
@@ -157,8 +164,8 @@ def _mnist():
 
 def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
     if isinstance(r, BaselineResult):
-        r = dict(method=r.method, metrics=r.metrics, bytes=r.bytes,
-                 params_modified=r.params_modified, seconds=r.seconds, lr=r.lr)
+        r = {"method": r.method, "metrics": r.metrics, "bytes": r.bytes,
+                 "params_modified": r.params_modified, "seconds": r.seconds, "lr": r.lr}
     m = r["metrics"]
     return {"task": task.name, "kind": task.kind, "method": r["method"], "seed": cell.seed,
             "budget": "all" if cell.budget >= ALL else cell.budget,
@@ -186,9 +193,9 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     package_bytes = len(wire.encode(pnc.package))
     trainable = sum(t.numel() for m in pnc.package.modules for t in m.tensors.values())
     if "PNC" in cfg.methods:
-        rows.append(_row(cell, task, dict(method="PNC", metrics=pnc.report["metrics"],
-                                          bytes=package_bytes, params_modified=trainable,
-                                          seconds=pnc.report["seconds"])))
+        rows.append(_row(cell, task, {"method": "PNC", "metrics": pnc.report["metrics"],
+                                          "bytes": package_bytes, "params_modified": trainable,
+                                          "seconds": pnc.report["seconds"]}))
     if "PNC-F" in cfg.methods:
         rows.append(_row(cell, task, run_pnc_f(pnc.superbody, td, data, cfg.tune, cell.seed,
                                                package_bytes, pnc.report["seconds"])))

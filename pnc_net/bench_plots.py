@@ -15,9 +15,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from pnc_net.fsutil import atomic_write_bytes  # noqa: E402
+from pnc_net.fsutil import atomic_write_bytes
 
 COLORS = {"PNC": "#1b7837", "PNC-F": "#7fbf7b", "FT": "#d6604d", "LwF": "#4393c3",
           "KD": "#9970ab", "Oracle": "#444444"}

@@ -7,9 +7,19 @@ import copy
 import pytest
 import torch
 
-from pnc_net.baselines import (Evaluated, TuneConfig, delta_bytes, delta_payload, distill,
-                               extra_loss_for, run_oracle, run_pnc_f, run_tuning, task_data,
-                               widened)
+from pnc_net.baselines import (
+    Evaluated,
+    TuneConfig,
+    delta_bytes,
+    delta_payload,
+    distill,
+    extra_loss_for,
+    run_oracle,
+    run_pnc_f,
+    run_tuning,
+    task_data,
+    widened,
+)
 from pnc_net.clone import CloneConfig, SourceSpec, plan
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics

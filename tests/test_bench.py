@@ -13,8 +13,16 @@ from pathlib import Path
 import pytest
 
 from pnc_net.baselines import TuneConfig
-from pnc_net.bench import (ALL, DEFAULT_TASKS, BenchConfig, aggregate, oracle_everywhere,
-                           plan_cells, read_checkpoint, run_bench)
+from pnc_net.bench import (
+    ALL,
+    DEFAULT_TASKS,
+    BenchConfig,
+    aggregate,
+    oracle_everywhere,
+    plan_cells,
+    read_checkpoint,
+    run_bench,
+)
 from pnc_net.bench_plots import write_figures
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig
@@ -109,7 +117,7 @@ def test_micro_run_reports_every_method_regime_and_budget(micro):
     pnc = {r["target_budget"]: r for r in micro["rows"] if r["method"] == "PNC"}
     ft = {r["target_budget"]: r for r in micro["rows"] if r["method"] == "FT"}
     assert all(pnc[kt]["bytes"] < ft[kt]["bytes"] for kt in (5, 0))  # the package is small
-    (t5, t0) = sorted(micro["transmission"], key=lambda t: -t["target_budget"])
+    (t5, _t0) = sorted(micro["transmission"], key=lambda t: -t["target_budget"])
     assert t5["bound_bytes"] < t5["package_bytes"] < t5["full_model_zstd_fp16_bytes"]
     assert t5["decode_ms"] > 0 and t5["package_int8_bytes"] < t5["package_bytes"]
     sim = micro["sim"][0]["modules"][0]
