@@ -37,7 +37,8 @@ def print_table(result: dict) -> None:
 
 
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="The CI-sized run (<= 5 min on 2 cores).")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="The CI-sized run: 2 tasks, 1 seed, small budgets.")] = False,
     out: OutOpt = Path("bench/results"),
     workers: Annotated[int, typer.Option("--workers", help="Worker processes for the cells.")] = 1,
     threads: Annotated[int, typer.Option("--threads", help="Torch threads per worker.")] = 2,

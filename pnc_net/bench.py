@@ -113,7 +113,8 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, **kw) -> BenchConfig:
-        """Every table, regime, plot and figure, on a smaller grid (CI: <= 5 min on 2 cores)."""
+        """Every table, regime and figure on a smaller grid, for CI (target: <= 5 min on 2 idle
+        cores; not yet timed on idle cores)."""
         base = {"mode": "quick", "tasks": DEFAULT_TASKS[::2], "seeds": (0,), "budget": 10,
                     "sweep_budgets": (5, 10),
                     "sweep_seeds": (0,), "positions": ((4, 4),),
