@@ -54,7 +54,7 @@ class CloneConfig:
     target_per_class: int = 20  # k_t: target-class samples per class (0 = the article's setting)
     seed: int = 0
     positions: tuple[tuple[int, int], ...] | None = None  # None = default_candidates
-    synthesize: bool = True  # with k_t = 0, invert the target for stand-in target samples
+    synthesize: bool = True  # invert the target for extra (k_t = 0: stand-in) target samples
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     insert: InsertConfig = field(default_factory=InsertConfig)
 
@@ -133,9 +133,9 @@ def _take(data: Dataset, split: str, labels: Sequence[str], per_class: int, seed
 
 def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: CloneConfig,
                 others: Sequence[str], synthetic: torch.Tensor | None) -> CloneData:
-    """Samples of the cloned classes, of the target's classes (or, with ``k_t = 0``,
-    ``synthetic`` stand-ins, half for training, half for validation) and of the
-    classes other sources contribute (negatives for this branch's gate)."""
+    """Samples of the cloned classes, of the target's classes plus ``synthetic`` ones
+    (with ``k_t = 0`` the synthetic ones stand in: half for training, half for
+    validation) and of the classes other sources contribute (gate negatives)."""
     k, kt, seed = cfg.per_class, cfg.target_per_class, cfg.seed
     x_new, y_new = _take(data, "train", new, k, seed, "cloned")
     if len(x_new) == 0:
@@ -145,8 +145,11 @@ def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: Clon
     x_oth, _ = _take(data, "train", others, k, seed, "cloned") if others else (none, None)
     xv_new, yv_new = _take(data, "val", new, min(k, 50), seed, "cloned")
     xv_old, _ = _take(data, "val", old, min(kt, 50), seed, "target") if kt else (none, None)
-    if not kt and synthetic is not None:
-        x_old, xv_old = synthetic[0::2], synthetic[1::2]
+    if synthetic is not None:
+        if kt:
+            x_old = torch.cat([x_old, synthetic])
+        else:
+            x_old, xv_old = synthetic[0::2], synthetic[1::2]
     return CloneData(x_new, y_new, torch.cat([x_old, x_oth]), xv_new, yv_new, xv_old)
 
 
@@ -184,10 +187,11 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
         _data_indices(data, [*spec.classes, *t_manifest.label_names], "cloned or target")
         checked.append((spec, source, s_manifest, candidates))
     synthetic = None
-    if cfg.target_per_class == 0 and cfg.synthesize:
+    if cfg.synthesize:  # without target data, twice as many: half of them validate
+        per_class = SynthesizeConfig().per_class * (1 if cfg.target_per_class else 2)
         synthetic = synthesize_target_samples(
             target, len(t_manifest.label_names), tuple(t_manifest.input_shape),
-            SynthesizeConfig(per_class=2 * SynthesizeConfig().per_class), seed=cfg.seed)
+            SynthesizeConfig(per_class=per_class), seed=cfg.seed)
     modules = []
     for spec, source, s_manifest, candidates in checked:
         others = [c for c in all_cloned if c not in spec.classes]
@@ -296,6 +300,6 @@ def settings_of(cfg: CloneConfig) -> dict:
     return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
-            "synthetic_target_samples": cfg.target_per_class == 0 and cfg.synthesize}
+            "synthetic_target_samples": cfg.synthesize}
 
 

@@ -185,7 +185,7 @@ class Superbody(nn.Module):
         z_t = parts["z_t"]
         if not self.branches:
             return z_t.softmax(1)
-        odds = [g.clamp(1e-6, 1 - 1e-6) / (1 - g.clamp(1e-6, 1 - 1e-6)) for g in parts["gates"]]
+        odds = [g / (1 - g).clamp_min(1e-6) for g in parts["gates"]]  # g = 0 -> exactly 0
         norm = 1 + sum(odds)
         probs = [z_t.softmax(1) / norm.unsqueeze(1)]
         for b, zs, o in zip(self.branches, parts["z_s"], odds):
