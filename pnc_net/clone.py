@@ -26,7 +26,7 @@ from pnc_net.package import ClonedModule, Package, ZooRef
 from pnc_net.rebuild import branch_tensors, fingerprint_of
 from pnc_net.search import best_candidate, check_candidates, default_candidates
 from pnc_net.superbody import Branch, Superbody
-from pnc_net.synthesize import SynthesizeConfig, synthesize_target_samples
+from pnc_net.synthesize import SynthesizeConfig, cached_target_samples
 from pnc_net.zoo import Manifest, Zoo
 
 
@@ -189,9 +189,9 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
     synthetic = None
     if cfg.synthesize:  # without target data, twice as many: half of them validate
         per_class = SynthesizeConfig().per_class * (1 if cfg.target_per_class else 2)
-        synthetic = synthesize_target_samples(
-            target, len(t_manifest.label_names), tuple(t_manifest.input_shape),
-            SynthesizeConfig(per_class=per_class), seed=cfg.seed)
+        synthetic = cached_target_samples(
+            target, t_manifest.sha256, len(t_manifest.label_names),
+            tuple(t_manifest.input_shape), SynthesizeConfig(per_class=per_class), cfg.seed)
     modules = []
     for spec, source, s_manifest, candidates in checked:
         others = [c for c in all_cloned if c not in spec.classes]

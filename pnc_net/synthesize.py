@@ -48,6 +48,37 @@ def _bn_statistics_loss(model: nn.Module) -> tuple[list, list[torch.Tensor]]:
     return handles, losses
 
 
+class SynthesisCache:
+    """Memo of inverted samples by (target digest, classes, shape, config, seed).
+
+    Inversion is a pure function of those, and benchmarks and batch jobs clone
+    into the same target many times; a few hundred small images per entry.
+    """
+
+    def __init__(self, max_entries: int = 16) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[tuple, torch.Tensor] = {}
+
+    def get_or_make(self, key: tuple, make) -> torch.Tensor:
+        if key not in self._entries:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+            self._entries[key] = make()
+        return self._entries[key].clone()
+
+
+CACHE = SynthesisCache()
+
+
+def cached_target_samples(target: ZooNet, target_sha256: str, num_classes: int,
+                          input_shape: tuple[int, ...], cfg: SynthesizeConfig,
+                          seed: int) -> torch.Tensor:
+    """``synthesize_target_samples`` through ``CACHE`` (zoo models are identified by digest)."""
+    key = (target_sha256, num_classes, tuple(input_shape), cfg, seed)
+    return CACHE.get_or_make(key, lambda: synthesize_target_samples(
+        target, num_classes, input_shape, cfg, seed))
+
+
 def synthesize_target_samples(target: ZooNet, num_classes: int, input_shape: tuple[int, ...],
                               cfg: SynthesizeConfig | None = None, seed: int = 0) -> torch.Tensor:
     """``(num_classes * per_class, *input_shape)`` inputs in [0, 1] that the target

@@ -29,3 +29,20 @@ def test_inversion_is_deterministic_for_a_seed(zoo):
     b = synthesize_target_samples(target, 5, (1, 28, 28), cfg, seed=1)
     c = synthesize_target_samples(target, 5, (1, 28, 28), cfg, seed=2)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_cache_returns_equal_copies_and_evicts_oldest():
+    from pnc_net.synthesize import SynthesisCache
+
+    cache, calls = SynthesisCache(max_entries=2), []
+
+    def make(v):
+        return lambda: calls.append(v) or torch.full((2,), float(v))
+
+    a = cache.get_or_make(("a",), make(1))
+    a += 5  # a copy: the cached tensor is unchanged
+    assert torch.equal(cache.get_or_make(("a",), make(1)), torch.full((2,), 1.0))
+    cache.get_or_make(("b",), make(2))
+    cache.get_or_make(("c",), make(3))  # evicts "a"
+    cache.get_or_make(("a",), make(1))
+    assert calls == [1, 2, 3, 1]
