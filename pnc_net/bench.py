@@ -180,13 +180,14 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     """Every method of one cell, in this process. Returns rows plus the cell's extras."""
     torch.set_num_threads(cfg.threads_per_worker)
     zoo, data, task = Zoo(zoo_root), _mnist(), cfg.tasks[cell.task]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed, cfg.positions,
                             localize=cfg.localize, insert=cfg.insert)
     td = task_data(zoo, data, clone_cfg)
     if cell.oracle:
         rows = [_row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))]
-        return {"cell": asdict(cell), "rows": rows, "seconds": time.perf_counter() - t0}
+        return {"cell": asdict(cell), "rows": rows, "seconds": time.perf_counter() - t0,
+                "cpu_seconds": time.process_time() - cpu0, "threads": cfg.threads_per_worker}
     rows, out = [], {"cell": asdict(cell)}
     pnc = clone(zoo, data, clone_cfg)
     from pnc_net import wire
@@ -209,7 +210,7 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
                       "modules": sim_of(zoo, pnc, data)}
         out["positions"] = [[m.position_r, m.position_s] for m in pnc.package.modules]
     out.update(rows=rows, seconds=time.perf_counter() - t0, finished_unix_s=time.time(),
-               threads=cfg.threads_per_worker)
+               cpu_seconds=time.process_time() - cpu0, threads=cfg.threads_per_worker)
     return out
 
 
@@ -340,6 +341,8 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
         "sim": by_task([o["sim"] for o in outs if "sim" in o]),
         "cells_planned": len(cells), "cells_done": len(outs),
         "cell_seconds": sum(o["seconds"] for o in outs),
+        "cell_cpu_seconds": sum(o.get("cpu_seconds", 0.0) for o in outs),
+        "cells_with_cpu_seconds": sum("cpu_seconds" in o for o in outs),
         "wall_seconds": time.perf_counter() - started,
     }
 
