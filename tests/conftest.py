@@ -49,5 +49,5 @@ def default_clone(zoo_dir, mnist):
     from pnc_net.zoo import Zoo
 
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,
-                             target_per_class=10, positions=((3, 3), (4, 4)))
+                             target_per_class=10, positions=((3, 3),))
     return clone(Zoo(zoo_dir), mnist, cfg)

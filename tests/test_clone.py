@@ -114,7 +114,7 @@ def test_two_sources_at_once_each_branch_removable(zoo, mnist):
 
 
 @pytest.mark.parametrize("cfg_kwargs, message", [
-    (dict(target="mnist-cnn-0to4", source="mnist-cnn-5to9", classes=("3",)), "not in source"),
+    (dict(target="mnist-cnn-0to4", source="mnist-resnet-0to4", classes=("5",)), "not in source"),
     (dict(target="mnist-cnn-0to4", source="mnist-cnn-0to4", classes=("3",)), "already predicted"),
     (dict(target="nope", source="mnist-cnn-5to9", classes=("5",)), "not in the zoo"),
     (dict(target="mnist-cnn-0to4", source="mnist-cnn-5to9", classes=("5",),
