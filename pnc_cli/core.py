@@ -13,6 +13,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from pnc_cli.common import JsonOpt, ZooOpt, console, err_console, print_json
+from pnc_net import wire
 from pnc_net.clone import CloneConfig, SourceSpec, clone, run_sequential
 from pnc_net.data import load_dataset
 from pnc_net.errors import IncompatibleError, InvalidInputError
@@ -22,7 +23,6 @@ from pnc_net.rebuild import load_ref, verify
 from pnc_net.search import parse_positions
 from pnc_net.zoo import Zoo, model_from_weights
 from pnc_net.zoo_train import ZooSpec, build_default_zoo, train_zoo_model
-from pnc_net import wire
 
 METRIC_KEYS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")
 DataOpt = Annotated[Path | None, typer.Option(

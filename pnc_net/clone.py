@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 from pnc_net import __version__
 from pnc_net.data import Dataset, select_classes
 from pnc_net.errors import IncompatibleError, InvalidInputError

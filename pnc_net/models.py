@@ -152,7 +152,7 @@ class Head(nn.Module):
     def features(x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w) -> (b, c): penultimate
         return x.mean(dim=(2, 3))
 
-    def pruned(self, in_keep: torch.Tensor | None) -> "Head":
+    def pruned(self, in_keep: torch.Tensor | None) -> Head:
         head = copy.deepcopy(self)
         if in_keep is not None:
             head.fc = nn.Linear(len(in_keep), self.fc.out_features)
