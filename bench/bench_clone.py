@@ -24,9 +24,10 @@ from pnc_net.zoo import Zoo
 from pnc_net.zoo_train import build_default_zoo
 
 TASKS = {
-    "default": ("mnist-cnn-0to4", "mnist-cnn-5to9", 20),
-    "hetero": ("mnist-cnn-0to4", "mnist-resnet-5to9", 20),
-    "kt0": ("mnist-cnn-0to4", "mnist-cnn-5to9", 0),
+    "default": ("mnist-cnn-0to4", "mnist-cnn-5to9", 20, ("5", "6")),
+    "hetero": ("mnist-cnn-0to4", "mnist-resnet-5to9", 20, ("5", "6")),
+    "kt0": ("mnist-cnn-0to4", "mnist-cnn-5to9", 0, ("5", "6")),
+    "one": ("mnist-cnn-0to4", "mnist-cnn-5to9", 20, ("7",)),  # one cloned class
 }
 
 
@@ -49,15 +50,17 @@ def main() -> None:
     zoo, data = Zoo(args.zoo), load_mnist()
     build_default_zoo(zoo, data, progress=False)
     for name in args.tasks.split(","):
-        target, source, kt = TASKS[name]
-        cfg = CloneConfig.single(target, source, ("5", "6"), per_class=100,
+        target, source, kt, classes = TASKS[name]
+        cfg = CloneConfig.single(target, source, classes, per_class=100,
                                  target_per_class=kt, seed=args.seed)
         started = time.perf_counter()
         result = clone(zoo, data, cfg)
         seconds = time.perf_counter() - started
         m = {**result.report["metrics"], "seconds": round(seconds, 1),
              "package_bytes": len(wire.encode(result.package)),
-             "position": [[b.position_r, b.position_s] for b in result.superbody.branches]}
+             "position": [[b.position_r, b.position_s] for b in result.superbody.branches],
+             "filters_kept": {k: f"{a}/{b}" for m in result.package.modules
+                              for k, (a, b) in m.kept_filters().items()}}
         m["package_ratio"] = m["package_bytes"] / m["superbody_bytes"]
         print(json.dumps({"task": name, "target": target, "source": source,
                           "target_per_class": kt, "threads": args.threads, **m,

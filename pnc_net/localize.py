@@ -4,10 +4,11 @@
    (random patches hidden), each weighted by a proximity kernel
    ``pi(x') = exp(-d(x, x')^2 / sigma^2)``, with ``d`` the fraction of hidden patches.
 2. *Initial masks*: every filter scored by ``pi``-weighted first-order Taylor
-   importance ``|sum_hw activation * gradient|`` of the cloned-class log-likelihood;
+   importance ``|sum_hw activation * gradient|`` of the cloned-class log-likelihood
+   (over the cloned logits plus one "rest of the source" bucket, ``cloned_view``);
    the top ``keep_ratio`` of each unit is kept.
 3. *Refinement*: bits relaxed to gates ``sigmoid(theta)``, trained to keep the
-   masked source's cloned-class distribution close to the full source's (KL at
+   masked source's distribution over ``cloned_view`` close to the full source's (KL at
    temperature T, ``pi``-weighted) under an L1 pull towards zero, then thresholded.
 """
 
@@ -36,6 +37,22 @@ class LocalizeConfig:
     min_keep: int = 4  # never drop a unit below this many filters
 
 
+def cloned_view(logits: torch.Tensor, cloned: torch.Tensor) -> torch.Tensor:
+    """The cloned logits plus one "rest of the source" logit (``logsumexp`` of the others).
+
+    Why the extra bucket: with one cloned class the softmax over the cloned logits
+    alone is constant, so scores and refinement would see no signal at all; and
+    even with several classes the part we keep must still tell a cloned class from
+    everything else the source knows, which the bucket keeps in the objective.
+    """
+    rest = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+    rest[cloned] = False
+    view = logits[:, cloned]
+    if rest.any():
+        view = torch.cat([view, logits[:, rest].logsumexp(1, keepdim=True)], dim=1)
+    return view
+
+
 def localized_samples(x: torch.Tensor, cfg: LocalizeConfig, gen: torch.Generator,
                       hide_prob: float | None = None, copies: int | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +79,7 @@ def taylor_scores(source: ZooNet, x: torch.Tensor, y: torch.Tensor, weights: tor
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i : i + batch_size].clone().requires_grad_(True)
-            logits = source(xb)[:, cloned]  # (b, |Y_c|)
+            logits = cloned_view(source(xb), cloned)  # (b, |Y_c| + 1)
             w = weights[i : i + batch_size]
             loss = (F.cross_entropy(logits, y[i : i + batch_size], reduction="none") * w).sum()
             loss.backward()
@@ -92,13 +109,13 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
                  gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Relax bits to gates, fit local fidelity + L1, threshold back (method.md step 2)."""
     with torch.no_grad():
-        teacher = (source(x)[:, cloned] / cfg.temperature).log_softmax(1)
+        teacher = (cloned_view(source(x), cloned) / cfg.temperature).log_softmax(1)
     theta = {k: torch.where(m, 2.0, -2.0).requires_grad_(True) for k, m in init.items()}
     opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
     for _ in range(cfg.refine_steps):
         idx = torch.randint(0, len(x), (min(128, len(x)),), generator=gen)
         source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
-        student = (source(x[idx])[:, cloned] / cfg.temperature).log_softmax(1)
+        student = (cloned_view(source(x[idx]), cloned) / cfg.temperature).log_softmax(1)
         kl = (F.kl_div(student, teacher[idx], log_target=True, reduction="none").sum(1)
               * weights[idx]).sum() / weights[idx].sum()
         l1 = torch.cat([torch.sigmoid(t) for t in theta.values()]).mean()

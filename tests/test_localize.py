@@ -9,6 +9,7 @@ import torch
 
 from pnc_net.localize import (
     LocalizeConfig,
+    cloned_view,
     localize,
     localized_samples,
     taylor_scores,
@@ -153,6 +154,29 @@ def test_taylor_scores_and_top_fraction(source, new_samples):
         assert int(m.sum()) == k
         # The kept filters are the best-scored ones.
         assert float(scores[name][m].min()) >= float(scores[name][~m].max())
+
+
+def test_cloned_view_adds_one_rest_of_source_bucket():
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    view = cloned_view(logits, torch.tensor([3, 1]))
+    assert view.shape == (1, 3)
+    assert torch.equal(view[:, :2], logits[:, [3, 1]])
+    assert torch.allclose(view[:, 2], logits[:, [0, 2, 4]].logsumexp(1))
+    # Every class cloned: no bucket to add.
+    assert torch.equal(cloned_view(logits, torch.arange(5)), logits)
+
+
+def test_one_cloned_class_still_gets_a_localized_mask(source, new_samples):
+    """With one cloned class the softmax over the cloned logits alone is constant; the
+    rest-of-source bucket gives scores and refinement a signal, so the masks do not
+    collapse to ``min_keep`` filters (they did before the bucket)."""
+    x, y = new_samples
+    one = y == 0  # the digit 5 alone
+    scores = taylor_scores(source, x[one], y[one], torch.ones(int(one.sum())),
+                           torch.tensor([0]))
+    assert all(float(s.sum()) > 0 for s in scores.values())
+    masks = localize(source, x[one], y[one], (0,), dataclasses.replace(FAST, refine_steps=30))
+    assert any(int(m.sum()) > FAST.min_keep for m in masks.values())
 
 
 def test_sim_matrix_full_masks_is_identity_similarity(zoo, mnist):
