@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import wraps
 from itertools import chain
 from pathlib import Path
@@ -301,6 +301,32 @@ def check_listen(listen: str) -> str:
     if not port.isdigit() or not 0 <= int(port) < 65536:
         raise InvalidInputError(f"--listen {listen!r} is not HOST:PORT")
     return listen
+
+
+class ServerSettings:
+    """What the sender's and receiver's frozen config dataclasses share: paths given as
+    strings become ``Path`` (TOML and env vars give strings), the listen / TLS / metrics
+    checks, the field names a TOML file may set, and the TLS files to serve with."""
+
+    PATH_FIELDS: tuple[str, ...] = ()  # a plain class attribute, not a dataclass field
+
+    def check_server_settings(self) -> None:
+        for name in self.PATH_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        check_listen(self.listen)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInputError("give --tls-cert and --tls-key together")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise InvalidInputError(f"--metrics-port {self.metrics_port} is not a port")
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    def tls(self) -> TlsFiles | None:
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca) if self.tls_cert else None
 
 
 @dataclass
