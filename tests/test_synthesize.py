@@ -10,7 +10,7 @@ from pnc_net.zoo import state_digest
 
 
 def test_inverted_samples_are_read_as_their_class_and_leave_the_target_untouched(zoo):
-    target, manifest = zoo.load("mnist-cnn-0to4")
+    target, _manifest = zoo.load("mnist-cnn-0to4")
     before = state_digest(target)
     x = synthesize_target_samples(target, 5, (1, 28, 28),
                                   SynthesizeConfig(per_class=4, steps=40), seed=3)
