@@ -6,7 +6,8 @@ fp32 superbody, the zstd-compressed fp16 cloned model (what shipping the whole
 model would cost), and a lower bound for the payload: the entropy of the mask
 bits (``n * H2(kept / n)`` per layer, the cost of naming which filters stay)
 plus the adapter and fusion tensors at fp16. Encode, decode and rebuild times
-are medians of a few repeats.
+are medians of a few repeats. The int8 package's own test metrics say what its
+extra third of savings costs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pnc_net import wire
 from pnc_net.baselines import TUNING_METHODS, delta_payload, zstd_size
 from pnc_net.data import Dataset
-from pnc_net.metrics import sim_matrix
+from pnc_net.metrics import clone_metrics, sim_matrix
 from pnc_net.package import Package
 from pnc_net.rebuild import build_superbody
 from pnc_net.zoo import Zoo
@@ -53,8 +54,21 @@ def information_bound(package: Package) -> dict[str, float]:
             "fusion_fp16_bytes": gate, "bound_bytes": mask_bytes + adapter + gate}
 
 
-def transmission_of(zoo: Zoo, pnc, rows: list[dict], repeats: int = 5) -> dict:
-    """Every size and time of the transmission table, for one PNC clone result."""
+def received_metrics(zoo: Zoo, package: Package, data: Dataset) -> dict[str, float]:
+    """Test metrics of the superbody a receiver rebuilds from the fp16 and from the int8
+    package (no repair): what the smaller encoding costs in accuracy."""
+    out = {}
+    for dtype in ("fp16", "int8"):
+        superbody = build_superbody(zoo, wire.decode(wire.encode(package, dtype=dtype)))
+        m = clone_metrics(superbody, data)
+        out.update({f"{dtype}_{k}": m[k] for k in ("acc_old", "acc_new", "acc_all", "locality")})
+    return out
+
+
+def transmission_of(zoo: Zoo, pnc, rows: list[dict], data: Dataset | None = None,
+                    repeats: int = 5) -> dict:
+    """Every size and time of the transmission table, for one PNC clone result
+    (with ``data``, also the accuracy of the int8 package)."""
     package = pnc.package
     blob = wire.encode(package)
     full_fp16 = zstd_size(delta_payload(pnc.superbody.state_dict(), {})[0])
@@ -75,6 +89,8 @@ def transmission_of(zoo: Zoo, pnc, rows: list[dict], repeats: int = 5) -> dict:
     }
     if tuning:
         out["smallest_tuning_over_package"] = min(tuning.values()) / len(blob)
+    if data is not None:
+        out.update(received_metrics(zoo, package, data))
     return out
 
 

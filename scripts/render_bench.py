@@ -76,13 +76,21 @@ def transmission_table(res: dict) -> list[str]:
         tuning = min(t["tuning_bytes"].values()) if t["tuning_bytes"] else None
         out.append(
             f"| {t['task']} | {t['target_budget']} | {size(t['package_bytes'])} | "
-            f"{size(t['package_int8_bytes'])} | {size(t['superbody_bytes'])} | "
+            f"{size(t['package_int8_bytes'])}{int8_cost(t)} | {size(t['superbody_bytes'])} | "
             f"{size(t['full_model_zstd_fp16_bytes'])} | {size(t['bound_bytes'])} "
             f"({size(t['mask_entropy_bytes'])} + {size(t['adapter_fp16_bytes'])} + "
             f"{size(t['fusion_fp16_bytes'])}) | {size(tuning) if tuning else '–'} | "
             f"{f'{ratio:.0f}×' if ratio else '–'} | {t['encode_ms']:.1f} ms | "
             f"{t['decode_ms']:.1f} ms | {t['rebuild_ms']:.0f} ms |")
     return out + [""]
+
+
+def int8_cost(t: dict) -> str:
+    """acc_all / locality of the rebuilt int8 package against the fp16 one, when measured."""
+    if "int8_acc_all" not in t:
+        return ""
+    return (f" (acc_all {t['int8_acc_all']:.3f} vs {t['fp16_acc_all']:.3f} at fp16, "
+            f"locality {t['int8_locality']:.3f} vs {t['fp16_locality']:.3f})")
 
 
 def verdicts(res: dict) -> list[str]:
@@ -127,6 +135,13 @@ def partial_note(res: dict) -> list[str]:
              "averages; `pnc bench --resume` completes the run)."), ""]
 
 
+def load_note(mach: dict) -> str:
+    if "load_1min_before" not in mach:
+        return ""
+    return (f", 1-minute load average {mach['load_1min_before']:.1f} before and "
+            f"{mach['load_1min_after']:.1f} after")
+
+
 def section(results_dir: Path) -> str:
     path = results_dir / "full.json"
     if not path.exists():
@@ -145,10 +160,11 @@ def section(results_dir: Path) -> str:
         (f"Tasks: {tasks}. Seeds {cfg['seeds']}; every figure is on the held-out test split; "
          f"mean ± std over seeds. Machine: {mach['cpus']} CPUs, {mach['workers']} worker(s) × "
          f"{mach['threads_per_worker']} thread(s), torch {mach['torch']}; "
-         f"{res['cell_seconds'] / 60:.0f} min of cell time in all. Seconds are wall time per "
-         "method including its search (learning rates; PNC: positions; PNC-F includes PNC) "
-         "on cores shared with other work, so compare them within a row group, not across "
-         "runs."), "",
+         f"the whole run took {res['wall_seconds'] / 60:.0f} min of wall time "
+         f"({res['cell_seconds'] / 60:.0f} min of cell time){load_note(mach)}. Seconds are "
+         "wall time per method including its search (learning rates; PNC: positions; PNC-F "
+         "includes PNC); they depend on the machine and its load, so compare them within a "
+         "row group, not across runs."), "",
         *partial_note(res),
         "### PNC against parameter tuning", "", *main_tables(res),
         "### Data budget", "",

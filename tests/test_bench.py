@@ -38,11 +38,15 @@ MICRO = BenchConfig(mode="micro", tasks=DEFAULT_TASKS[:1], seeds=(0,), budget=5,
                     insert=InsertConfig(augment_copies=0, epochs=1, gate_steps=20))
 
 
-def _render_module():
-    spec = importlib.util.spec_from_file_location("render_bench", ROOT / "scripts" / "render_bench.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _render_module():
+    return _script("render_bench")
 
 
 def test_sweep_reuses_main_cells_and_oracle_runs_once_per_task_and_seed():
@@ -120,6 +124,8 @@ def test_micro_run_reports_every_method_regime_and_budget(micro):
     (t5, _t0) = sorted(micro["transmission"], key=lambda t: -t["target_budget"])
     assert t5["bound_bytes"] < t5["package_bytes"] < t5["full_model_zstd_fp16_bytes"]
     assert t5["decode_ms"] > 0 and t5["package_int8_bytes"] < t5["package_bytes"]
+    for dtype in ("fp16", "int8"):  # what a receiver rebuilds from each encoding
+        assert 0.0 <= t5[f"{dtype}_acc_all"] <= 1.0 and 0.0 <= t5[f"{dtype}_locality"] <= 1.0
     sim = micro["sim"][0]["modules"][0]
     assert len(sim["per_class"]) == 10 and sim["cloned"] == ["5", "6"]
 
@@ -156,3 +162,18 @@ def test_cli_rejects_bad_options_with_one_line(tmp_path, zoo_dir):
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert res.returncode == 2 and len(lines) == 1 and fragment in lines[0], res.stderr
         assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_check_bench_passes_a_whole_run_and_names_what_a_broken_one_lacks(micro, tmp_path):
+    check = _script("check_bench")
+    res = {**micro, "files": write_figures(micro, tmp_path)}
+    assert check.problems_of(res, tmp_path) == []
+    broken = {**res, "rows": [r for r in res["rows"]
+                              if not (r["method"] == "KD" and r["target_budget"] == 0)]}
+    broken["rows"][0] = {**broken["rows"][0], "locality": 1.5}
+    (tmp_path / res["files"]["sim"]).unlink()
+    found = check.problems_of(broken, tmp_path)
+    assert any("no row for ['KD']" in p for p in found)
+    assert any("locality = 1.5" in p for p in found)
+    assert any("is missing" in p for p in found)
