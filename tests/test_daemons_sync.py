@@ -3,7 +3,6 @@ repair of a lossy package, TLS, graceful shutdown, metrics and config files."""
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import signal
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from lossy import damaged
 
 from pnc_net import wire
 from pnc_net.client import PncClient
@@ -130,17 +129,6 @@ def test_receiver_fetches_missing_zoo_model_from_mirror(tmp_path, zoo_dir, pkg):
             stop(p)
 
 
-def _lossy(pkg, noise: float = 0.5):
-    """The package with its adapter damaged (as a crude int8 would), fingerprint kept."""
-    bad = copy.deepcopy(pkg)
-    gen = torch.Generator().manual_seed(0)
-    for k, v in bad.modules[0].tensors.items():
-        if k.startswith("adapter."):
-            bad.modules[0].tensors[k] = v + noise * v.abs().mean() * torch.randn(v.shape,
-                                                                                generator=gen)
-    return bad
-
-
 @pytest.mark.slow
 def test_receiver_repairs_a_lossy_package(tmp_path, zoo_dir, pkg, mnist):
     zoo = Zoo(zoo_dir)
@@ -149,7 +137,7 @@ def test_receiver_repairs_a_lossy_package(tmp_path, zoo_dir, pkg, mnist):
     np.savez(npz, x_train=mnist.x_train[::5].numpy(), y_train=mnist.y_train[::5].numpy(),
              x_test=mnist.x_test[:10].numpy(), y_test=mnist.y_test[:10].numpy(),
              label_names=np.array(mnist.label_names))
-    data = wire.encode(_lossy(pkg))
+    data = wire.encode(damaged(pkg, zoo))
     plain, pp = spawn_daemon("receiver", receiver_args(zoo_dir, tmp_path / "plain"))
     fixer, pf = spawn_daemon("receiver", receiver_args(zoo_dir, tmp_path / "fix",
                                                        "--repair-data", str(npz)))

@@ -3,12 +3,12 @@ config validation, and adapter-only repair."""
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from lossy import damaged
 
 from pnc_net import wire
 from pnc_net.errors import InvalidInputError, NotFoundError
@@ -113,12 +113,7 @@ def test_repair_trains_only_adapter_and_gate(zoo, default_clone, mnist):
     from pnc_net.repair import RepairConfig, repair, zoo_digests
     from pnc_net.zoo import state_digest
 
-    pkg = copy.deepcopy(default_clone.package)
-    gen = torch.Generator().manual_seed(1)
-    for k, v in pkg.modules[0].tensors.items():
-        if k.startswith("adapter."):
-            pkg.modules[0].tensors[k] = v + 0.5 * v.abs().mean() * torch.randn(v.shape,
-                                                                               generator=gen)
+    pkg = damaged(default_clone.package, zoo, seed=1)
     target_model = zoo.load(pkg.target.sha256)[0]
     before_target = state_digest(target_model)
     sb = build_superbody(zoo, pkg)
