@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,7 +152,7 @@ class PncClient:
         sent, delay = 0, 0.2
         deadline = max(self.timeout_s, size / 20e6)
         for attempt in range(1, self.max_attempts + 1):
-            counter = [0]
+            counter, failed = [0], threading.Event()
             try:
                 status = self.bytestream.QueryWriteStatus(
                     tpb.QueryWriteStatusRequest(resource_name=name), timeout=self.timeout_s,
@@ -162,12 +163,13 @@ class PncClient:
                     return sent
                 offset = int(status.committed_size)
                 pace = None if max_unacked is None else (
-                    lambda target: self._wait_committed(name, target))
+                    lambda target, failed=failed: self._wait_committed(name, target, failed))
                 self.last_write = self.bytestream.Write(
                     _chunks(name, data, offset, counter, on_chunk, pace, max_unacked or 0),
                     timeout=deadline, metadata=self.metadata)
                 return sent + counter[0]
             except grpc.RpcError as err:
+                failed.set()  # a pacing wait still polling stops handing out chunks
                 sent += counter[0]
                 if err.code() not in RETRYABLE or attempt == self.max_attempts:
                     raise remote_error(self.address, err) from None
@@ -175,22 +177,26 @@ class PncClient:
                 delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
 
-    def _wait_committed(self, name: str, target: int) -> None:
-        """Block until the server has committed ``target`` bytes of ``name`` (or give up
-        quietly: a dead server fails the stream itself)."""
+    def _wait_committed(self, name: str, target: int, failed: threading.Event) -> bool:
+        """Block until the server has committed ``target`` bytes of ``name``. False once the
+        stream has failed, so no further chunk is handed to a dead stream (a chunk counted
+        as sent then really was in flight); True, pacing given up, after ``timeout_s``."""
         pause = 0.0002
         end = time.monotonic() + self.timeout_s
-        while time.monotonic() < end:
+        while not failed.is_set():
+            if time.monotonic() >= end:
+                return True
             try:
                 st = self.bytestream.QueryWriteStatus(
                     tpb.QueryWriteStatusRequest(resource_name=name), timeout=5,
                     metadata=self.metadata)
             except grpc.RpcError:
-                return
-            if st.complete or st.committed_size >= target:
-                return
-            time.sleep(pause)
+                st = None  # the server is gone; its stream fails on its own, which sets failed
+            if st is not None and (st.complete or st.committed_size >= target):
+                return True
+            failed.wait(pause)
             pause = min(pause * 2, 0.005)
+        return False
 
     def _state(self, kind: str, sha: str) -> str:
         if kind != "packages":
@@ -281,8 +287,8 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
                                data=bytes(piece))
         if first:
             req.resource_name, first = name, False
-        if pace is not None and offset - max_unacked > start:
-            pace(offset - max_unacked)
+        if pace is not None and offset - max_unacked > start and not pace(offset - max_unacked):
+            return  # the stream failed: the caller resumes from the committed size or raises
         counter[0] += len(piece)
         if on_chunk is not None:
             on_chunk(end)
