@@ -17,8 +17,6 @@ from pnc_net.rebuild import verify
 from pnc_net.zoo import Zoo, model_from_weights
 from pnc_net.zoo_train import build_default_zoo
 
-METRICS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")
-
 
 def demo_cmd(
     zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
@@ -29,7 +27,7 @@ def demo_cmd(
     """The main job: build the zoo if missing, clone digits 5,6 of a 5-9 model into a 0-4
     model on a local Ray cluster, verify the package, show that detaching restores the
     target exactly, and send the package to a receiver on loopback that answers predictions."""
-    from pnc_cli.core import RAY_LOCAL, ray_runner, run_clone
+    from pnc_cli.core import METRIC_KEYS, RAY_LOCAL, ray_runner, run_clone
 
     zoo = Zoo(zoo_dir)
     data = load_dataset(None)
@@ -52,7 +50,7 @@ def demo_cmd(
     m = result.report["metrics"]
     info = {"package": str(out), "package_id": pid, "package_bytes": nbytes,
             "superbody_bytes": m["superbody_bytes"], "detach_exact": exact,
-            "fingerprint_error": fp_err, "ray": use_ray, **{k: m[k] for k in METRICS}}
+            "fingerprint_error": fp_err, "ray": use_ray, **{k: m[k] for k in METRIC_KEYS}}
     if transfer:
         from pnc_cli.net import demo_transfer
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pnc_net import wire
 from pnc_net.baselines import (
     TUNING_METHODS,
     BaselineResult,
@@ -116,10 +117,8 @@ class BenchConfig:
         """Every table, regime and figure on a smaller grid, for CI (target: <= 5 min on 2
         cores; measured 2.5 min with ``--workers 2 --threads 1`` on 2 idle cores)."""
         base = {"mode": "quick", "tasks": DEFAULT_TASKS[::2], "seeds": (0,), "budget": 10,
-                    "sweep_budgets": (5, 10),
-                    "sweep_seeds": (0,), "positions": ((4, 4),),
-                    "tune": TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,),
-                                    oracle_epochs=2)}
+                "sweep_budgets": (5, 10), "sweep_seeds": (0,), "positions": ((4, 4),),
+                "tune": TuneConfig(lrs=(1e-3,), epochs=12, oracle_lrs=(3e-3,), oracle_epochs=2)}
         return cls(**{**base, **kw})
 
 
@@ -166,7 +165,7 @@ def _mnist():
 def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
     if isinstance(r, BaselineResult):
         r = {"method": r.method, "metrics": r.metrics, "bytes": r.bytes,
-                 "params_modified": r.params_modified, "seconds": r.seconds, "lr": r.lr}
+             "params_modified": r.params_modified, "seconds": r.seconds, "lr": r.lr}
     m = r["metrics"]
     return {"task": task.name, "kind": task.kind, "method": r["method"], "seed": cell.seed,
             "budget": "all" if cell.budget >= ALL else cell.budget,
@@ -190,14 +189,12 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
                 "cpu_seconds": time.process_time() - cpu0, "threads": cfg.threads_per_worker}
     rows, out = [], {"cell": asdict(cell)}
     pnc = clone(zoo, data, clone_cfg)
-    from pnc_net import wire
-
     package_bytes = len(wire.encode(pnc.package))
     trainable = sum(t.numel() for m in pnc.package.modules for t in m.tensors.values())
     if "PNC" in cfg.methods:
         rows.append(_row(cell, task, {"method": "PNC", "metrics": pnc.report["metrics"],
-                                          "bytes": package_bytes, "params_modified": trainable,
-                                          "seconds": pnc.report["seconds"]}))
+                                      "bytes": package_bytes, "params_modified": trainable,
+                                      "seconds": pnc.report["seconds"]}))
     if "PNC-F" in cfg.methods:
         rows.append(_row(cell, task, run_pnc_f(pnc.superbody, td, data, cfg.tune, cell.seed,
                                                package_bytes, pnc.report["seconds"])))
