@@ -21,28 +21,18 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from pnc_cli.daemons import spawn_daemon, stop_daemon
 from pnc_net import wire
-from pnc_net.client import CHUNK_BYTES, PncClient
-from pnc_net.daemon import spawn_daemon
 from pnc_net.errors import PncError
 from pnc_net.fsutil import sha256_bytes
-from pnc_net.store import PackageStore
-from pnc_net.wiremeter import WireMeter
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+from pnc_net.serve.client import CHUNK_BYTES, PncClient
+from pnc_net.serve.store import PackageStore
+from pnc_net.serve.wiremeter import WireMeter
 
 
 def receiver(zoo: Path, store: Path, port: int = 0):
@@ -67,7 +57,7 @@ def bench_send(tmp: Path, zoo: Path, data: bytes, repeats: int) -> dict:
                 inside.append(json.loads(c.stat(sha256_bytes(data)).metadata_json)["timings_s"])
                 setup = base
         finally:
-            stop(proc)
+            stop_daemon(proc)
     return {"package_bytes": len(data), "wire_bytes_send": max(wire_bytes),
             "wire_overhead_bytes": max(wire_bytes) - len(data),
             "connection_setup_bytes": setup,
@@ -96,7 +86,7 @@ def bench_blob(tmp: Path, zoo: Path, mib: int) -> dict:
             c.write_blob("blobs", blob2, max_unacked=0)  # paced: one chunk in flight
             paced = time.perf_counter() - t0
     finally:
-        stop(proc)
+        stop_daemon(proc)
     return {"blob_mb": round(len(blob) / 1e6, 1), "write_MB_per_s": round(len(blob) / w / 1e6, 1),
             "read_MB_per_s": round(len(blob) / r / 1e6, 1),
             "paced_write_MB_per_s": round(len(blob) / paced / 1e6, 1),
@@ -138,7 +128,7 @@ def bench_fanout(tmp: Path, zoo: Path, data: bytes, n: int) -> dict:
             c.close()
     finally:
         for p in procs:
-            stop(p)
+            stop_daemon(p)
     worst = max(done.values()) if len(done) == n else float("inf")
     return {"receivers": n, "all_verified_s": round(worst, 3),
             "per_receiver_s": sorted(round(v, 3) for v in done.values()),
@@ -178,7 +168,7 @@ def bench_kill_resume(tmp: Path, zoo: Path, mib: int, kill_after: float,
             ok = c.read_blob("blobs", sha256_bytes(blob)) == blob
     finally:
         killer.join()
-        stop(state["proc"])
+        stop_daemon(state["proc"])
     resent = sent - len(blob)
     mode = "paced" if max_unacked == 0 else "unpaced"
     return {f"kill_{mode}": {

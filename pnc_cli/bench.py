@@ -50,8 +50,8 @@ def bench(
     json_out: JsonOpt = False,
 ) -> None:
     """Benchmark PNC against the tuning baselines; write JSON + PNG results to --out."""
-    from pnc_net.bench import BenchConfig, run_bench
-    from pnc_net.bench_plots import write_figures
+    from pnc_net.bench.harness import BenchConfig, run_bench
+    from pnc_net.bench.plots import write_figures
     from pnc_net.data import load_mnist
     from pnc_net.fsutil import atomic_write_bytes
     from pnc_net.zoo import Zoo

@@ -16,7 +16,7 @@ from pnc_cli.common import JsonOpt, ZooOpt, console, err_console, print_json
 from pnc_net import wire
 from pnc_net.clone import CloneConfig, SourceSpec, clone, run_sequential
 from pnc_net.data import load_dataset
-from pnc_net.errors import IncompatibleError, InvalidInputError
+from pnc_net.errors import ExitCode, IncompatibleError, InvalidInputError
 from pnc_net.insert import InsertConfig
 from pnc_net.metrics import clone_metrics, detach_is_exact
 from pnc_net.rebuild import load_ref, verify
@@ -107,7 +107,7 @@ def zoo_verify(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
             console.print(f"{'ok  ' if problem is None else 'FAIL'} {m.name} {m.sha256[:12]}"
                           + (f": {problem}" if problem else ""), soft_wrap=True, highlight=False)
     if any(p for _, p in report):
-        raise typer.Exit(4)
+        raise typer.Exit(ExitCode.INTEGRITY)
 
 
 # ----------------------------------------------------------------------------- clone

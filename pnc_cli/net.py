@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from pnc_cli.common import JsonOpt, console, print_json
-from pnc_net.errors import InvalidInputError, NotFoundError
+from pnc_net.errors import ExitCode, InvalidInputError, NotFoundError
 
 receiver_app = typer.Typer(help="The receiver daemon.", no_args_is_help=True)
 sender_app = typer.Typer(help="The sender daemon.", no_args_is_help=True)
@@ -23,89 +23,35 @@ KeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="PEM private key.
 CaOpt = Annotated[Path | None, typer.Option(
     "--tls-ca", help="PEM CA: a client verifies the server with it; a server requires client "
     "certificates signed by it (mTLS).")]
-ConfigOpt = Annotated[Path | None, typer.Option(
-    "--config", help="TOML file; its [receiver]/[sender] table fills unset options.")]
-MetricsOpt = Annotated[int | None, typer.Option(
-    "--metrics-port", help="Serve Prometheus metrics on 127.0.0.1:PORT.")]
-GraceOpt = Annotated[float | None, typer.Option(
-    "--grace", help="Seconds in-flight calls get on SIGTERM.")]
+#: ``pnc sender serve ARGS`` hands ARGS to the daemon's own parser (``SenderConfig.load``),
+#: so the flags, their environment variables and ``--help`` are defined once, in its config.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True,
+                "help_option_names": []}
 
 
-def _config(cls, section: str, config: Path | None, **flags):
-    from dataclasses import MISSING, fields
+@receiver_app.command("serve", context_settings=PASS_THROUGH, add_help_option=False)
+def receiver_serve(ctx: typer.Context) -> None:
+    """Accept packages, rebuild and verify superbodies, serve Predict and Read (--help: all
+    options)."""
+    from receiver import main
 
-    from pnc_net.daemon import load_toml, merge
-
-    values = merge(flags, load_toml(config, section), cls.keys())
-    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
-    if missing:
-        raise InvalidInputError(f"missing --{missing[0]} (flag, $PNC_… variable or config file)")
-    return cls(**values)
+    main(list(ctx.args))
 
 
-@receiver_app.command("serve")
-def receiver_serve(
-    listen: Annotated[str | None, typer.Option(envvar="PNC_RECEIVER_LISTEN",
-                                               help="HOST:PORT [127.0.0.1:7100].")] = None,
-    zoo: Annotated[Path | None, typer.Option(envvar="PNC_ZOO", help="Zoo folder.")] = None,
-    store: Annotated[Path | None, typer.Option(envvar="PNC_RECEIVER_STORE",
-                                               help="Package store folder.")] = None,
-    token: TokenOpt = None, tls_cert: CertOpt = None, tls_key: KeyOpt = None,
-    tls_ca: CaOpt = None,
-    mirror: Annotated[list[str] | None, typer.Option(
-        "--mirror", help="Peer to fetch missing zoo models from (repeatable).")] = None,
-    repair_data: Annotated[Path | None, typer.Option(
-        help="Labelled .npz for repairing packages that miss their fingerprint.")] = None,
-    catch_up_from: Annotated[str | None, typer.Option(
-        help="Sender HOST:PORT to catch up with on start.")] = None,
-    peer_token: Annotated[str | None, typer.Option(
-        help="Token for mirrors and the sender (default: --token).")] = None,
-    torch_threads: Annotated[int | None, typer.Option(
-        help="torch threads per process [1].")] = None,
-    metrics_port: MetricsOpt = None, grace: GraceOpt = None, config: ConfigOpt = None,
-) -> None:
-    """Accept packages, rebuild and verify superbodies, serve Predict and Read."""
-    from receiver import ReceiverConfig, serve
+@sender_app.command("serve", context_settings=PASS_THROUGH, add_help_option=False)
+def sender_serve(ctx: typer.Context) -> None:
+    """Serve the store, push new packages to every receiver, mirror the zoo (--help: all
+    options)."""
+    from sender import main
 
-    serve(_config(ReceiverConfig, "receiver", config, listen=listen, zoo=zoo, store=store,
-                  token=token, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca,
-                  mirrors=tuple(mirror or ()), repair_data=repair_data,
-                  catch_up_from=catch_up_from, peer_token=peer_token,
-                  metrics_port=metrics_port, grace_s=grace, torch_threads=torch_threads))
-
-
-@sender_app.command("serve")
-def sender_serve(
-    listen: Annotated[str | None, typer.Option(envvar="PNC_SENDER_LISTEN",
-                                               help="HOST:PORT [127.0.0.1:7000].")] = None,
-    store: Annotated[Path | None, typer.Option(envvar="PNC_SENDER_STORE",
-                                               help="Package store folder.")] = None,
-    push_to: Annotated[list[str] | None, typer.Option(
-        "--push-to", help="Receivers HOST:PORT[,HOST:PORT…] (repeatable).")] = None,
-    zoo: Annotated[Path | None, typer.Option(help="Zoo to serve as a mirror.")] = None,
-    token: TokenOpt = None, tls_cert: CertOpt = None, tls_key: KeyOpt = None,
-    tls_ca: CaOpt = None,
-    peer_token: Annotated[str | None, typer.Option(help="Token for receivers.")] = None,
-    peer_tls_ca: Annotated[Path | None, typer.Option(help="CA of receivers' certs.")] = None,
-    poll: Annotated[float | None, typer.Option(help="Store scan interval, s.")] = None,
-    resync: Annotated[float | None, typer.Option(help="Full FindMissing interval, s.")] = None,
-    metrics_port: MetricsOpt = None, grace: GraceOpt = None, config: ConfigOpt = None,
-) -> None:
-    """Serve the store, push new packages to every receiver, mirror the zoo."""
-    from sender import SenderConfig, serve
-
-    serve(_config(SenderConfig, "sender", config, listen=listen, store=store,
-                  push_to=tuple(push_to or ()), zoo=zoo, token=token, tls_cert=tls_cert,
-                  tls_key=tls_key, tls_ca=tls_ca, peer_token=peer_token,
-                  peer_tls_ca=peer_tls_ca, poll_s=poll, resync_s=resync,
-                  metrics_port=metrics_port, grace_s=grace))
+    main(list(ctx.args))
 
 
 # ----------------------------------------------------------------------------- edge client
 
 
 def _client(address: str, token, tls_ca, tls_cert, tls_key, timeout: float = 30.0):
-    from pnc_net.client import PncClient
+    from pnc_net.serve.client import PncClient
 
     return PncClient(address, token, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                      timeout_s=timeout)
@@ -132,7 +78,7 @@ def send_cmd(file: Annotated[Path, typer.Argument(help="A .pnc package file.")],
         console.print(f"{pid}  {sent:,} bytes sent  state={state or '-'}"
                       + (f"  ({detail})" if detail else ""), highlight=False, soft_wrap=True)
     if state == "failed":
-        raise typer.Exit(4)
+        raise typer.Exit(ExitCode.INTEGRITY)
 
 
 def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or unique prefix.")],
@@ -142,7 +88,7 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
               tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Fetch a package by id (digest verified) and write it atomically."""
     from pnc_net.fsutil import atomic_write_bytes
-    from pnc_net.store import check_digest
+    from pnc_net.serve.store import check_digest
 
     check_digest(package_id, prefix_ok=True, what="package id")
     with _client(src, token, tls_ca, tls_cert, tls_key) as c:
@@ -157,7 +103,7 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
 
 def load_images(paths: list[Path]) -> np.ndarray:
     """(N, 1, H, W) float32 in [0, 1] from PNG or .npy files (each may hold several)."""
-    from pnc_net.node import images_from_numpy
+    from pnc_net.images import image_batch
 
     arrays = []
     for p in paths:
@@ -172,7 +118,7 @@ def load_images(paths: list[Path]) -> np.ndarray:
                 arr = np.asarray(Image.open(p).convert("L"))
         except Exception as err:  # noqa: BLE001 - PIL and numpy raise many kinds
             raise InvalidInputError(f"cannot read image {p}: {err}") from None
-        arrays.append(images_from_numpy(arr).numpy())
+        arrays.append(image_batch(arr))
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
         raise InvalidInputError(f"images have different shapes {sorted(shapes)}")
@@ -185,7 +131,7 @@ def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy f
                 token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
                 tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Remote inference on the receiver's rebuilt superbody."""
-    from pnc_net.store import check_digest
+    from pnc_net.serve.store import check_digest
 
     check_digest(package, prefix_ok=True, what="package id")
     x = load_images(images)
@@ -251,11 +197,11 @@ def demo_transfer(package_path: Path, zoo_dir: Path | None) -> dict:
     import shutil
     import tempfile
 
+    from pnc_cli.daemons import spawn_daemon, stop_daemon
     from pnc_net import wire
-    from pnc_net.client import PncClient
-    from pnc_net.daemon import spawn_daemon
     from pnc_net.data import load_mnist
-    from pnc_net.wiremeter import WireMeter
+    from pnc_net.serve.client import PncClient
+    from pnc_net.serve.wiremeter import WireMeter
     from pnc_net.zoo import default_zoo_dir
 
     package, data = wire.read_package(package_path)
@@ -280,8 +226,7 @@ def demo_transfer(package_path: Path, zoo_dir: Path | None) -> dict:
             resp = c.predict(pid, digits.x_test[pick])
             truth = [digits.label_names[int(digits.y_test[i])] for i in pick]
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_daemon(proc)
         shutil.rmtree(store, ignore_errors=True)
     return {"package_id": pid, "package_bytes": len(data), "wire_bytes": wire_bytes,
             "connection_setup_bytes": setup,

@@ -170,8 +170,8 @@ def load_spec(path: str | Path) -> BatchSpec:
 
 
 def store_sink(folder: str | Path) -> Callable[[bytes], dict]:
-    """Write packages into a package store folder (``pnc_net.store.PackageStore``)."""
-    from pnc_net.store import PackageStore
+    """Write packages into a package store folder (``pnc_net.serve.store.PackageStore``)."""
+    from pnc_net.serve.store import PackageStore
 
     store = PackageStore(folder)
 
@@ -182,8 +182,8 @@ def store_sink(folder: str | Path) -> Callable[[bytes], dict]:
 
 
 def publish_sink(address: str, token: str | None = None) -> Callable[[bytes], dict]:
-    """Send packages to a sender daemon at ``HOST:PORT`` (``pnc_net.client.PncClient``)."""
-    from pnc_net.client import PncClient
+    """Send packages to a sender daemon at ``HOST:PORT`` (``pnc_net.serve.client.PncClient``)."""
+    from pnc_net.serve.client import PncClient
 
     client = PncClient(address, token)
     status = client.health()  # fail before any cloning, not after each task

@@ -1,6 +1,7 @@
 """The package's bytes: protobuf + zstd (the only module that knows the wire format).
 
-``encode(package)`` -> bytes; ``decode(bytes)`` -> ``Package``. A package's id
+``encode(package)`` -> bytes; ``decode(bytes)`` -> ``Package`` (the zstd frame,
+the message and numpy-level tensors are in the torch-free ``pnc_net.codec``). A package's id
 is the sha256 of its encoded bytes. Adapter and fusion tensors travel as fp16
 by default (``fp32`` is lossless, ``int8`` is smallest and may need the
 receiver's repair step); masks travel as packed bits.
@@ -18,91 +19,36 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import zstandard
-from google.protobuf.message import DecodeError
 
-from pnc_net import __version__
+from pnc_net import __version__, codec
 from pnc_net._proto import package_pb2 as pb
+from pnc_net.codec import (  # noqa: F401 - part of this module's interface
+    FORMAT_VERSION,
+    MAX_PACKAGE_BYTES,
+    READABLE_VERSIONS,
+    WIRE_DTYPES,
+)
 from pnc_net.errors import InvalidInputError, NotFoundError
 from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
 from pnc_net.package import ClonedModule, Fingerprint, Package, ZooRef
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # every released version stays readable (tests/data/ fixtures)
-ZSTD_LEVEL = 3
-MAX_PACKAGE_BYTES = 64 << 20  # decompressed; a package is kilobytes, this stops zip bombs
 MAX_JSON_CHARS = 1 << 20
 MAX_MODULES = 64
 MAX_NAME_CHARS = 256
-WIRE_DTYPES = {"fp32": pb.FLOAT32, "fp16": pb.FLOAT16, "int8": pb.INT8}
-_NP = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.INT8: np.int8}
 
 
 # ----------------------------------------------------------------------------- tensors
 
 
-def _int8_scales(arr: np.ndarray, per_row: bool) -> np.ndarray:
-    """Symmetric scales: one per row (format 2) or one for the tensor (format 1)."""
-    rows = arr.reshape(arr.shape[0], -1) if per_row and arr.ndim >= 1 and arr.size else (
-        arr.reshape(1, -1))
-    peak = np.abs(rows).max(axis=1) if rows.size else np.zeros(len(rows), np.float32)
-    return np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
-
-
 def tensor_to_proto(name: str, t: torch.Tensor, dtype: str = "fp32",
                     format_version: int = FORMAT_VERSION) -> pb.Tensor:
-    if dtype not in WIRE_DTYPES:
-        raise InvalidInputError(f"unknown tensor dtype {dtype!r}; use one of {list(WIRE_DTYPES)}")
-    arr = t.detach().cpu().float().numpy()
-    msg = pb.Tensor(name=name, dtype=WIRE_DTYPES[dtype], shape=list(arr.shape))
-    if dtype == "int8":
-        per_row = format_version >= 2 and arr.ndim >= 2
-        scales = _int8_scales(arr, per_row)
-        if per_row:
-            msg.scales.extend(scales.tolist())
-            div = scales.reshape(-1, *([1] * (arr.ndim - 1)))
-        else:
-            msg.scale = float(scales[0])
-            div = np.float32(msg.scale)
-        msg.data = np.clip(np.round(arr / div), -127, 127).astype("<i1").tobytes()
-    else:
-        msg.data = arr.astype(np.dtype(_NP[msg.dtype]).newbyteorder("<")).tobytes()
-    return msg
+    """A tensor as a ``pb.Tensor`` in ``dtype`` (see ``codec.array_to_proto``)."""
+    return codec.array_to_proto(name, t.detach().cpu().float().numpy(), dtype, format_version)
 
 
 def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
-    if msg.dtype not in _NP:
-        raise InvalidInputError(f"tensor {msg.name!r} has unknown dtype {msg.dtype}")
-    shape = tuple(int(s) for s in msg.shape)
-    if len(shape) > 8 or any(s > 1 << 24 for s in shape):
-        raise InvalidInputError(f"tensor {msg.name!r} has an implausible shape {shape}")
-    np_dtype = np.dtype(_NP[msg.dtype]).newbyteorder("<")
-    expected = math.prod(shape) * np_dtype.itemsize
-    if len(msg.data) != expected:
-        raise InvalidInputError(f"tensor {msg.name!r} holds {len(msg.data)} bytes; shape {shape} "
-                                f"as {np_dtype.name} needs {expected}")
-    arr = np.frombuffer(msg.data, dtype=np_dtype).astype(np.float32).reshape(shape)
-    if msg.dtype == pb.INT8:
-        arr = arr * _scale_of(msg, shape)
-    elif msg.scales:
-        raise InvalidInputError(f"tensor {msg.name!r} carries int8 scales but is not int8")
-    if not np.isfinite(arr).all():
-        raise InvalidInputError(f"tensor {msg.name!r} holds NaN or infinite values")
-    return torch.from_numpy(arr.copy())
-
-
-def _scale_of(msg: pb.Tensor, shape: tuple[int, ...]) -> np.ndarray | np.float32:
-    if msg.scales:
-        if not shape or len(msg.scales) != shape[0]:
-            raise InvalidInputError(f"tensor {msg.name!r} has {len(msg.scales)} int8 scales for "
-                                    f"shape {shape}; it needs one per row")
-        scales = np.asarray(msg.scales, np.float32)
-        if not np.isfinite(scales).all():
-            raise InvalidInputError(f"tensor {msg.name!r} has a non-finite int8 scale")
-        return scales.reshape(-1, *([1] * (len(shape) - 1)))
-    if not math.isfinite(msg.scale):
-        raise InvalidInputError(f"tensor {msg.name!r} has a non-finite int8 scale")
-    return np.float32(msg.scale)
+    """A checked float32 tensor from a ``pb.Tensor`` (see ``codec.array_from_proto``)."""
+    return torch.from_numpy(codec.array_from_proto(msg))
 
 
 def mask_to_proto(layer: str, mask: torch.Tensor) -> pb.Mask:
@@ -211,10 +157,7 @@ def _module_from_proto(msg: pb.ClonedModule) -> ClonedModule:
 
 
 def from_proto(msg: pb.Package) -> Package:
-    if msg.format_version not in READABLE_VERSIONS:
-        raise InvalidInputError(
-            f"package format version {msg.format_version} is not supported by pnc {__version__} "
-            f"(it reads {list(READABLE_VERSIONS)}); upgrade pnc")
+    codec.check_version(msg.format_version)
     if not msg.modules or len(msg.modules) > MAX_MODULES:
         raise InvalidInputError(f"package holds {len(msg.modules)} cloned modules "
                                 f"(1..{MAX_MODULES} allowed)")
@@ -251,23 +194,13 @@ def from_proto(msg: pb.Package) -> Package:
 
 def encode(package: Package, dtype: str = "fp16", format_version: int = FORMAT_VERSION) -> bytes:
     """Serialized, zstd-compressed package bytes."""
-    raw = to_proto(package, dtype, format_version).SerializeToString(deterministic=True)
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(raw)
+    return codec.compress(to_proto(package, dtype, format_version)
+                          .SerializeToString(deterministic=True))
 
 
 def decode(data: bytes) -> Package:
     """A validated ``Package`` from bytes, or ``InvalidInputError``."""
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_PACKAGE_BYTES)
-    except zstandard.ZstdError as err:
-        raise InvalidInputError(f"package is not valid zstd data ({err}); it may be truncated "
-                                "or corrupted") from None
-    msg = pb.Package()
-    try:
-        msg.ParseFromString(raw)
-    except (DecodeError, RuntimeError, ValueError) as err:
-        raise InvalidInputError(f"package is not a valid pnc message ({err})") from None
-    return from_proto(msg)
+    return from_proto(codec.parse(data))
 
 
 def package_id(data: bytes) -> str:

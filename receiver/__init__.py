@@ -5,6 +5,6 @@ runs it until SIGTERM. The CLI is ``pnc receiver serve``.
 """
 
 from receiver.config import ReceiverConfig
-from receiver.server import create_server, serve
+from receiver.server import create_server, main, serve
 
-__all__ = ["ReceiverConfig", "create_server", "serve"]
+__all__ = ["ReceiverConfig", "create_server", "main", "serve"]

@@ -1,13 +1,29 @@
-"""The receiver's settings, validated once (flags, PNC_* env vars or a TOML file)."""
+"""The receiver's settings, validated once: flags > PNC_* env vars > a TOML file > defaults."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pnc_net.client import check_address
 from pnc_net.errors import InvalidInputError
-from pnc_net.transport import ServerSettings
+from pnc_net.serve.channel import check_address
+from pnc_net.serve.daemon import Flag, load_settings, parse_flags
+from pnc_net.serve.server import COMMON_FLAGS, ServerSettings
+
+FLAGS = (
+    Flag("listen", "--listen", "HOST:PORT [127.0.0.1:7100].", env="PNC_RECEIVER_LISTEN"),
+    Flag("zoo", "--zoo", "Zoo folder.", env="PNC_ZOO"),
+    Flag("store", "--store", "Package store folder.", env="PNC_RECEIVER_STORE"),
+    Flag("mirrors", "--mirror", "Peer to fetch missing zoo models from (repeatable).",
+         repeat=True),
+    Flag("repair_data", "--repair-data",
+         "Labelled .npz for repairing packages that miss their fingerprint."),
+    Flag("catch_up_from", "--catch-up-from", "Sender HOST:PORT to catch up with on start."),
+    Flag("peer_token", "--peer-token", "Token for mirrors and the sender (default: --token)."),
+    Flag("torch_threads", "--torch-threads", "torch threads per process [1].", type=int),
+    *COMMON_FLAGS,
+)
 
 
 @dataclass(frozen=True)
@@ -43,5 +59,13 @@ class ReceiverConfig(ServerSettings):
         if self.grace_s < 0:
             raise InvalidInputError("--grace must be >= 0 seconds")
 
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> ReceiverConfig:
+        """The config from ``argv`` (``pnc receiver serve`` passes its arguments through)."""
+        flags, config = parse_flags("pnc receiver serve", "Accept packages, rebuild and "
+                                    "verify superbodies, serve Predict and Read.", FLAGS, argv)
+        return load_settings(cls, "receiver", flags, config)
+
     def client_kwargs(self) -> dict:
+        """How the receiver connects to its mirrors and its sender."""
         return {"token": self.peer_token or self.token}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from pnc_net.daemon import Metrics, announce, run_until_signal, setup_logging
-from pnc_net.node import Node
-from pnc_net.store import PackageStore
-from pnc_net.transport import Daemon, build_server
+from pnc_net.serve.client import MirrorFetcher, PncClient
+from pnc_net.serve.daemon import Metrics, announce, run_main, run_until_signal, setup_logging
+from pnc_net.serve.node import Node
+from pnc_net.serve.server import Daemon, build_server
+from pnc_net.serve.store import PackageStore
 from pnc_net.zoo import Zoo
 from receiver.config import ReceiverConfig
 
@@ -18,8 +19,9 @@ log = logging.getLogger("pnc.receiver")
 def create_server(cfg: ReceiverConfig) -> tuple[Daemon, int]:
     """A started receiver (and its catch-up thread); ``(daemon, bound port)``."""
     metrics = Metrics("receiver")
-    node = Node("receiver", PackageStore(cfg.store), Zoo(cfg.zoo), cfg.mirrors,
-                cfg.repair_data, cfg.client_kwargs(), metrics)
+    fetcher = MirrorFetcher(cfg.mirrors, cfg.client_kwargs())
+    node = Node("receiver", PackageStore(cfg.store), Zoo(cfg.zoo), fetcher, cfg.repair_data,
+                metrics)
     daemon = build_server(node, cfg.listen, cfg.token, cfg.tls())
     if cfg.metrics_port is not None:
         log.info("metrics", extra={"port": metrics.start(cfg.metrics_port)})
@@ -31,8 +33,6 @@ def create_server(cfg: ReceiverConfig) -> tuple[Daemon, int]:
 
 def catch_up(node: Node, sender: str, client_kwargs: dict) -> int:
     """Fetch every package the sender holds and this receiver lacks (List + FindMissing + Read)."""
-    from pnc_net.client import PncClient
-
     fetched = 0
     try:
         with PncClient(sender, **client_kwargs) as c:
@@ -50,7 +50,13 @@ def catch_up(node: Node, sender: str, client_kwargs: dict) -> int:
     return fetched
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m receiver ARGS`` and ``pnc receiver serve ARGS``."""
+    run_main(lambda: serve(ReceiverConfig.load(argv)))
+
+
 def serve(cfg: ReceiverConfig) -> None:
+    """Run a receiver until SIGTERM or SIGINT."""
     import torch
 
     torch.set_num_threads(cfg.torch_threads)

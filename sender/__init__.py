@@ -5,6 +5,6 @@ it until SIGTERM. The CLI is ``pnc sender serve``.
 """
 
 from sender.config import SenderConfig
-from sender.server import create_server, serve
+from sender.server import create_server, main, serve
 
-__all__ = ["SenderConfig", "create_server", "serve"]
+__all__ = ["SenderConfig", "create_server", "main", "serve"]

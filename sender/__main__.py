@@ -1,8 +1,5 @@
 """``python -m sender ARGS`` is ``pnc sender serve ARGS``."""
 
-import sys
+from sender.server import main
 
-from pnc_cli import main
-
-sys.argv = [sys.argv[0], "sender", "serve", *sys.argv[1:]]
 main()

@@ -1,13 +1,28 @@
-"""The sender's settings, validated once (flags, PNC_* env vars or a TOML file)."""
+"""The sender's settings, validated once: flags > PNC_* env vars > a TOML file > defaults."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pnc_net.client import check_address
 from pnc_net.errors import InvalidInputError
-from pnc_net.transport import ServerSettings
+from pnc_net.serve.channel import check_address
+from pnc_net.serve.daemon import Flag, load_settings, parse_flags
+from pnc_net.serve.server import COMMON_FLAGS, ServerSettings
+
+FLAGS = (
+    Flag("listen", "--listen", "HOST:PORT [127.0.0.1:7000].", env="PNC_SENDER_LISTEN"),
+    Flag("store", "--store", "Package store folder.", env="PNC_SENDER_STORE"),
+    Flag("push_to", "--push-to", "Receivers HOST:PORT[,HOST:PORT...] (repeatable).",
+         repeat=True),
+    Flag("zoo", "--zoo", "Zoo to serve to receivers as a mirror."),
+    Flag("peer_token", "--peer-token", "Token for the receivers (default: --token)."),
+    Flag("peer_tls_ca", "--peer-tls-ca", "CA that signed the receivers' certificates."),
+    Flag("poll_s", "--poll", "Store scan interval, s [0.2].", type=float),
+    Flag("resync_s", "--resync", "Full FindMissing interval, s [5].", type=float),
+    *COMMON_FLAGS,
+)
 
 
 @dataclass(frozen=True)
@@ -38,5 +53,13 @@ class SenderConfig(ServerSettings):
         if not 0.01 <= self.poll_s <= 60 or not 0.1 <= self.resync_s <= 3600:
             raise InvalidInputError("--poll must be 0.01..60 s and --resync 0.1..3600 s")
 
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> SenderConfig:
+        """The config from ``argv`` (``pnc sender serve`` passes its arguments through)."""
+        flags, config = parse_flags("pnc sender serve", "Serve the store, push new packages "
+                                    "to every receiver, mirror the zoo.", FLAGS, argv)
+        return load_settings(cls, "sender", flags, config)
+
     def client_kwargs(self) -> dict:
+        """How the pushers connect to the receivers."""
         return {"token": self.peer_token or self.token, "tls_ca": self.peer_tls_ca}

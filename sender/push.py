@@ -15,9 +15,9 @@ import random
 import threading
 import time
 
-from pnc_net.client import PncClient, RemoteError
 from pnc_net.errors import PncError
-from pnc_net.store import PackageStore
+from pnc_net.serve.client import PncClient, RemoteError
+from pnc_net.serve.store import PackageStore
 
 log = logging.getLogger("pnc.sender")
 

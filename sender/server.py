@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from pnc_net.daemon import Metrics, announce, run_until_signal, setup_logging
-from pnc_net.node import Node
-from pnc_net.store import PackageStore
-from pnc_net.transport import Daemon, build_server
+from pnc_net.serve.daemon import Metrics, announce, run_main, run_until_signal, setup_logging
+from pnc_net.serve.node import Node
+from pnc_net.serve.server import Daemon, build_server
+from pnc_net.serve.store import PackageStore
 from pnc_net.zoo import Zoo
 from sender.config import SenderConfig
 from sender.push import Pusher, StoreWatcher
@@ -41,7 +41,13 @@ def create_server(cfg: SenderConfig) -> tuple[SenderDaemon, int]:
     return daemon, daemon.port
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sender ARGS`` and ``pnc sender serve ARGS``."""
+    run_main(lambda: serve(SenderConfig.load(argv)))
+
+
 def serve(cfg: SenderConfig) -> None:
+    """Run a sender until SIGTERM or SIGINT."""
     setup_logging()
     daemon, port = create_server(cfg)
     announce("sender", port)

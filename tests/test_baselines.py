@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from pnc_net.baselines import (
+from pnc_net.bench.baselines import (
     Evaluated,
     TuneConfig,
     delta_bytes,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pnc_net.baselines import TuneConfig
-from pnc_net.bench import (
+from pnc_net.bench.baselines import TuneConfig
+from pnc_net.bench.harness import (
     ALL,
     DEFAULT_TASKS,
     BenchConfig,
@@ -23,7 +23,7 @@ from pnc_net.bench import (
     read_checkpoint,
     run_bench,
 )
-from pnc_net.bench_plots import write_figures
+from pnc_net.bench.plots import write_figures
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig
 from pnc_net.localize import LocalizeConfig

@@ -17,26 +17,19 @@ import grpc
 import numpy as np
 import pytest
 import torch
+import zstandard
 
+from pnc_cli.daemons import spawn_daemon, stop_daemon
 from pnc_net import wire
 from pnc_net._proto import transport_pb2 as tpb
-from pnc_net.client import CHUNK_BYTES, PncClient
-from pnc_net.daemon import spawn_daemon
 from pnc_net.errors import InvalidInputError, PncError, PreconditionError
 from pnc_net.fsutil import sha256_bytes
+from pnc_net.serve.client import CHUNK_BYTES, PncClient
 
 pytestmark = pytest.mark.grpc
 TOKEN = "s3cret-token"
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def receiver(tmp_path_factory, zoo_dir):
     proc, port = spawn_daemon("receiver", ["--listen", "127.0.0.1:0", "--zoo", str(zoo_dir),
                                            "--store", str(store), "--token", TOKEN])
     yield f"127.0.0.1:{port}", store, proc
-    stop(proc)
+    stop_daemon(proc)
 
 
 def visible(store: Path) -> list[str]:
@@ -122,7 +115,7 @@ def _bad_packages(pkg) -> dict[str, tuple[bytes, type, str]]:
     data = wire.encode(pkg)
     msg = wire.to_proto(pkg)
     msg.format_version = 7
-    future = wire.zstandard.ZstdCompressor(level=3).compress(msg.SerializeToString())
+    future = zstandard.ZstdCompressor(level=3).compress(msg.SerializeToString())
     corrupt = bytearray(data)
     corrupt[len(corrupt) // 2] ^= 0xFF
     unknown = copy.deepcopy(pkg)
@@ -274,7 +267,7 @@ def test_receiver_killed_mid_transfer_resumes(tmp_path, zoo_dir, pkg_bytes):
               pytest.raises(PncError, match="UNAVAILABLE|CANCELLED|INTERNAL|UNKNOWN")):
             c.write_blob("blobs", blob, kill_mid_stream)
     finally:
-        stop(proc)
+        stop_daemon(proc)
     committed = part.stat().st_size
     assert not (store / "blobs" / sha).exists()  # a half blob is never visible
     assert 0 <= yielded[0] - committed <= CHUNK_BYTES  # at most one chunk is sent again
@@ -286,4 +279,4 @@ def test_receiver_killed_mid_transfer_resumes(tmp_path, zoo_dir, pkg_bytes):
             assert sent == len(blob) - committed
             assert c.read_blob("blobs", sha) == blob
     finally:
-        stop(proc)
+        stop_daemon(proc)

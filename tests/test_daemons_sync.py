@@ -16,26 +16,17 @@ import numpy as np
 import pytest
 from lossy import damaged
 
+from pnc_cli.daemons import spawn_daemon, stop_daemon
 from pnc_net import wire
-from pnc_net.client import PncClient
-from pnc_net.daemon import spawn_daemon
 from pnc_net.errors import PncError
 from pnc_net.fsutil import sha256_bytes, sha256_file
-from pnc_net.store import PackageStore
+from pnc_net.serve.client import PncClient
+from pnc_net.serve.store import PackageStore
 from pnc_net.zoo import Zoo
 
 pytestmark = pytest.mark.grpc
 
 
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
 
 
 def wait_for(fn, timeout_s: float = 60.0, every_s: float = 0.1):
@@ -74,7 +65,7 @@ def test_sender_pushes_to_receivers_and_catches_up_after_downtime(tmp_path, zoo_
         procs.append(r1)
         # the second receiver's port is reserved by starting it once, then it goes down
         r2, p2 = spawn_daemon("receiver", receiver_args(zoo_dir, tmp_path / "r2"))
-        stop(r2)
+        stop_daemon(r2)
         s, ps = spawn_daemon("sender", ["--listen", "127.0.0.1:0", "--store",
                                         str(tmp_path / "s"), "--zoo", str(zoo_dir),
                                         "--push-to", f"127.0.0.1:{p1},127.0.0.1:{p2}",
@@ -95,7 +86,7 @@ def test_sender_pushes_to_receivers_and_catches_up_after_downtime(tmp_path, zoo_
             assert c.list()[0].state == "stored"
     finally:
         for p in procs:
-            stop(p)
+            stop_daemon(p)
 
 
 @pytest.mark.slow
@@ -126,7 +117,7 @@ def test_receiver_fetches_missing_zoo_model_from_mirror(tmp_path, zoo_dir, pkg):
         assert sha256_file(zoo.models_dir / f"{source}.safetensors") == source  # untouched
     finally:
         for p in (mirror, lone, recv):
-            stop(p)
+            stop_daemon(p)
 
 
 @pytest.mark.slow
@@ -157,8 +148,8 @@ def test_receiver_repairs_a_lossy_package(tmp_path, zoo_dir, pkg, mnist):
             if info.state == "repaired":
                 assert len(c.predict(pid, mnist.x_test[:4]).predictions) == 4
     finally:
-        stop(plain)
-        stop(fixer)
+        stop_daemon(plain)
+        stop_daemon(fixer)
     assert digests == {s: sha256_file(zoo.weights_path(s)) for s in digests}  # zoo untouched
 
 
@@ -221,7 +212,7 @@ def test_mtls_and_graceful_shutdown(tmp_path, zoo_dir, pkg):
               pytest.raises(PncError, match="UNAVAILABLE")):
             cl.list()
     finally:
-        assert stop(proc, signal.SIGTERM) == 0  # graceful: a clean exit status
+        assert stop_daemon(proc, signal.SIGTERM) == 0  # graceful: a clean exit status
 
 
 def test_metrics_endpoint_and_config_file(tmp_path, zoo_dir):
@@ -241,7 +232,7 @@ def test_metrics_endpoint_and_config_file(tmp_path, zoo_dir):
         text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read()
         assert b'pnc_bytes_total{direction="in"} 1000.0' in text
     finally:
-        stop(proc)
+        stop_daemon(proc)
 
 
 @pytest.mark.parametrize("args,needle,code", [
@@ -266,7 +257,7 @@ def test_sigterm_lets_an_inflight_upload_finish(tmp_path, zoo_dir):
     """SIGTERM mid-stream: the stream in flight completes (grace), new calls are refused,
     then the daemon exits 0 with the blob stored."""
     from pnc_net._proto import transport_pb2 as tpb
-    from pnc_net.client import CHUNK_BYTES
+    from pnc_net.serve.client import CHUNK_BYTES
 
     store = tmp_path / "r"
     proc, port = spawn_daemon("receiver", receiver_args(zoo_dir, store, "--grace", "60"))
@@ -295,4 +286,4 @@ def test_sigterm_lets_an_inflight_upload_finish(tmp_path, zoo_dir):
         assert proc.wait(60) == 0
         assert sha256_file(store / "blobs" / sha) == sha
     finally:
-        stop(proc)
+        stop_daemon(proc)

@@ -15,10 +15,10 @@ import pytest
 import torch
 from ray_fixtures import ray_cluster  # noqa: F401 - the shared session cluster
 
+from pnc_cli.daemons import spawn_daemon
 from pnc_net import wire
 from pnc_net.clone import CloneConfig, clone
 from pnc_net.cluster import ClusterConfig, RayRunner, WorkerResources
-from pnc_net.daemon import spawn_daemon
 from pnc_net.errors import InvalidInputError, NotFoundError, PncError, PreconditionError
 from pnc_net.insert import InsertConfig
 from pnc_net.jobs import BatchSpec, load_spec, parse_task, publish_sink, run_batch, store_sink

@@ -13,8 +13,9 @@ from lossy import damaged
 from pnc_net import wire
 from pnc_net.errors import InvalidInputError, NotFoundError
 from pnc_net.fsutil import sha256_bytes
-from pnc_net.store import PackageStore, check_digest
-from pnc_net.transport import check_listen, parse_resource
+from pnc_net.serve.server import check_listen
+from pnc_net.serve.servicer import parse_resource
+from pnc_net.serve.store import PackageStore, check_digest
 
 FIXTURE = Path(__file__).parent / "data" / "package_v1_fp16.pnc"
 
@@ -110,7 +111,7 @@ def test_configs_validate(tmp_path):
 @pytest.mark.slow
 def test_repair_trains_only_adapter_and_gate(zoo, default_clone, mnist):
     from pnc_net.rebuild import build_superbody, load_ref
-    from pnc_net.repair import RepairConfig, repair, zoo_digests
+    from pnc_net.serve.repair import RepairConfig, repair, zoo_digests
     from pnc_net.zoo import state_digest
 
     pkg = damaged(default_clone.package, zoo, seed=1)

@@ -10,6 +10,7 @@ server's status in one line.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import threading
 import time
@@ -19,61 +20,34 @@ from typing import Self
 
 import grpc
 import numpy as np
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pnc_net import wire
+from pnc_net import codec
 from pnc_net._proto import transport_pb2 as tpb
 from pnc_net._proto import transport_pb2_grpc as tgrpc
 from pnc_net.errors import (
-    IncompatibleError,
+    ERROR_CLASS_KEY,
     IntegrityError,
     InvalidInputError,
-    NotFoundError,
     PncError,
-    PreconditionError,
+    RemoteError,
+    error_from_status,
 )
 from pnc_net.fsutil import sha256_bytes
+from pnc_net.serve.channel import CHANNEL_OPTIONS, CHUNK_BYTES, check_address
 
-CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 4 << 20
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+log = logging.getLogger("pnc.client")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-class RemoteError(PncError):
-    """A daemon answered with a status that has no closer pnc error (UNAVAILABLE, ...)."""
-
-    exit_code = 7
-
-    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
-        super().__init__(message)
-        self.grpc_code = code
-        if code == "UNAUTHENTICATED" or code == "PERMISSION_DENIED":
-            self.exit_code = 8
-
-
-_BY_CODE = {"INVALID_ARGUMENT": InvalidInputError, "NOT_FOUND": NotFoundError,
-            "FAILED_PRECONDITION": PreconditionError, "DATA_LOSS": IntegrityError}
-
-
 def remote_error(address: str, err: grpc.RpcError) -> PncError:
-    """The pnc error for a failed call, with the server's message on one line."""
+    """The pnc error for a failed call, with the server's message on one line: the class
+    the server named in its trailing metadata, else the closest one for the status."""
     code = err.code().name if err.code() else "UNKNOWN"
     details = (err.details() or "").replace("\n", " ")
-    msg = f"{address}: {code}: {details}"
-    cls = _BY_CODE.get(code)
-    return cls(msg) if cls else RemoteError(msg, code)
-
-
-def check_address(address: str) -> str:
-    """``HOST:PORT`` with a numeric port; anything else is a user mistake."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInputError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:7000)")
-    return address
+    trailing = dict(err.trailing_metadata() or ()) if hasattr(err, "trailing_metadata") else {}
+    return error_from_status(code, f"{address}: {code}: {details}", trailing.get(ERROR_CLASS_KEY))
 
 
 def channel_credentials(tls_ca: Path | None, tls_cert: Path | None,
@@ -131,9 +105,10 @@ class PncClient:
 
     # ------------------------------------------------------------------ writes
     def send_package(self, data: bytes) -> tuple[str, int]:
-        """Send package bytes (validated locally first); returns ``(id, bytes sent)``.
-        The daemon's answer (state, detail) is in ``self.last_write``."""
-        wire.decode(data)
+        """Send package bytes; returns ``(id, bytes sent)``. The frame, message and format
+        version are checked here (without torch); the daemon checks the rest. Its answer
+        (state, detail) is in ``self.last_write``."""
+        codec.parse(data)
         pid = sha256_bytes(data)
         return pid, self.write_blob("packages", data)
 
@@ -252,10 +227,11 @@ class PncClient:
         return self._call(self.packages.ZooManifest,
                           tpb.ZooManifestRequest(sha256=sha256)).manifest_json
 
-    def predict(self, id_or_prefix: str, x: torch.Tensor | np.ndarray) -> tpb.PredictResponse:
-        arr = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    def predict(self, id_or_prefix: str, x: np.ndarray) -> tpb.PredictResponse:
+        """Predictions of the receiver's superbody for ``x`` (N, C, H, W) (or a tensor)."""
+        arr = np.asarray(x, dtype=np.float32)
         req = tpb.PredictRequest(package_id=id_or_prefix,
-                                 inputs=wire.tensor_to_proto("inputs", arr, "fp32"))
+                                 inputs=codec.array_to_proto("inputs", arr, "fp32"))
         return self._call(self.packages.Predict, req, timeout=max(self.timeout_s, 60))
 
     def health(self, service: str = "") -> str:
@@ -270,6 +246,29 @@ class PncClient:
         except grpc.FutureTimeoutError:
             raise RemoteError(f"{self.address}: no daemon answered within {timeout_s:.0f} s",
                               "UNAVAILABLE") from None
+
+
+class MirrorFetcher:
+    """A ``Node``'s model fetcher: a zoo model by digest from the first mirror that has it.
+
+    Returns ``(manifest JSON, weights)``; the node checks the manifest and the zoo the
+    weights' digest. A mirror that fails is logged and the next one tried."""
+
+    def __init__(self, mirrors: tuple[str, ...], client_kwargs: dict | None = None) -> None:
+        self.mirrors = tuple(check_address(m) for m in mirrors)
+        self.client_kwargs = client_kwargs or {}
+
+    def __str__(self) -> str:
+        return ", ".join(self.mirrors) or "no mirror configured"
+
+    def __call__(self, sha256: str, size: int) -> tuple[str, bytes] | None:
+        for mirror in self.mirrors:
+            try:
+                with PncClient(mirror, **self.client_kwargs) as c:
+                    return c.zoo_manifest(sha256), c.read_blob("blobs", sha256, size)
+            except PncError as err:
+                log.warning("mirror %s could not supply %s: %s", mirror, sha256[:12], err)
+        return None
 
 
 def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=None,
@@ -296,4 +295,4 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
         offset = end
 
 
-__all__ = ["CHUNK_BYTES", "MAX_MESSAGE_BYTES", "IncompatibleError", "PncClient", "RemoteError"]
+__all__ = ["PncClient", "RemoteError", "remote_error"]

@@ -9,7 +9,7 @@ mean and standard deviation over seeds. ``pnc bench`` is the command line;
 
 Example::
 
-    from pnc_net.bench import BenchConfig, run_bench
+    from pnc_net.bench.harness import BenchConfig, run_bench
     result = run_bench(Zoo(), BenchConfig.quick())
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from pnc_net import wire
-from pnc_net.baselines import (
+from pnc_net.bench.baselines import (
     TUNING_METHODS,
     BaselineResult,
     TuneConfig,
@@ -39,7 +39,7 @@ from pnc_net.baselines import (
     run_tuning,
     task_data,
 )
-from pnc_net.bench_transmission import sim_of, transmission_of
+from pnc_net.bench.transmission import sim_of, transmission_of
 from pnc_net.clone import CloneConfig, SourceSpec, clone
 from pnc_net.data import load_mnist
 from pnc_net.errors import InvalidInputError

@@ -15,17 +15,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
 
 from pnc_net import wire
 from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError, PreconditionError
 from pnc_net.fsutil import sha256_bytes
 from pnc_net.rebuild import build_superbody, fingerprint_error, load_ref
-from pnc_net.repair import RepairConfig, repair
-from pnc_net.store import PackageRecord, PackageStore, check_digest, record_for
+from pnc_net.serve.repair import RepairConfig, repair
+from pnc_net.serve.store import PackageRecord, PackageStore, check_digest, record_for
 from pnc_net.superbody import Superbody
 from pnc_net.zoo import Manifest, Zoo
 
@@ -33,21 +34,36 @@ log = logging.getLogger("pnc.node")
 MAX_PREDICT_INPUTS = 1024
 
 
+class ModelFetcher(Protocol):
+    """Fetches a zoo model the node lacks: ``(manifest JSON, weights)`` or None.
+    ``str(fetcher)`` names where it looks (for the error a node raises when none has it).
+    The receiver passes ``pnc_net.serve.client.MirrorFetcher``; tests pass their own."""
+
+    def __call__(self, sha256: str, size: int) -> tuple[str, bytes] | None: ...
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A verified package's superbody and the input shape its models take."""
+
+    superbody: Superbody
+    input_shape: tuple[int, ...]
+
+
 class Node:
     """A sender (``verify=False``: stores what it is given) or a receiver (verifies)."""
 
     def __init__(self, role: str, store: PackageStore, zoo: Zoo | None,
-                 mirrors: tuple[str, ...] = (), repair_data: Path | None = None,
-                 client_kwargs: dict | None = None, metrics=None) -> None:
+                 fetch_model: ModelFetcher | None = None, repair_data: Path | None = None,
+                 metrics=None) -> None:
         if role not in ("sender", "receiver"):
             raise InvalidInputError(f"unknown role {role!r}")
         if role == "receiver" and zoo is None:
             raise InvalidInputError("a receiver needs --zoo DIR")
-        self.role, self.store, self.zoo, self.mirrors = role, store, zoo, tuple(mirrors)
-        self.client_kwargs = client_kwargs or {}
+        self.role, self.store, self.zoo, self.fetch_model = role, store, zoo, fetch_model
         self.repair_set = _load_repair_data(repair_data) if repair_data else None
         self.metrics = metrics
-        self._cache: dict[str, Superbody] = {}
+        self._cache: dict[str, Loaded] = {}
         self._lock = threading.Lock()
         self.warm = threading.Event()
         if zoo is not None:
@@ -79,7 +95,7 @@ class Node:
             if self.store.has_package(pid):
                 return self.store.record(pid)
             if self.role == "sender":
-                self.store.put(data, "stored")
+                self.store.put(data, "stored", package=package)
                 return self._count(self.store.record(pid))
             self.ensure_zoo(package)
             record = record_for(pid, data, package, "received")
@@ -94,7 +110,7 @@ class Node:
                                             "verify": round(time.perf_counter() - t2, 5)}
             self.store.put(data, record.state, record)
             if record.state != "failed":
-                self._cache[pid] = sb
+                self._cache[pid] = Loaded(sb, tuple(shape))
             log.info("package %s %s (fingerprint error %s)", pid[:12], record.state,
                      record.fingerprint_error)
             return self._count(record)
@@ -144,28 +160,25 @@ class Node:
         missing = [r for r in package.zoo_refs() if not self.zoo.has(r.sha256)]
         for ref in missing:
             if not self.fetch_zoo_model(ref.sha256, ref.size_bytes):
-                tried = ", ".join(self.mirrors) or "no mirror configured"
+                tried = str(self.fetch_model or "no mirror configured")
                 raise PreconditionError(
                     f"receiver lacks zoo model {ref.name} (sha256 {ref.sha256}, "
                     f"{ref.size_bytes} bytes) and no mirror has it ({tried}); "
                     "add it with `pnc zoo` or start with --mirror HOST:PORT")
 
     def fetch_zoo_model(self, sha256: str, size: int) -> bool:
-        from pnc_net.client import PncClient
-
-        for mirror in self.mirrors:
-            try:
-                with PncClient(mirror, **self.client_kwargs) as c:
-                    manifest = Manifest.from_json(c.zoo_manifest(sha256))
-                    if manifest.sha256 != sha256 or manifest.size_bytes != size:
-                        log.warning("mirror %s sent a manifest for another model", mirror)
-                        continue
-                    self.zoo.add_blob(manifest, c.read_blob("blobs", sha256, size))
-                    log.info("fetched zoo model %s from %s", manifest.name, mirror)
-                    return True
-            except Exception as err:  # noqa: BLE001 - try the next mirror, say why
-                log.warning("mirror %s could not supply %s: %s", mirror, sha256[:12], err)
-        return False
+        """Ask the fetcher for a missing model; add it when its manifest is the one asked
+        for (the zoo checks the weights' digest)."""
+        got = self.fetch_model(sha256, size) if self.fetch_model is not None else None
+        if got is None:
+            return False
+        manifest = Manifest.from_json(got[0])
+        if manifest.sha256 != sha256 or manifest.size_bytes != size:
+            log.warning("%s sent a manifest for another model", self.fetch_model)
+            return False
+        self.zoo.add_blob(manifest, got[1])
+        log.info("fetched zoo model %s from %s", manifest.name, self.fetch_model)
+        return True
 
     def zoo_manifest(self, sha256: str) -> str:
         sha256 = check_digest(sha256, what="zoo model digest")
@@ -196,7 +209,8 @@ class Node:
             return False
 
     # ------------------------------------------------------------------ predict
-    def superbody(self, id_or_prefix: str) -> tuple[str, Superbody]:
+    def loaded(self, id_or_prefix: str) -> tuple[str, Loaded]:
+        """The package's superbody, rebuilt once (the package is decoded once, then cached)."""
         pid = self.store.resolve(id_or_prefix)
         if pid in self._cache:
             return pid, self._cache[pid]
@@ -208,24 +222,21 @@ class Node:
         package = wire.decode(self.store.get(pid))
         self.ensure_zoo(package)
         with self._lock:
-            self._cache[pid] = build_superbody(self.zoo, package)
+            sb = build_superbody(self.zoo, package)
+            shape = tuple(self.zoo.resolve(package.target.sha256).input_shape)
+            self._cache[pid] = Loaded(sb, shape)
         return pid, self._cache[pid]
 
     def predict(self, id_or_prefix: str, x: torch.Tensor) -> tuple[str, Superbody, torch.Tensor]:
-        pid, sb = self.superbody(id_or_prefix)
+        pid, loaded = self.loaded(id_or_prefix)
         if x.ndim != 4 or not 0 < len(x) <= MAX_PREDICT_INPUTS:
             raise InvalidInputError(f"inputs must be (N, C, H, W) with 1..{MAX_PREDICT_INPUTS} "
                                     f"images; got shape {tuple(x.shape)}")
-        want = self._input_shape(pid)
-        if tuple(x.shape[1:]) != want:
+        if tuple(x.shape[1:]) != loaded.input_shape:
             raise IncompatibleError(f"inputs have shape {tuple(x.shape[1:])}; this package's "
-                                    f"models take {want}")
+                                    f"models take {loaded.input_shape}")
         with torch.no_grad():
-            return pid, sb, sb(x.float())
-
-    def _input_shape(self, pid: str) -> tuple[int, ...]:
-        package = wire.decode(self.store.get(pid))
-        return tuple(self.zoo.resolve(package.target.sha256).input_shape)
+            return pid, loaded.superbody, loaded.superbody(x.float())
 
     # ------------------------------------------------------------------ metrics
     def stats_bytes(self, direction: str, n: int) -> None:
@@ -249,18 +260,3 @@ def _load_repair_data(path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str
     x = torch.cat([ds.x_train, ds.x_val]) if len(ds.x_val) else ds.x_train
     y = torch.cat([ds.y_train, ds.y_val]) if len(ds.y_val) else ds.y_train
     return x.float(), y.long(), tuple(ds.label_names)
-
-
-def images_from_numpy(arr: np.ndarray) -> torch.Tensor:
-    """(N, C, H, W) float32 in [0, 1] from what a user gave (H, W), (N, H, W), uint8 ..."""
-    a = np.asarray(arr)
-    if a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255.0
-    a = a.astype(np.float32)
-    if a.ndim == 2:
-        a = a[None, None]
-    elif a.ndim == 3:
-        a = a[:, None]
-    if a.ndim != 4:
-        raise InvalidInputError(f"images must be 2-4 dimensional; got shape {a.shape}")
-    return torch.from_numpy(np.ascontiguousarray(a))

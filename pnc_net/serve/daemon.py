@@ -4,13 +4,16 @@
   ``logger``, ``msg`` and any fields the call adds).
 * Metrics: an optional Prometheus endpoint on 127.0.0.1 (bytes in/out,
   packages by state, rebuild and repair seconds), from its own registry.
-* Config: flags > ``PNC_*`` environment variables > a TOML file > defaults.
+* Config: flags > ``PNC_*`` environment variables > a TOML file > defaults,
+  layered by ``load_settings`` from the ``Flag`` table each daemon's
+  ``config.py`` declares (``SenderConfig.load(argv)``, ``ReceiverConfig.load(argv)``).
 * Shutdown: SIGTERM or SIGINT sets health to NOT_SERVING and lets in-flight
   calls finish (``grace_s``) before the process exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -19,9 +22,14 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pnc_net.errors import InvalidInputError
+from pnc_net.errors import ExitCode, InvalidInputError, PncError
+
+T = TypeVar("T")
 
 
 class JsonFormatter(logging.Formatter):
@@ -92,6 +100,61 @@ def load_toml(path: Path | None, section: str) -> dict:
     return {k.replace("-", "_"): v for k, v in table.items() if not isinstance(v, dict)}
 
 
+@dataclass(frozen=True)
+class Flag:
+    """One command-line option of a daemon and the config field it sets."""
+
+    field: str  # the config dataclass field
+    flag: str  # ``--listen``
+    help: str
+    type: Callable[[str], Any] = str
+    env: str | None = None  # ``PNC_...`` variable read when the flag is not given
+    repeat: bool = False  # ``--mirror A --mirror B`` -> a tuple
+
+
+def parse_flags(prog: str, description: str, table: Sequence[Flag],
+                argv: Sequence[str] | None) -> tuple[dict, Path | None]:
+    """``argv`` -> ``({field: value}, --config path)``, environment variables filling
+    the flags not given. ``--help`` prints the table and exits 0; a usage mistake
+    prints argparse's usage line and exits 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in table:
+        env = f" (or ${f.env})" if f.env else ""
+        parser.add_argument(f.flag, dest=f.field, type=f.type, help=f.help + env,
+                            action="append" if f.repeat else "store")
+    parser.add_argument("--config", type=Path, help="TOML file; its table for this daemon "
+                        "fills the options not given.")
+    args = vars(parser.parse_args(argv))
+    config = args.pop("config")
+    for f in table:
+        if args[f.field] is None and f.env and os.environ.get(f.env):
+            args[f.field] = f.type(os.environ[f.env])
+        if f.repeat:
+            args[f.field] = tuple(args[f.field] or ())
+    return args, config
+
+
+def load_settings(cls: type[T], section: str, flags: dict, config: Path | None) -> T:
+    """The config dataclass from flags (with env vars) over the TOML file over defaults."""
+    values = merge(flags, load_toml(config, section), {f.name for f in fields(cls)})
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
+    if missing:
+        raise InvalidInputError(f"missing --{missing[0].replace('_', '-')} "
+                                "(flag, $PNC_… variable or config file)")
+    return cls(**values)
+
+
+def run_main(fn: Callable[[], None]) -> None:
+    """A daemon's entry point: a ``PncError`` is one line on stderr and its exit code."""
+    try:
+        fn()
+    except PncError as err:
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(int(err.exit_code))
+    except KeyboardInterrupt:
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
 def merge(flags: dict, file_values: dict, known: set[str]) -> dict:
     """Flags (already merged with env vars by the CLI) win; the file fills what is unset."""
     unknown = set(file_values) - known
@@ -133,39 +196,3 @@ def announce(role: str, port: int) -> None:
     """One line on stdout that scripts and tests wait for."""
     sys.stdout.write(f"pnc {role} listening on 127.0.0.1:{port} port={port}\n")
     sys.stdout.flush()
-
-
-def spawn_daemon(role: str, args: list[str], timeout_s: float = 120.0, env: dict | None = None):
-    """Start ``python -m <role> ARGS`` (a daemon in its own process) and wait for the line
-    announcing its port; ``(Popen, port)``. For tests, benchmarks and ``pnc demo``."""
-    import re
-    import subprocess
-
-    if role not in ("sender", "receiver"):
-        raise InvalidInputError(f"unknown daemon role {role!r}")
-    proc = subprocess.Popen([sys.executable, "-m", role, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    port: list[int] = []
-    ready = threading.Event()
-
-    def read_stdout() -> None:
-        for line in proc.stdout:
-            m = re.search(r"port=(\d+)", line)
-            if m and not port:
-                port.append(int(m.group(1)))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read_stdout, daemon=True).start()
-    if not ready.wait(timeout_s) or not port:
-        proc.kill()
-        err = proc.stderr.read()[-2000:] if proc.stderr else ""
-        raise InvalidInputError(f"{role} did not start within {timeout_s:.0f} s: {err}")
-    threading.Thread(target=_drain, args=(proc.stderr,), daemon=True).start()
-    return proc, port[0]
-
-
-def _drain(stream) -> None:
-    for _ in stream:
-        pass

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from pnc_net import wire
-from pnc_net.baselines import TUNING_METHODS, delta_payload, zstd_size
+from pnc_net.bench.baselines import TUNING_METHODS, delta_payload, zstd_size
 from pnc_net.data import Dataset
 from pnc_net.metrics import clone_metrics, sim_matrix
 from pnc_net.package import Package

@@ -28,6 +28,7 @@ from pathlib import Path
 from pnc_net import wire
 from pnc_net.errors import IntegrityError, InvalidInputError, NotFoundError
 from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
+from pnc_net.package import Package
 
 MIN_PREFIX = 4
 KINDS = ("packages", "blobs")
@@ -91,17 +92,20 @@ class PackageStore:
         return f"PackageStore({str(self.root)!r})"
 
     # ------------------------------------------------------------------ packages
-    def put(self, data: bytes, state: str = "stored", record: PackageRecord | None = None) -> str:
-        """Validate (``wire.decode``), store atomically, return the id (sha256 of ``data``).
+    def put(self, data: bytes, state: str = "stored", record: PackageRecord | None = None,
+            package: Package | None = None) -> str:
+        """Store atomically, return the id (sha256 of ``data``). Bytes come validated:
+        with their ``record`` or their decoded ``package``, else they are decoded here.
 
         The record is written before the bytes: a package is listed once its ``.pnc``
         exists, and by then its record is complete."""
-        package = wire.decode(data)
         pid = sha256_bytes(data)
         path = self.packages_dir / f"{pid}.pnc"
+        if record is None:
+            record = record_for(pid, data, package or wire.decode(data), state)
         if path.exists():
             return pid
-        self.save_record(record or record_for(pid, data, package, state))
+        self.save_record(record)
         atomic_write_bytes(path, data)
         return pid
 

@@ -1,0 +1,23 @@
+"""What both ends of a connection agree on: message and chunk sizes, addresses.
+
+The server (``server.py``, ``servicer.py``) and the client (``client.py``) both
+take their limits from here, so neither depends on the other.
+"""
+
+from __future__ import annotations
+
+from pnc_net.errors import InvalidInputError
+
+CHUNK_BYTES = 1 << 20  # 1 MiB: the measured sweet spot of loopback gRPC (docs/protocol.md)
+MAX_MESSAGE_BYTES = 4 << 20
+MAX_BLOB_BYTES = 4 << 30  # the largest zoo blob a daemon accepts
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+
+
+def check_address(address: str) -> str:
+    """``HOST:PORT`` with a numeric port; anything else is a user mistake."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"address {address!r} is not HOST:PORT (e.g. 127.0.0.1:7000)")
+    return address
