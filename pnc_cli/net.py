@@ -8,10 +8,10 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.table import Table
 
 from pnc_cli.common import JsonOpt, console, print_json
 from pnc_net.errors import ExitCode, InvalidInputError, NotFoundError
+from pnc_net.tables import table
 
 receiver_app = typer.Typer(help="The receiver daemon.", no_args_is_help=True)
 sender_app = typer.Typer(help="The sender daemon.", no_args_is_help=True)
@@ -88,7 +88,7 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
               tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Fetch a package by id (digest verified) and write it atomically."""
     from pnc_net.fsutil import atomic_write_bytes
-    from pnc_net.serve.store import check_digest
+    from pnc_cli.common import check_digest  # torch-free (serve.store imports wire)
 
     check_digest(package_id, prefix_ok=True, what="package id")
     with _client(src, token, tls_ca, tls_cert, tls_key) as c:
@@ -131,7 +131,7 @@ def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy f
                 token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
                 tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Remote inference on the receiver's rebuilt superbody."""
-    from pnc_net.serve.store import check_digest
+    from pnc_cli.common import check_digest  # torch-free (serve.store imports wire)
 
     check_digest(package, prefix_ok=True, what="package id")
     x = load_images(images)
@@ -163,13 +163,9 @@ def status_cmd(src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT
         return
     console.print(f"{src}: {caps.role} pnc {caps.pnc_version}, health {health}, "
                   f"{len(packages)} packages", highlight=False, soft_wrap=True)
-    table = Table()
-    for col in ("id", "bytes", "state", "target", "labels", "fp error", "detail"):
-        table.add_column(col)
-    for p in packages:
-        table.add_row(p.id[:12], f"{p.size_bytes:,}", p.state, p.target,
-                      ",".join(p.label_names), f"{p.fingerprint_error:.4f}", p.detail)
-    console.print(table)
+    console.print(table(("id", "bytes", "state", "target", "labels", "fp error", "detail"), [
+        (p.id[:12], f"{p.size_bytes:,}", p.state, p.target, ",".join(p.label_names),
+         f"{p.fingerprint_error:.4f}", p.detail) for p in packages]))
 
 
 def register(app: typer.Typer) -> None:

@@ -29,6 +29,7 @@ class ExitCode(IntEnum):
     INCOMPATIBLE = 6
     REMOTE = 7  # the daemon is unreachable or answered a status with no closer error
     DENIED = 8  # unauthenticated or not allowed
+    TASKS_FAILED = 9  # a batch job ran, and some of its tasks failed (``python -m pnc_net.jobs``)
     INTERRUPTED = 130
 
 

@@ -26,7 +26,6 @@ with the cluster): written to a package store folder or published to a sender.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -34,23 +33,95 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from pnc_net import wire
 from pnc_net.clone import CloneConfig, CloneResult, SourceSpec, clone
 from pnc_net.cluster import make_ray_runner
 from pnc_net.data import Dataset, load_dataset
-from pnc_net.errors import InvalidInputError, NotFoundError, PncError, PreconditionError
+from pnc_net.errors import ExitCode, InvalidInputError, NotFoundError, PncError, PreconditionError
 from pnc_net.insert import InsertConfig
 from pnc_net.search import parse_positions
+from pnc_net.tables import render
 from pnc_net.zoo import Zoo
 
 __all__ = ["clone_on_cluster", "load_spec", "main", "make_ray_runner", "run_batch"]
 log = logging.getLogger(__name__)
-TASK_KEYS = {"name", "data", "target", "source", "sources", "classes", "per_class",
-             "target_per_class", "seed", "positions", "adapter_rank", "dtype"}
-EXIT_TASKS_FAILED = 3
+EXIT_TASKS_FAILED = ExitCode.TASKS_FAILED
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    labels = tuple(str(c).strip() for c in items if str(c).strip()) if isinstance(
+        items, list | tuple) else ()
+    if not labels:
+        raise ValueError(f"classes must be a list or 'a,b', got {value!r}")
+    return labels
+
+
+def _positions(value: Any) -> tuple[tuple[int, int], ...]:
+    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+    try:
+        return tuple(parse_positions(text))
+    except InvalidInputError as err:
+        raise ValueError(str(err)) from None
+
+
+Labels = Annotated[tuple[str, ...], BeforeValidator(_labels)]
+Positions = Annotated[tuple[tuple[int, int], ...], BeforeValidator(_positions)]
+
+
+class SourceEntry(BaseModel):
+    """One item of a task's ``sources`` list."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: StrictStr
+    classes: Labels
+
+
+class TaskEntry(BaseModel):
+    """One task as the spec file gives it; types and bounds checked by pydantic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    name: str | None = None
+    data: str | None = None
+    target: str
+    source: str | None = None
+    classes: Labels | None = None
+    sources: tuple[SourceEntry, ...] | None = None
+    per_class: StrictInt = 100
+    target_per_class: StrictInt = 20
+    seed: StrictInt = 0
+    positions: Positions | None = None
+    adapter_rank: StrictInt = 8
+    dtype: Literal["fp32", "fp16", "int8"] = "fp16"
+
+    @model_validator(mode="after")
+    def _one_way_to_name_sources(self) -> TaskEntry:
+        if self.sources is None and (self.source is None or self.classes is None):
+            raise ValueError("give 'source' and 'classes', or 'sources'")
+        return self
+
+    def task(self, index: int) -> TaskSpec:
+        """The ``TaskSpec`` (a validated ``CloneConfig``) this entry describes."""
+        sources = tuple(SourceSpec(s.source, s.classes) for s in self.sources) if (
+            self.sources is not None) else (SourceSpec(str(self.source), self.classes or ()),)
+        config = CloneConfig(
+            target=self.target, sources=sources, per_class=self.per_class,
+            target_per_class=self.target_per_class, seed=self.seed, positions=self.positions,
+            insert=InsertConfig(adapter_rank=self.adapter_rank))
+        return TaskSpec(self.name or f"{index}-{config.target}", config, self.dtype, self.data)
 
 
 @dataclass(frozen=True)
@@ -61,11 +132,6 @@ class TaskSpec:
     config: CloneConfig
     dtype: str = "fp16"
     data: str | None = None  # an .npz; None = the spec's data (default: embedded MNIST)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in wire.WIRE_DTYPES:
-            raise InvalidInputError(f"task {self.name!r}: dtype {self.dtype!r} is not one of "
-                                    f"{', '.join(wire.WIRE_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -78,66 +144,37 @@ class BatchSpec:
     data: str | None = None
 
 
-def _labels(value, where: str) -> tuple[str, ...]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not items:
-        raise InvalidInputError(f"{where}: classes must be a list or 'a,b', got {value!r}")
-    return tuple(str(c).strip() for c in items if str(c).strip())
-
-
-def _positions(value, where: str) -> tuple[tuple[int, int], ...] | None:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else ",".join(str(v) for v in value)
+def parse_task(raw: Any, index: int, defaults: dict | None = None) -> TaskSpec:
+    """A ``TaskSpec`` from one list item, or ``InvalidInputError`` saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"task {index}: expected a mapping of settings, got {raw!r}")
+    raw = {**(defaults or {}), **raw}
+    where = f"task {index} ({raw['name']})" if "name" in raw else f"task {index}"
     try:
-        return tuple(parse_positions(text))
-    except InvalidInputError as err:
+        return TaskEntry.model_validate(raw).task(index)
+    except ValidationError as err:
+        raise InvalidInputError(f"{where}: {_first_problem(err)}") from None
+    except InvalidInputError as err:  # CloneConfig's own checks
         raise InvalidInputError(f"{where}: {err}") from None
 
 
-def _int(raw: dict, key: str, default: int, where: str) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInputError(f"{where}: {key} must be an integer, got {value!r}")
-    return value
-
-
-def parse_task(raw, index: int, defaults: dict | None = None) -> TaskSpec:
-    """A ``TaskSpec`` from one list item, or ``InvalidInputError`` saying what is wrong."""
-    where = f"task {index}"
-    if not isinstance(raw, dict):
-        raise InvalidInputError(f"{where}: expected a mapping of settings, got {raw!r}")
-    raw = {**(defaults or {}), **raw}
-    where = f"task {index} ({raw['name']})" if "name" in raw else where
-    unknown = sorted(set(raw) - TASK_KEYS)
-    if unknown:
-        raise InvalidInputError(f"{where}: unknown setting(s) {unknown}; known: {sorted(TASK_KEYS)}")
-    if "target" not in raw:
-        raise InvalidInputError(f"{where}: 'target' is missing")
-    if "sources" in raw:
-        if not isinstance(raw["sources"], list):
-            raise InvalidInputError(f"{where}: 'sources' must be a list of {{source, classes}}")
-        sources = tuple(SourceSpec(str(s["source"]), _labels(s.get("classes"), where))
-                        if isinstance(s, dict) and "source" in s else _bad_source(s, where)
-                        for s in raw["sources"])
-    elif "source" in raw:
-        sources = (SourceSpec(str(raw["source"]), _labels(raw.get("classes"), where)),)
-    else:
-        raise InvalidInputError(f"{where}: give 'source' and 'classes', or 'sources'")
-    config = CloneConfig(
-        target=str(raw["target"]), sources=sources,
-        per_class=_int(raw, "per_class", 100, where),
-        target_per_class=_int(raw, "target_per_class", 20, where),
-        seed=_int(raw, "seed", 0, where), positions=_positions(raw.get("positions"), where),
-        insert=InsertConfig(adapter_rank=_int(raw, "adapter_rank", 8, where)))
-    name = str(raw.get("name") or f"{index}-{config.target}")
-    data = raw.get("data")
-    return TaskSpec(name, config, str(raw.get("dtype", "fp16")), str(data) if data else None)
-
-
-def _bad_source(value, where: str):
-    raise InvalidInputError(f"{where}: each item of 'sources' needs 'source' and 'classes', "
-                            f"got {value!r}")
+def _first_problem(err: ValidationError) -> str:
+    """pydantic's first error in the words of the spec's author."""
+    e = err.errors()[0]
+    loc = [str(p) for p in e["loc"]]
+    kind, value = e["type"], e.get("input")
+    if loc and loc[0] == "sources" and len(loc) > 1:
+        return f"each item of 'sources' needs 'source' and 'classes', got {value!r}"
+    if kind == "missing":
+        return f"'{loc[-1]}' is missing"
+    if kind == "extra_forbidden":
+        unknown = sorted(str(x["loc"][-1]) for x in err.errors() if x["type"] == kind)
+        return f"unknown setting(s) {unknown}; known: {sorted(TaskEntry.model_fields)}"
+    if kind.startswith("int_"):
+        return f"{loc[-1]} must be an integer, got {value!r}"
+    if kind == "literal_error":
+        return f"{loc[-1]} {value!r} is not one of {', '.join(wire.WIRE_DTYPES)}"
+    return e["msg"].removeprefix("Value error, ")
 
 
 def load_spec(path: str | Path) -> BatchSpec:
@@ -200,10 +237,8 @@ def publish_sink(address: str, token: str | None = None) -> Callable[[bytes], di
 
 
 def clone_on_cluster(zoo: Zoo, data: Dataset, cfg: CloneConfig, runner) -> CloneResult:
-    """``clone`` with candidates (and, where ``clone`` takes a localizer, localization) on Ray."""
-    if "localizer" in inspect.signature(clone).parameters:
-        return clone(zoo, data, cfg, runner=runner, localizer=runner.localize_all)
-    return clone(zoo, data, cfg, runner=runner)
+    """``clone`` with localization and candidate positions on the Ray workers."""
+    return clone(zoo, data, cfg, runner=runner, localizer=runner.localize_all)
 
 
 def _error_text(err: BaseException) -> str:
@@ -237,17 +272,15 @@ def run_task(task: TaskSpec | PncError, name: str, zoo: Zoo,
 
 
 def summary_table(records: list[dict]) -> str:
-    rows = [("task", "ok", "position", "acc_new", "locality", "seconds", "package / error")]
-    for r in records:
-        rows.append((r["task"], "yes" if r["ok"] else "NO",
-                     " ".join(f"{p[0]}:{p[1]}" for p in r.get("position", [])) or "-",
-                     f"{r['acc_new']:.3f}" if r.get("acc_new") is not None else "-",
-                     f"{r['locality']:.3f}" if r.get("locality") is not None else "-",
-                     f"{r['seconds']:.1f}",
-                     r.get("stored") or r.get("published") or r.get("error", "")))
-    widths = [max(len(str(row[c])) for row in rows) for c in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[-1]
-                     for row in rows)
+    """One row per task, as plain text for the job's log."""
+    rows = [(r["task"], "yes" if r["ok"] else "NO",
+             " ".join(f"{p[0]}:{p[1]}" for p in r.get("position", [])) or "-",
+             f"{r['acc_new']:.3f}" if r.get("acc_new") is not None else "-",
+             f"{r['locality']:.3f}" if r.get("locality") is not None else "-",
+             f"{r['seconds']:.1f}",
+             r.get("stored") or r.get("published") or r.get("error", "")) for r in records]
+    return render(("task", "ok", "position", "acc_new", "locality", "seconds",
+                   "package / error"), rows)
 
 
 def run_batch(spec: BatchSpec, zoo: Zoo, runner, sink: Callable[[bytes], dict],

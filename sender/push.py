@@ -11,15 +11,17 @@ backoff and jitter; a receiver that refuses a package for good
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 
-from pnc_net.errors import PncError
-from pnc_net.serve.client import PncClient, RemoteError
+from pnc_net.errors import BusyError, PncError, RemoteError, UnauthenticatedError
+from pnc_net.serve.client import PncClient
+from pnc_net.serve.retry import Backoff
 from pnc_net.serve.store import PackageStore
 
 log = logging.getLogger("pnc.sender")
+BACKOFF = Backoff(first_s=0.1, max_s=10.0)  # a receiver that is down is retried forever
+TRANSIENT = (RemoteError, BusyError, UnauthenticatedError)
 
 
 class Pusher(threading.Thread):
@@ -38,8 +40,8 @@ class Pusher(threading.Thread):
         self.wake.set()
 
     def run(self) -> None:
-        delay = 0.1
         client = PncClient(self.address, timeout_s=10, max_attempts=3, **self.client_kwargs)
+        delays = BACKOFF.delays()
         last_full = 0.0
         while not self.stopping.is_set():
             full = time.monotonic() - last_full >= self.resync_s
@@ -47,12 +49,12 @@ class Pusher(threading.Thread):
             try:
                 self.sync_once(client, full)
                 last_full = time.monotonic() if full else last_full
-                delay = 0.1
+                delays = BACKOFF.delays()
                 self.wake.wait(self.resync_s)
             except PncError as err:
+                delay = next(delays)
                 log.warning("push to %s failed: %s (retry in %.1f s)", self.address, err, delay)
-                self.stopping.wait(delay * (1 + random.random() / 2))
-                delay = min(delay * 2, 10.0)
+                self.stopping.wait(delay)
         client.close()
 
     def sync_once(self, client: PncClient, full: bool) -> int:
@@ -72,8 +74,8 @@ class Pusher(threading.Thread):
                 continue
             try:
                 client.send_package(self.store.get(pid))
-            except RemoteError:
-                raise  # unreachable or overloaded: back off and retry
+            except TRANSIENT:
+                raise  # unreachable, busy, or not accepting our token yet: back off, retry
             except PncError as err:  # refused for good: remember why
                 self.refused[pid] = str(err)
                 log.warning("receiver %s refused %s: %s", self.address, pid[:12], err)

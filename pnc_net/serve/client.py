@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 import numpy as np
@@ -35,6 +34,9 @@ from pnc_net.errors import (
 )
 from pnc_net.fsutil import sha256_bytes
 from pnc_net.serve.channel import CHANNEL_OPTIONS, CHUNK_BYTES, check_address
+from pnc_net.serve.retry import retry
+
+T = TypeVar("T")
 
 log = logging.getLogger("pnc.client")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -124,9 +126,10 @@ class PncClient:
         flight that a restarted server never received."""
         sha, size = sha256_bytes(data), len(data)
         name = f"{kind}/{sha}/{size}"
-        sent, delay = 0, 0.2
         deadline = max(self.timeout_s, size / 20e6)
-        for attempt in range(1, self.max_attempts + 1):
+        resent = [0]  # payload bytes of attempts that failed
+
+        def attempt() -> int:
             counter, failed = [0], threading.Event()
             try:
                 status = self.bytestream.QueryWriteStatus(
@@ -135,22 +138,27 @@ class PncClient:
                 if status.complete:
                     self.last_write = tpb.WriteResponse(committed_size=size,
                                                         state=self._state(kind, sha))
-                    return sent
+                    return resent[0]
                 offset = int(status.committed_size)
                 pace = None if max_unacked is None else (
-                    lambda target, failed=failed: self._wait_committed(name, target, failed))
+                    lambda target: self._wait_committed(name, target, failed))
                 self.last_write = self.bytestream.Write(
                     _chunks(name, data, offset, counter, on_chunk, pace, max_unacked or 0),
                     timeout=deadline, metadata=self.metadata)
-                return sent + counter[0]
-            except grpc.RpcError as err:
+                return resent[0] + counter[0]
+            except grpc.RpcError:
                 failed.set()  # a pacing wait still polling stops handing out chunks
-                sent += counter[0]
-                if err.code() not in RETRYABLE or attempt == self.max_attempts:
-                    raise remote_error(self.address, err) from None
-                time.sleep(delay * (1 + random.random() / 2))
-                delay = min(delay * 2, 5.0)
-        raise AssertionError("unreachable")
+                resent[0] += counter[0]
+                raise
+
+        return self._retrying(attempt)
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """``fn`` under the client's retry policy; a final gRPC error as a pnc error."""
+        try:
+            return retry(fn, attempts=self.max_attempts, retryable=_retryable)
+        except grpc.RpcError as err:
+            raise remote_error(self.address, err) from None
 
     def _wait_committed(self, name: str, target: int, failed: threading.Event) -> bool:
         """Block until the server has committed ``target`` bytes of ``name``. False once the
@@ -184,19 +192,15 @@ class PncClient:
         name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
         buf = bytearray()
         digest = hashlib.sha256()  # hashed as it arrives, overlapping the transfer
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                for resp in self.bytestream.Read(
-                        tpb.ReadRequest(resource_name=name, read_offset=len(buf)),
-                        timeout=max(self.timeout_s, (size or 0) / 20e6),
-                        metadata=self.metadata):
-                    buf += resp.data
-                    digest.update(resp.data)
-                break
-            except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or attempt == self.max_attempts:
-                    raise remote_error(self.address, err) from None
-                time.sleep(0.2 * attempt)
+
+        def attempt() -> None:  # resumes from what already arrived
+            for resp in self.bytestream.Read(
+                    tpb.ReadRequest(resource_name=name, read_offset=len(buf)),
+                    timeout=max(self.timeout_s, (size or 0) / 20e6), metadata=self.metadata):
+                buf.extend(resp.data)
+                digest.update(resp.data)
+
+        self._retrying(attempt)
         data = bytes(buf)
         if digest.hexdigest() != sha256:
             raise IntegrityError(f"{self.address}: blob {sha256[:16]} arrived with a different "
@@ -269,6 +273,10 @@ class MirrorFetcher:
             except PncError as err:
                 log.warning("mirror %s could not supply %s: %s", mirror, sha256[:12], err)
         return None
+
+
+def _retryable(err: BaseException) -> bool:
+    return isinstance(err, grpc.RpcError) and err.code() in RETRYABLE
 
 
 def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=None,
