@@ -1,4 +1,8 @@
-"""The ``pnc`` command line. Each concern registers its commands from its own module."""
+"""The ``pnc`` command line. Each concern registers its commands from its own module.
+
+Importing this package loads no torch and no ray: each command imports what it
+runs, so ``pnc --help`` and the edge client (send, fetch, status, predict) start fast.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import sys
 
 import typer
 
-from pnc_cli import bench, core, jobs, net
+from pnc_cli import bench, core, demo, jobs, net
 from pnc_cli.common import run_guarded
 
 app = typer.Typer(
@@ -17,25 +21,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for module in (core, net, jobs, bench):
+for module in (core, demo, net, jobs, bench):
     module.register(app)
 
 
-def optional_flag_values(argv: list[str], flag: str, default: str) -> list[str]:
-    """Let ``--ray`` stand alone: click options need a value, so a bare ``--ray``
-    (last, or followed by another option) gets ``default``."""
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        if arg == flag and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
-            out.append(default)
-    return out
-
-
 def main() -> None:
+    """The console script: exit with the code ``run_guarded`` settles on."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from pnc_cli.core import RAY_LOCAL
-
-    sys.argv[1:] = optional_flag_values(sys.argv[1:], "--ray", RAY_LOCAL)
     sys.exit(run_guarded(app))

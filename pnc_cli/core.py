@@ -1,41 +1,35 @@
-"""Core commands: the zoo, clone, eval, inspect and the demo."""
+"""Core commands: the zoo, clone, eval and inspect.
+
+Registered for every ``pnc`` call, so the module itself stays light: torch and the
+clone pipeline are imported inside the commands that need them (``pnc --help`` and
+the edge client must not pay seconds of torch import).
+"""
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.table import Table
-from tqdm.auto import tqdm
 
-from pnc_cli.common import JsonOpt, ZooOpt, console, err_console, print_json
-from pnc_net import wire
-from pnc_net.clone import CloneConfig, SourceSpec, clone, run_sequential
-from pnc_net.data import load_dataset
+from pnc_cli.common import (
+    METRIC_KEYS,
+    RAY_LOCAL,
+    JsonOpt,
+    ZooOpt,
+    console,
+    optional_value_command,
+    print_json,
+    split_labels,
+)
 from pnc_net.errors import ExitCode, IncompatibleError, InvalidInputError
-from pnc_net.insert import InsertConfig
-from pnc_net.metrics import clone_metrics, detach_is_exact
-from pnc_net.rebuild import load_ref, verify
-from pnc_net.search import parse_positions
-from pnc_net.zoo import Zoo, model_from_weights
-from pnc_net.zoo_train import ZooSpec, build_default_zoo, train_zoo_model
 
-METRIC_KEYS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")
 DataOpt = Annotated[Path | None, typer.Option(
     "--data", help="An .npz with x_train,y_train,x_test,y_test (default: embedded MNIST).")]
 
 zoo_app = typer.Typer(help="Build, list and verify the local model zoo.", no_args_is_help=True)
-
-
-def split_labels(text: str) -> tuple[str, ...]:
-    labels = tuple(c.strip() for c in text.split(",") if c.strip())
-    if not labels:
-        raise InvalidInputError(f"--classes {text!r} names no class; give e.g. --classes 5,6")
-    return labels
 
 
 # ----------------------------------------------------------------------------- zoo
@@ -44,6 +38,12 @@ def split_labels(text: str) -> tuple[str, ...]:
 @zoo_app.command("build")
 def zoo_build(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     """Train the default MNIST zoo (CNN and ResNet, digits 0-4 and 5-9). Idempotent."""
+    import torch
+
+    from pnc_net.data import load_dataset
+    from pnc_net.zoo import Zoo
+    from pnc_net.zoo_train import build_default_zoo
+
     torch.set_num_threads(max(1, torch.get_num_threads()))
     zoo = Zoo(zoo_dir)
     built = build_default_zoo(zoo, load_dataset(None), progress=not json_out)
@@ -65,6 +65,10 @@ def zoo_train(
     seed: int = 0, zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Train a model on your own data and add it to the zoo."""
+    from pnc_net.data import load_dataset
+    from pnc_net.zoo import Zoo
+    from pnc_net.zoo_train import ZooSpec, train_zoo_model
+
     dataset = load_dataset(data)
     labels = split_labels(classes)
     spec = ZooSpec(name or f"{dataset.name}-{arch}-{'-'.join(labels)}", arch, labels, epochs,
@@ -79,6 +83,8 @@ def zoo_train(
 @zoo_app.command("list")
 def zoo_list(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     """List the zoo's models (with --json: their manifests)."""
+    from pnc_net.zoo import Zoo
+
     zoo = Zoo(zoo_dir)
     manifests = zoo.manifests()
     if json_out:
@@ -98,6 +104,8 @@ def zoo_list(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
 @zoo_app.command("verify")
 def zoo_verify(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     """Check every model's weights against its manifest's sha256."""
+    from pnc_net.zoo import Zoo
+
     report = Zoo(zoo_dir).verify()
     if json_out:
         print_json([{"name": m.name, "sha256": m.sha256, "ok": p is None, "problem": p}
@@ -113,27 +121,6 @@ def zoo_verify(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
 # ----------------------------------------------------------------------------- clone
 
 
-def tqdm_runner(enabled: bool):
-    """A sequential candidate runner with a progress bar per source.
-
-    The bar is created when the search starts, not before: a user mistake that
-    planning rejects must print its one error line and nothing else.
-    """
-
-    def runner(job, i, positions):
-        bar = tqdm(total=len(positions), desc=f"position search {job.modules[i].manifest.name}",
-                   disable=not enabled, leave=False)
-
-        def on_result(pos, res):
-            bar.set_postfix_str(f"R={pos[0]} S={pos[1]} score={res['score']:.3f}")
-            bar.update(1)
-        try:
-            return run_sequential(job, i, positions, on_result)
-        finally:
-            bar.close()
-    return runner
-
-
 def metrics_table(title: str, metrics: dict, extra: dict | None = None) -> Table:
     table = Table(title=title)
     table.add_column("metric")
@@ -141,44 +128,6 @@ def metrics_table(title: str, metrics: dict, extra: dict | None = None) -> Table
     for k, v in {**metrics, **(extra or {})}.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     return table
-
-
-def run_clone(target: str, sources: list[str], classes: list[str], per_class: int,
-              target_per_class: int, data: Path | None, zoo_dir: Path | None, seed: int,
-              positions: str | None, adapter_rank: int, quiet: bool, runner=None):
-    """Shared by ``pnc clone`` and ``pnc demo``: returns (result, zoo, dataset)."""
-    if len(classes) != len(sources):
-        raise InvalidInputError(
-            f"give one --classes per --source ({len(sources)} sources, {len(classes)} --classes)")
-    cfg = CloneConfig(
-        target=target,
-        sources=tuple(SourceSpec(s, split_labels(c)) for s, c in zip(sources, classes)),
-        per_class=per_class, target_per_class=target_per_class, seed=seed,
-        positions=tuple(parse_positions(positions)) if positions else None,
-        insert=InsertConfig(adapter_rank=adapter_rank),
-    )
-    zoo, dataset = Zoo(zoo_dir), load_dataset(data)
-    torch.manual_seed(seed)
-    runner = runner or tqdm_runner(not quiet)
-    log = None if quiet else (lambda msg: err_console.print(f"[dim]{msg}[/]", highlight=False))
-    localizer = getattr(runner, "localize_all", None)  # Ray runners localize in parallel too
-    result = clone(zoo, dataset, cfg, runner=runner, log=log, localizer=localizer)
-    return result, zoo, dataset
-
-
-RAY_LOCAL = "local"  # what `--ray` without an address becomes (see pnc_cli.main)
-
-
-@contextmanager
-def ray_runner(address: str | None):
-    """A Ray candidate runner for ``--ray [ADDRESS]``, or None (in process) without it."""
-    if address is None:
-        yield None
-        return
-    from pnc_net.cluster import make_ray_runner
-
-    with make_ray_runner(None if address == RAY_LOCAL else address) as runner:
-        yield runner
 
 
 def summary(result, package_bytes: int, out: Path | None, seconds: float) -> dict:
@@ -206,12 +155,17 @@ def clone_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Clone classes of a source zoo model into a target; write the package."""
+    from pnc_cli.clone_run import clone_config, ray_runner, run_clone
+    from pnc_net import wire
+
     started = time.perf_counter()
     if dtype not in wire.WIRE_DTYPES:
         raise InvalidInputError(f"--dtype {dtype!r} is not one of {', '.join(wire.WIRE_DTYPES)}")
+    cfg = clone_config(target, source, classes, per_class=per_class,
+                       target_per_class=target_per_class, seed=seed, positions=positions,
+                       adapter_rank=adapter_rank)  # before Ray starts: a mistake costs nothing
     with ray_runner(ray) as runner:
-        result, _, _ = run_clone(target, source, classes, per_class, target_per_class, data,
-                                 zoo_dir, seed, positions, adapter_rank, json_out, runner)
+        result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")
     pid, nbytes = wire.write_package(out, result.package, dtype)
     info = {**summary(result, nbytes, out, time.perf_counter() - started), "package_id": pid}
@@ -244,6 +198,12 @@ def check_eval_data(dataset, input_shape: tuple[int, ...], labels: tuple[str, ..
 def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
              data: DataOpt = None, zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     """Rebuild the superbody from the zoo and the package; report metrics and detach_exact."""
+    from pnc_net import wire
+    from pnc_net.data import load_dataset
+    from pnc_net.metrics import clone_metrics, detach_is_exact
+    from pnc_net.rebuild import load_ref, verify
+    from pnc_net.zoo import Zoo, model_from_weights
+
     started = time.perf_counter()
     zoo = Zoo(zoo_dir)
     pkg, raw = wire.read_package(package)
@@ -272,6 +232,8 @@ def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
 def inspect_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
                 json_out: JsonOpt = False) -> None:
     """Show a package: zoo references, position, kept filters, tensors and sizes."""
+    from pnc_net import wire
+
     pkg, raw = wire.read_package(package)
     info = {
         "package_id": wire.package_id(raw), "package_bytes": len(raw),
@@ -305,10 +267,9 @@ def inspect_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package fil
 
 
 def register(app: typer.Typer) -> None:
+    """Add the zoo, clone, eval and inspect commands to ``app``."""
     app.add_typer(zoo_app, name="zoo")
-    app.command("clone")(clone_cmd)
+    # A bare `--ray` (last, or before another option) means a local cluster.
+    app.command("clone", cls=optional_value_command({"--ray": RAY_LOCAL}))(clone_cmd)
     app.command("eval")(eval_cmd)
     app.command("inspect")(inspect_cmd)
-    from pnc_cli.demo import demo_cmd
-
-    app.command("demo")(demo_cmd)

@@ -9,13 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pnc_cli.common import JsonOpt, ZooOpt, console, print_json
-from pnc_net import wire
-from pnc_net.data import load_dataset
-from pnc_net.metrics import detach_is_exact
-from pnc_net.rebuild import verify
-from pnc_net.zoo import Zoo, model_from_weights
-from pnc_net.zoo_train import build_default_zoo
+from pnc_cli.common import METRIC_KEYS, RAY_LOCAL, JsonOpt, ZooOpt, console, print_json
+
+#: The demo's task: digits 5,6 of the 5-9 model into the 0-4 model, the defaults' budgets.
+DEMO_TARGET, DEMO_SOURCE, DEMO_CLASSES = "mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6")
 
 
 def demo_cmd(
@@ -27,30 +24,30 @@ def demo_cmd(
     """The main job: build the zoo if missing, clone digits 5,6 of a 5-9 model into a 0-4
     model on a local Ray cluster, verify the package, show that detaching restores the
     target exactly, and send the package to a receiver on loopback that answers predictions."""
-    from pnc_cli.core import METRIC_KEYS, RAY_LOCAL, ray_runner, run_clone
+    from pnc_cli.clone_run import ray_runner, run_clone
+    from pnc_net import wire
+    from pnc_net.clone import CloneConfig
+    from pnc_net.data import load_dataset
+    from pnc_net.zoo import Zoo
+    from pnc_net.zoo_train import build_default_zoo
 
     zoo = Zoo(zoo_dir)
     data = load_dataset(None)
     say = (lambda *_: None) if json_out else console.print
     say("[bold]1. zoo[/]: the default models (trained once, about a minute on 2 cores)")
     build_default_zoo(zoo, data, progress=not json_out)
-    say("[bold]2. clone[/] digits 5,6 of mnist-cnn-5to9 into mnist-cnn-0to4"
+    say(f"[bold]2. clone[/] digits {','.join(DEMO_CLASSES)} of {DEMO_SOURCE} into {DEMO_TARGET}"
         + (" on a local Ray cluster" if use_ray else ""))
+    cfg = CloneConfig.single(DEMO_TARGET, DEMO_SOURCE, DEMO_CLASSES)
     with ray_runner(RAY_LOCAL if use_ray else None) as runner:
-        result, _, _ = run_clone("mnist-cnn-0to4", ["mnist-cnn-5to9"], ["5,6"], 100, 20, None,
-                                 zoo_dir, 0, None, 8, json_out, runner)
+        result, _, _ = run_clone(cfg, data=None, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(tempfile.mkdtemp(prefix="pnc-demo-")) / "demo.pnc"
     pid, nbytes = wire.write_package(out, result.package)
     say(f"[bold]3. package[/] {out} ({nbytes:,} bytes): rebuild from the zoo, verify, detach")
-    package, _ = wire.read_package(out)
-    superbody, fp_err = verify(zoo, package)
-    manifest = zoo.resolve(package.target.sha256)
-    exact = detach_is_exact(superbody, model_from_weights(manifest, zoo.read_weights(manifest)),
-                            data.x_test)
     m = result.report["metrics"]
     info = {"package": str(out), "package_id": pid, "package_bytes": nbytes,
-            "superbody_bytes": m["superbody_bytes"], "detach_exact": exact,
-            "fingerprint_error": fp_err, "ray": use_ray, **{k: m[k] for k in METRIC_KEYS}}
+            "superbody_bytes": m["superbody_bytes"], **check_package(zoo, out, data),
+            "ray": use_ray, **{k: m[k] for k in METRIC_KEYS}}
     if transfer:
         from pnc_cli.net import demo_transfer
 
@@ -62,6 +59,22 @@ def demo_cmd(
     console.print(results_table(info, m))
     if transfer:
         console.print(transfer_table(info["transfer"]))
+
+
+def check_package(zoo, path: Path, data) -> dict:
+    """Read the written package back as a receiver would: rebuild and verify the
+    superbody from the zoo, and check that detaching gives the target bit for bit."""
+    from pnc_net import wire
+    from pnc_net.metrics import detach_is_exact
+    from pnc_net.rebuild import verify
+    from pnc_net.zoo import model_from_weights
+
+    package, _ = wire.read_package(path)
+    superbody, fp_err = verify(zoo, package)
+    manifest = zoo.resolve(package.target.sha256)
+    exact = detach_is_exact(superbody, model_from_weights(manifest, zoo.read_weights(manifest)),
+                            data.x_test)
+    return {"detach_exact": exact, "fingerprint_error": fp_err}
 
 
 def results_table(info: dict, m: dict) -> Table:
@@ -90,3 +103,8 @@ def transfer_table(t: dict) -> Table:
     preds = ", ".join(f"{p['true']}->{p['predicted']}" for p in t["predictions"])
     table.add_row("remote predictions (true->predicted)", preds)
     return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``pnc demo`` to ``app``."""
+    app.command("demo")(demo_cmd)
