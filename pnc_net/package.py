@@ -8,11 +8,18 @@ superbody's label map and a fingerprint. ``pnc_net.wire`` turns it into bytes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from pnc_net.errors import InvalidInputError
 from pnc_net.zoo import Manifest
+
+# A package may ask for a tighter fingerprint check than this, never a looser one
+# (``pnc_net.rebuild.accepted_tolerance``); clone writes 2e-2.
+DEFAULT_FINGERPRINT_TOLERANCE = 2e-2
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,49 @@ class ZooRef:
 
     @classmethod
     def of(cls, manifest: Manifest) -> ZooRef:
+        """The reference a package writes for a zoo model."""
         return cls(manifest.name, manifest.sha256, manifest.size_bytes, manifest.arch)
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """The typed, bounded shape of a module's branch: what ``ClonedModule.config`` may hold.
+
+    The rule for keys: each field below may be present (a JSON integer within its bounds,
+    never a bool, float, string, null or list) or absent (its default, as pnc 0.1 read
+    it); any other key is refused, so a new key needs a new format version and one
+    package cannot hide junk that gives it another id. The bounds keep a crafted package
+    from making the receiver allocate a huge branch (``gate_hidden: 10**7`` is 640 MB).
+    """
+
+    adapter_rank: int = 8  # rank of the adapter's 1x1 map
+    gate_hidden: int = 8  # hidden units of the fusion gate
+
+    BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096)}
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, (low, high) = getattr(self, f.name), self.BOUNDS[f.name]
+            if type(value) is not int or not low <= value <= high:
+                raise InvalidInputError(f"module config {f.name}={value!r:.40} must be an "
+                                        f"integer in {low}..{high}")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping) -> ModuleConfig:
+        """The config a decoded JSON object (or a clone's dict) describes, or
+        ``InvalidInputError`` naming the bad key or value."""
+        if not isinstance(raw, Mapping):
+            raise InvalidInputError(f"module config must be a JSON object, not "
+                                    f"{type(raw).__name__}")
+        unknown = sorted(str(k)[:40] for k in raw if k not in cls.BOUNDS)
+        if unknown:
+            raise InvalidInputError(f"module config has unknown keys {unknown[:5]}; known: "
+                                    f"{sorted(cls.BOUNDS)}")
+        return cls(**raw)
+
+    def as_dict(self) -> dict[str, int]:
+        """Every field (defaults included), as ``config_json`` writes it."""
+        return asdict(self)
 
 
 @dataclass
@@ -40,7 +89,11 @@ class ClonedModule:
     position_s: int
     masks: dict[str, torch.Tensor]  # unit name -> bool (width,)
     tensors: dict[str, torch.Tensor]  # "adapter.*", "gate.*" -> float32
-    config: dict = field(default_factory=dict)  # adapter_rank, gate_hidden, ...
+    config: dict = field(default_factory=dict)  # ModuleConfig's fields, as JSON writes them
+
+    def settings(self) -> ModuleConfig:
+        """The config, typed and checked (``InvalidInputError`` for a bad key or value)."""
+        return ModuleConfig.from_mapping(self.config)
 
     def kept_filters(self) -> dict[str, tuple[int, int]]:
         """``unit -> (kept, width)``."""
@@ -54,7 +107,13 @@ class Fingerprint:
     probe_seed: int
     probe_count: int
     probabilities: torch.Tensor  # (probe_count, n_labels) float32
-    tolerance: float = 2e-2
+    tolerance: float = DEFAULT_FINGERPRINT_TOLERANCE
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance)
+                and self.tolerance >= 0):
+            raise InvalidInputError(f"fingerprint tolerance {self.tolerance!r} must be a finite "
+                                    "number >= 0")
 
 
 @dataclass

@@ -6,9 +6,11 @@ is the sha256 of its encoded bytes. Adapter and fusion tensors travel as fp16
 by default (``fp32`` is lossless, ``int8`` is smallest and may need the
 receiver's repair step); masks travel as packed bits.
 
-Decoding validates structure (format version, tensor sizes, mask widths, label
-map) and raises ``InvalidInputError`` for anything malformed: never a crash,
-never a half-built object. Checks against the zoo happen in ``pnc_net.rebuild``.
+Decoding validates structure (one zstd frame, format version, every declared size
+against the budget in ``pnc_net.codec``, tensor sizes, mask widths, label map, the
+typed module config ``ModuleConfig``) and raises ``InvalidInputError`` for anything
+malformed: never a crash, never a half-built object. Checks against the zoo happen
+in ``pnc_net.rebuild``.
 """
 
 from __future__ import annotations
@@ -24,18 +26,17 @@ from pnc_net import __version__, codec
 from pnc_net._proto import package_pb2 as pb
 from pnc_net.codec import (  # noqa: F401 - part of this module's interface
     FORMAT_VERSION,
+    MAX_JSON_CHARS,
+    MAX_MASK_WIDTH,
+    MAX_MODULES,
+    MAX_NAME_CHARS,
     MAX_PACKAGE_BYTES,
     READABLE_VERSIONS,
     WIRE_DTYPES,
 )
 from pnc_net.errors import InvalidInputError, NotFoundError
 from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
-from pnc_net.package import ClonedModule, Fingerprint, Package, ZooRef
-
-MAX_JSON_CHARS = 1 << 20
-MAX_MODULES = 64
-MAX_NAME_CHARS = 256
-
+from pnc_net.package import ClonedModule, Fingerprint, ModuleConfig, Package, ZooRef
 
 # ----------------------------------------------------------------------------- tensors
 
@@ -52,12 +53,14 @@ def tensor_from_proto(msg: pb.Tensor) -> torch.Tensor:
 
 
 def mask_to_proto(layer: str, mask: torch.Tensor) -> pb.Mask:
+    """A bool mask as packed bits (little bit order), 8 filters a byte."""
     bits = np.packbits(mask.cpu().numpy().astype(bool), bitorder="little")
     return pb.Mask(layer=layer, width=int(mask.numel()), bits=bits.tobytes())
 
 
 def mask_from_proto(msg: pb.Mask) -> torch.Tensor:
-    if msg.width == 0 or msg.width > 1 << 20 or len(msg.bits) != (msg.width + 7) // 8:
+    """A bool mask, after checking its width (bounded) against its byte count."""
+    if msg.width == 0 or msg.width > MAX_MASK_WIDTH or len(msg.bits) != (msg.width + 7) // 8:
         raise InvalidInputError(
             f"mask {msg.layer!r} of width {msg.width} holds {len(msg.bits)} bytes")
     bits = np.unpackbits(np.frombuffer(msg.bits, np.uint8), bitorder="little")[: msg.width]
@@ -105,7 +108,7 @@ def to_proto(package: Package, dtype: str = "fp16",
             masks=[mask_to_proto(k, v) for k, v in sorted(m.masks.items())],
             tensors=[tensor_to_proto(k, v, dtype, format_version)
                      for k, v in sorted(m.tensors.items())],
-            config_json=json.dumps(m.config, sort_keys=True)))
+            config_json=json.dumps(m.settings().as_dict(), sort_keys=True)))
     if package.fingerprint is not None:
         fp = package.fingerprint
         msg.fingerprint.CopyFrom(pb.Fingerprint(
@@ -153,11 +156,14 @@ def _module_from_proto(msg: pb.ClonedModule) -> ClonedModule:
                                 "a block boundary (R and S start at 1)")
     return ClonedModule(_ref_from_proto(msg.source, "source"), tuple(msg.cloned_classes),
                         int(msg.position_r), int(msg.position_s), masks, tensors,
-                        _json(msg.config_json, "module config"))
+                        ModuleConfig.from_mapping(_json(msg.config_json, "module config"))
+                        .as_dict())
 
 
 def from_proto(msg: pb.Package) -> Package:
+    """A validated ``Package`` from a message (limits re-checked: callers may skip parse)."""
     codec.check_version(msg.format_version)
+    codec.check_limits(msg)
     if not msg.modules or len(msg.modules) > MAX_MODULES:
         raise InvalidInputError(f"package holds {len(msg.modules)} cloned modules "
                                 f"(1..{MAX_MODULES} allowed)")
@@ -168,25 +174,31 @@ def from_proto(msg: pb.Package) -> Package:
     n_new = sum(len(m.cloned_classes) for m in modules)
     if n_new >= len(labels):
         raise InvalidInputError("package label map is shorter than its cloned classes")
-    fingerprint = None
-    if msg.HasField("fingerprint"):
-        probs = tensor_from_proto(msg.fingerprint.probabilities)
-        if probs.ndim != 2 or probs.shape != (msg.fingerprint.probe_count, len(labels)):
-            raise InvalidInputError(f"fingerprint shape {tuple(probs.shape)} does not match "
-                                    f"{msg.fingerprint.probe_count} probes x {len(labels)} labels")
-        tol = float(msg.fingerprint.tolerance)
-        in_range = bool(((probs > -1e-3) & (probs < 1 + 1e-3)).all())
-        if not (math.isfinite(tol) and 0 <= tol <= 1) or not in_range:
-            raise InvalidInputError(f"fingerprint tolerance {tol} or probabilities are outside "
-                                    "[0, 1]")
-        fingerprint = Fingerprint(int(msg.fingerprint.probe_seed), int(msg.fingerprint.probe_count),
-                                  probs, tol)
+    fingerprint = _fingerprint_from_proto(msg.fingerprint, len(labels)) if msg.HasField(
+        "fingerprint") else None
     if not math.isfinite(msg.created_unix_s):
         raise InvalidInputError("package creation time is not a finite number")
     return Package(target=_ref_from_proto(msg.target, "target"), modules=modules,
                    label_names=labels, fingerprint=fingerprint,
                    report=_json(msg.report_json, "report"), created_unix_s=msg.created_unix_s,
                    format_version=msg.format_version, writer_version=msg.writer_version)
+
+
+def _fingerprint_from_proto(msg: pb.Fingerprint, n_labels: int) -> Fingerprint:
+    """The recorded probe outputs: at least one probe (zero would verify anything), one
+    probability row per probe, tolerance in [0, 1] (the receiver caps it further)."""
+    if msg.probe_count < 1:
+        raise InvalidInputError("fingerprint has 0 probes; it would verify any rebuild")
+    probs = tensor_from_proto(msg.probabilities)
+    if probs.ndim != 2 or probs.shape != (msg.probe_count, n_labels):
+        raise InvalidInputError(f"fingerprint shape {tuple(probs.shape)} does not match "
+                                f"{msg.probe_count} probes x {n_labels} labels")
+    tol = float(msg.tolerance)
+    in_range = bool(((probs > -1e-3) & (probs < 1 + 1e-3)).all())
+    if not (math.isfinite(tol) and 0 <= tol <= 1) or not in_range:
+        raise InvalidInputError(f"fingerprint tolerance {tol} or probabilities are outside "
+                                "[0, 1]")
+    return Fingerprint(int(msg.probe_seed), int(msg.probe_count), probs, tol)
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -204,6 +216,7 @@ def decode(data: bytes) -> Package:
 
 
 def package_id(data: bytes) -> str:
+    """The id of a package: the sha256 of its exact bytes (hence one frame, no trailer)."""
     return sha256_bytes(data)
 
 
@@ -215,6 +228,7 @@ def write_package(path: str | Path, package: Package, dtype: str = "fp16") -> tu
 
 
 def read_package(path: str | Path) -> tuple[Package, bytes]:
+    """A package file's decoded package and its bytes; ``NotFoundError`` if missing."""
     path = Path(path)
     if not path.is_file():
         raise NotFoundError(f"package file {path} does not exist")
