@@ -192,11 +192,13 @@ def load_spec(path: str | Path) -> BatchSpec:
     if not isinstance(items, list) or not items or not isinstance(defaults, dict):
         raise InvalidInputError(
             f"spec {path} must be a non-empty list of tasks or a mapping with 'tasks'")
-    tasks, names = [], []
+    tasks: list[TaskSpec | PncError] = []
+    names: list[str] = []
     for i, item in enumerate(items):
         try:
-            tasks.append(parse_task(item, i, defaults))
-            names.append(tasks[-1].name)
+            task = parse_task(item, i, defaults)
+            tasks.append(task)
+            names.append(task.name)
         except PncError as err:
             tasks.append(err)
             names.append(str(item.get("name", i)) if isinstance(item, dict) else str(i))
@@ -302,6 +304,7 @@ def run_batch(spec: BatchSpec, zoo: Zoo, runner, sink: Callable[[bytes], dict],
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pnc_net.jobs SPEC --store DIR``: run a batch spec; the exit code."""
     parser = argparse.ArgumentParser(prog="python -m pnc_net.jobs", description=__doc__.split(
         "\n")[0])
     parser.add_argument("spec", help="YAML or JSON list of clone tasks")

@@ -64,7 +64,7 @@ class ReceiverConfig(ServerSettings):
         """The config from ``argv`` (``pnc receiver serve`` passes its arguments through)."""
         flags, config = parse_flags("pnc receiver serve", "Accept packages, rebuild and "
                                     "verify superbodies, serve Predict and Read.", FLAGS, argv)
-        return load_settings(cls, "receiver", flags, config)
+        return load_settings(cls, "receiver", flags, config, FLAGS)
 
     def client_kwargs(self) -> dict:
         """How the receiver connects to its mirrors and its sender."""

@@ -58,7 +58,7 @@ class SenderConfig(ServerSettings):
         """The config from ``argv`` (``pnc sender serve`` passes its arguments through)."""
         flags, config = parse_flags("pnc sender serve", "Serve the store, push new packages "
                                     "to every receiver, mirror the zoo.", FLAGS, argv)
-        return load_settings(cls, "sender", flags, config)
+        return load_settings(cls, "sender", flags, config, FLAGS)
 
     def client_kwargs(self) -> dict:
         """How the pushers connect to the receivers."""

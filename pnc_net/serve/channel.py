@@ -11,7 +11,7 @@ from pnc_net.errors import InvalidInputError
 CHUNK_BYTES = 1 << 20  # 1 MiB: the measured sweet spot of loopback gRPC (docs/protocol.md)
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_BLOB_BYTES = 4 << 30  # the largest zoo blob a daemon accepts
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 

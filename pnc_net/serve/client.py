@@ -58,7 +58,9 @@ def channel_credentials(tls_ca: Path | None, tls_cert: Path | None,
         return None
     if (tls_cert is None) != (tls_key is None):
         raise InvalidInputError("give --tls-cert and --tls-key together (client certificate)")
-    read = lambda p: Path(p).read_bytes() if p else None
+    def read(path: Path | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
     try:
         return grpc.ssl_channel_credentials(read(tls_ca), read(tls_key), read(tls_cert))
     except OSError as err:
@@ -77,7 +79,7 @@ class PncClient:
         self.max_attempts = max_attempts
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         creds = channel_credentials(tls_ca, tls_cert, tls_key)
-        opts = list(CHANNEL_OPTIONS)
+        opts: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
         if creds is None:
             self.channel = grpc.insecure_channel(address, options=opts)
         else:
@@ -97,6 +99,7 @@ class PncClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channel (the context manager does it for you)."""
         self.channel.close()
 
     def _call(self, fn, request, timeout: float | None = None):
@@ -208,26 +211,32 @@ class PncClient:
         return data
 
     def fetch_package(self, id_or_prefix: str) -> bytes:
+        """A package's bytes by id or unique prefix, digest verified."""
         info = self.stat(id_or_prefix)
         return self.read_blob("packages", info.id, info.size_bytes)
 
     # ------------------------------------------------------------------ queries
     def find_missing(self, kind: str, digests: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Which of ``digests`` (sha256, size) the daemon lacks."""
         req = tpb.FindMissingRequest(kind=kind, digests=[
             tpb.Digest(sha256=s, size_bytes=n) for s, n in digests])
         resp = self._call(self.cas.FindMissing, req)
         return [(d.sha256, int(d.size_bytes)) for d in resp.missing]
 
     def capabilities(self) -> tpb.Capabilities:
+        """The daemon's limits, role, version and whether it needs a token."""
         return self._call(self.cas.GetCapabilities, tpb.CapabilitiesRequest())
 
     def list(self) -> list[tpb.PackageInfo]:
+        """Every package the daemon holds, with its state."""
         return list(self._call(self.packages.List, tpb.ListRequest()).packages)
 
     def stat(self, id_or_prefix: str) -> tpb.PackageInfo:
+        """One package's record (state, fingerprint error, labels...)."""
         return self._call(self.packages.Stat, tpb.StatRequest(id=id_or_prefix))
 
     def zoo_manifest(self, sha256: str) -> str:
+        """The manifest JSON of a zoo model the daemon holds (a mirror's answer)."""
         return self._call(self.packages.ZooManifest,
                           tpb.ZooManifestRequest(sha256=sha256)).manifest_json
 
@@ -245,6 +254,7 @@ class PncClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel connects; ``RemoteError`` after ``timeout_s``."""
         try:
             grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
         except grpc.FutureTimeoutError:

@@ -25,17 +25,21 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pnc_net.errors import ExitCode, InvalidInputError, PncError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+D = TypeVar("D", bound="DataclassInstance")
 
 
 class JsonFormatter(logging.Formatter):
     _SKIP = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
+        """One JSON object per record, with the fields the call added."""
         out = {"ts": round(record.created, 3), "level": record.levelname.lower(),
                "logger": record.name, "msg": record.getMessage()}
         out.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
@@ -45,6 +49,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "info") -> None:
+    """Send the ``pnc`` loggers to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("pnc")
@@ -69,15 +74,19 @@ class Metrics:
         self.role = role
 
     def bytes(self, direction: str, n: int) -> None:
+        """Count payload bytes moved in ``direction`` (in or out)."""
         self._bytes.labels(direction).inc(n)
 
     def package(self, state: str) -> None:
+        """Count one accepted package by its state."""
         self._packages.labels(state).inc()
 
     def observe(self, step: str, seconds: float) -> None:
+        """Record the seconds one rebuild or repair took."""
         self._seconds.labels(step).observe(seconds)
 
     def start(self, port: int) -> int:
+        """Serve the metrics on 127.0.0.1:``port`` (0 picks one); the bound port."""
         from prometheus_client import start_http_server
 
         server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
@@ -134,9 +143,13 @@ def parse_flags(prog: str, description: str, table: Sequence[Flag],
     return args, config
 
 
-def load_settings(cls: type[T], section: str, flags: dict, config: Path | None) -> T:
-    """The config dataclass from flags (with env vars) over the TOML file over defaults."""
-    values = merge(flags, load_toml(config, section), {f.name for f in fields(cls)})
+def load_settings(cls: type[D], section: str, flags: dict, config: Path | None,
+                  table: Sequence[Flag] = ()) -> D:
+    """The config dataclass from flags (with env vars) over the TOML file over defaults.
+    File keys may be field names (``grace_s``) or flag names (``grace``, ``mirror``)."""
+    aliases = {f.flag.removeprefix("--").replace("-", "_"): f.field for f in table}
+    from_file = {aliases.get(k, k): v for k, v in load_toml(config, section).items()}
+    values = merge(flags, from_file, {f.name for f in fields(cls)})
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in values]
     if missing:
         raise InvalidInputError(f"missing --{missing[0].replace('_', '-')} "

@@ -13,7 +13,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import grpc
 
@@ -27,6 +27,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     """Map pnc errors to statuses; log every call in one structured line."""
 
     def intercept_service(self, continuation, handler_call_details):
+        """Wrap the handler so its errors become statuses and the call is logged."""
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(HEALTH_PREFIX):
             return handler
@@ -67,7 +68,7 @@ class _CallLog:
         self.start = time.perf_counter()
         return self
 
-    def __exit__(self, exc_type, err, tb) -> bool:
+    def __exit__(self, exc_type, err, tb) -> Literal[False]:
         try:
             if err is not None:
                 self._abort(err)
@@ -111,6 +112,7 @@ class TokenInterceptor(grpc.ServerInterceptor):
         }
 
     def intercept_service(self, continuation, handler_call_details):
+        """Pass the call on with the right token (or to health); otherwise deny it."""
         if handler_call_details.method.startswith(HEALTH_PREFIX):
             return continuation(handler_call_details)
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")

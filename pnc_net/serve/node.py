@@ -39,7 +39,8 @@ class ModelFetcher(Protocol):
     ``str(fetcher)`` names where it looks (for the error a node raises when none has it).
     The receiver passes ``pnc_net.serve.client.MirrorFetcher``; tests pass their own."""
 
-    def __call__(self, sha256: str, size: int) -> tuple[str, bytes] | None: ...
+    def __call__(self, sha256: str, size: int) -> tuple[str, bytes] | None:
+        """``(manifest JSON, weights)`` of the model, or None when no source has it."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,21 @@ class Node:
         """Load (digest-checked) every zoo model once at start, so the first package a
         receiver gets is rebuilt from memory instead of disk."""
         try:
-            for m in self.zoo.manifests():
-                model, _ = self.zoo.load(m.sha256)
+            zoo = self._zoo()
+            for m in zoo.manifests():
+                model, _ = zoo.load(m.sha256)
                 with torch.no_grad():
                     model(torch.zeros(1, *m.input_shape))
         except Exception as err:  # noqa: BLE001 - a broken model is reported when it is used
             log.warning("zoo warm-up stopped: %s", err)
         finally:
             self.warm.set()
+
+    def _zoo(self) -> Zoo:
+        """The node's zoo; a sender started without one cannot rebuild or predict."""
+        if self.zoo is None:
+            raise PreconditionError(f"this {self.role} has no zoo; ask a receiver to predict")
+        return self.zoo
 
     # ------------------------------------------------------------------ accept
     def accept(self, data: bytes) -> PackageRecord:
@@ -100,8 +108,8 @@ class Node:
             self.ensure_zoo(package)
             record = record_for(pid, data, package, "received")
             t1 = time.perf_counter()
-            sb = build_superbody(self.zoo, package)  # IncompatibleError: nothing stored
-            _, _, shape = load_ref(self.zoo, package.target)
+            sb = build_superbody(self._zoo(), package)  # IncompatibleError: nothing stored
+            _, _, shape = load_ref(self._zoo(), package.target)
             t2 = time.perf_counter()
             self._observe("rebuild", t2 - t1)
             self._check(sb, package, shape, record)
@@ -145,6 +153,7 @@ class Node:
             record.detail = reason + f"; repair reached {result.error_after:.4f}, still too far"
 
     def _repair_xy(self, sb: Superbody) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.repair_set is not None  # _check repairs only when it is configured
         x, y, names = self.repair_set
         labels = list(sb.label_names)
         keep = [i for i, c in enumerate(y.tolist()) if names[c] in labels]
@@ -157,7 +166,7 @@ class Node:
     # ------------------------------------------------------------------ zoo
     def ensure_zoo(self, package) -> None:
         """Every zoo model the package references is local, fetched from a mirror if not."""
-        missing = [r for r in package.zoo_refs() if not self.zoo.has(r.sha256)]
+        missing = [r for r in package.zoo_refs() if not self._zoo().has(r.sha256)]
         for ref in missing:
             if not self.fetch_zoo_model(ref.sha256, ref.size_bytes):
                 tried = str(self.fetch_model or "no mirror configured")
@@ -176,11 +185,12 @@ class Node:
         if manifest.sha256 != sha256 or manifest.size_bytes != size:
             log.warning("%s sent a manifest for another model", self.fetch_model)
             return False
-        self.zoo.add_blob(manifest, got[1])
+        self._zoo().add_blob(manifest, got[1])
         log.info("fetched zoo model %s from %s", manifest.name, self.fetch_model)
         return True
 
     def zoo_manifest(self, sha256: str) -> str:
+        """The manifest JSON of a zoo model this node holds (what a mirror serves)."""
         sha256 = check_digest(sha256, what="zoo model digest")
         if self.zoo is None or not self.zoo.has(sha256):
             raise NotFoundError(f"this {self.role} holds no zoo model {sha256}")
@@ -202,6 +212,7 @@ class Node:
         return path
 
     def has(self, kind: str, sha256: str) -> bool:
+        """Whether a blob of ``kind`` with this digest is readable here."""
         try:
             self.blob_path(kind, sha256)
             return True
@@ -217,17 +228,17 @@ class Node:
         record = self.store.record(pid)
         if record.state == "failed":
             raise PreconditionError(f"package {pid[:12]} failed verification: {record.detail}")
-        if self.zoo is None:
-            raise PreconditionError(f"this {self.role} has no zoo; ask a receiver to predict")
+        zoo = self._zoo()
         package = wire.decode(self.store.get(pid))
         self.ensure_zoo(package)
         with self._lock:
-            sb = build_superbody(self.zoo, package)
-            shape = tuple(self.zoo.resolve(package.target.sha256).input_shape)
+            sb = build_superbody(zoo, package)
+            shape = tuple(zoo.resolve(package.target.sha256).input_shape)
             self._cache[pid] = Loaded(sb, shape)
         return pid, self._cache[pid]
 
     def predict(self, id_or_prefix: str, x: torch.Tensor) -> tuple[str, Superbody, torch.Tensor]:
+        """Probabilities of the package's superbody for ``x`` (N, C, H, W), checked first."""
         pid, loaded = self.loaded(id_or_prefix)
         if x.ndim != 4 or not 0 < len(x) <= MAX_PREDICT_INPUTS:
             raise InvalidInputError(f"inputs must be (N, C, H, W) with 1..{MAX_PREDICT_INPUTS} "
@@ -240,6 +251,7 @@ class Node:
 
     # ------------------------------------------------------------------ metrics
     def stats_bytes(self, direction: str, n: int) -> None:
+        """Count bytes moved, when metrics are on."""
         if self.metrics is not None:
             self.metrics.bytes(direction, n)
 

@@ -28,6 +28,7 @@ class Backoff:
     jitter: float = 0.5
 
     def delays(self) -> Iterator[float]:
+        """The delay before each retry, forever (the caller stops)."""
         delay = self.first_s
         while True:
             yield delay * (1 + random.random() * self.jitter)

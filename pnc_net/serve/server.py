@@ -48,6 +48,7 @@ class TlsFiles:
     ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
 
     def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials from the PEM files (mTLS when ``ca`` is set)."""
         try:
             pair = (self.key.read_bytes(), self.cert.read_bytes())
             ca = self.ca.read_bytes() if self.ca else None
@@ -58,6 +59,7 @@ class TlsFiles:
 
 
 def check_listen(listen: str) -> str:
+    """``HOST:PORT`` on a specific interface; wildcards are refused (bind 127.0.0.1)."""
     host, _, port = listen.rpartition(":")
     if host in WILDCARD_HOSTS:
         raise InvalidInputError(f"--listen {listen!r}: give a specific interface address "
@@ -73,8 +75,15 @@ class ServerSettings:
     checks, the field names a TOML file may set, and the TLS files to serve with."""
 
     PATH_FIELDS: tuple[str, ...] = ()  # a plain class attribute, not a dataclass field
+    # Declared for the type checker; the subclasses' dataclass fields hold the values.
+    listen: str
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_ca: Path | None
+    metrics_port: int | None
 
     def check_server_settings(self) -> None:
+        """Coerce path fields and check listen, TLS and metrics settings."""
         for name in self.PATH_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -86,7 +95,10 @@ class ServerSettings:
             raise InvalidInputError(f"--metrics-port {self.metrics_port} is not a port")
 
     def tls(self) -> TlsFiles | None:
-        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca) if self.tls_cert else None
+        """The TLS files to serve with, or None for plaintext."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsFiles(self.tls_cert, self.tls_key, self.tls_ca)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from pnc_net import wire
 from pnc_net.errors import IntegrityError, InvalidInputError, NotFoundError
@@ -68,10 +69,12 @@ class PackageRecord:
     metadata: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
+        """The record as sorted JSON (the ``.json`` beside each package)."""
         return json.dumps(asdict(self), sort_keys=True, default=float)
 
     @classmethod
     def from_json(cls, text: str) -> PackageRecord:
+        """A record from its JSON; keys a newer pnc added are ignored."""
         raw = json.loads(text)
         return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
@@ -110,9 +113,11 @@ class PackageStore:
         return pid
 
     def has_package(self, pid: str) -> bool:
+        """Whether the store holds this package id."""
         return (self.packages_dir / f"{check_digest(pid)}.pnc").exists()
 
     def ids(self) -> list[str]:
+        """Every stored package id, sorted."""
         return sorted(p.stem for p in self.packages_dir.glob("*.pnc") if _HEX.match(p.stem))
 
     def resolve(self, id_or_prefix: str) -> str:
@@ -128,6 +133,7 @@ class PackageStore:
                             "run `pnc status` to list them")
 
     def get(self, id_or_prefix: str) -> bytes:
+        """A package's bytes, digest checked against its id."""
         pid = self.resolve(id_or_prefix)
         data = (self.packages_dir / f"{pid}.pnc").read_bytes()
         if sha256_bytes(data) != pid:
@@ -135,6 +141,7 @@ class PackageStore:
         return data
 
     def record(self, id_or_prefix: str) -> PackageRecord:
+        """A package's record (described on the fly when none was written)."""
         pid = self.resolve(id_or_prefix)
         path = self.packages_dir / f"{pid}.json"
         if not path.exists():  # written by an older pnc or by hand: describe it, write nothing
@@ -143,6 +150,7 @@ class PackageStore:
         return PackageRecord.from_json(path.read_text())
 
     def save_record(self, record: PackageRecord) -> None:
+        """Write a record atomically."""
         if record.state not in STATES:
             raise InvalidInputError(f"unknown package state {record.state!r}")
         atomic_write_bytes(self.packages_dir / f"{record.id}.json", record.to_json().encode())
@@ -153,15 +161,18 @@ class PackageStore:
         return sorted(recs, key=lambda r: (r.received_unix_s, r.id))
 
     def remove(self, pid: str) -> None:
+        """Forget a package: its record and its bytes."""
         pid = check_digest(pid)
         (self.packages_dir / f"{pid}.json").unlink(missing_ok=True)
         (self.packages_dir / f"{pid}.pnc").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ blobs
     def blob_path(self, sha256: str) -> Path:
+        """Where a zoo blob with this digest lives in the store."""
         return self.blobs_dir / check_digest(sha256)
 
     def has(self, kind: str, sha256: str) -> bool:
+        """Whether a package or blob with this digest is stored."""
         if kind == "packages":
             return self.has_package(sha256)
         if kind == "blobs":
@@ -170,6 +181,7 @@ class PackageStore:
 
     # ------------------------------------------------------------------ uploads
     def upload(self, kind: str, sha256: str, size: int) -> Upload:
+        """The resumable upload of one blob (its ``.part`` file in ``uploads/``)."""
         if kind not in KINDS:
             raise InvalidInputError(f"unknown blob kind {kind!r}; use one of {list(KINDS)}")
         return Upload(self, kind, check_digest(sha256), int(size))
@@ -183,9 +195,10 @@ class Upload:
         self.store, self.kind, self.sha256, self.size = store, kind, sha256, size
         self.path = store.uploads_dir / f"{kind}-{sha256}-{size}.part"
         self._hash: hashlib._Hash | None = None
-        self._file = None
+        self._file: BinaryIO | None = None
 
     def committed_size(self) -> int:
+        """Bytes of this upload already on disk (where a client resumes)."""
         return self.path.stat().st_size if self.path.exists() else 0
 
     def open(self, offset: int) -> None:
@@ -202,6 +215,7 @@ class Upload:
         self._file = open(self.path, "ab")  # noqa: SIM115 - held across append() calls
 
     def append(self, data: bytes) -> int:
+        """Write one chunk (hashing it as it goes); the committed size after it."""
         assert self._file is not None and self._hash is not None
         if self._file.tell() + len(data) > self.size:
             raise InvalidInputError(f"write runs past the declared size {self.size}")
@@ -211,6 +225,7 @@ class Upload:
         return self._file.tell()
 
     def close(self) -> None:
+        """Flush and close the ``.part`` file; what arrived stays for resumption."""
         if self._file is not None:
             self._file.flush()
             self._file.close()
@@ -232,6 +247,7 @@ class Upload:
         return self.path
 
     def discard(self) -> None:
+        """Close and delete what arrived."""
         self.close()
         self.path.unlink(missing_ok=True)
 

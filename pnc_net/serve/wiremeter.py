@@ -35,6 +35,7 @@ class WireMeter:
 
     @property
     def total(self) -> int:
+        """Bytes in both directions so far."""
         return self.bytes_up + self.bytes_down
 
     def _accept(self) -> None:
