@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pnc_net.errors import InvalidInputError
 from pnc_net.serve.channel import check_address
-from pnc_net.serve.daemon import Flag, load_settings, parse_flags
+from pnc_net.serve.daemon import Flag
 from pnc_net.serve.server import COMMON_FLAGS, ServerSettings
 
 FLAGS = (
@@ -43,6 +42,9 @@ class ReceiverConfig(ServerSettings):
     grace_s: float = 10.0
     torch_threads: int = 1  # per process: calls run in parallel on the thread pool instead
 
+    SECTION = "receiver"
+    DESCRIPTION = "Accept packages, rebuild and verify superbodies, serve Predict and Read."
+    FLAGS = FLAGS
     PATH_FIELDS = ("zoo", "store", "tls_cert", "tls_key", "tls_ca", "repair_data")
 
     def __post_init__(self) -> None:
@@ -58,13 +60,6 @@ class ReceiverConfig(ServerSettings):
             raise InvalidInputError("--torch-threads must be 1..256")
         if self.grace_s < 0:
             raise InvalidInputError("--grace must be >= 0 seconds")
-
-    @classmethod
-    def load(cls, argv: Sequence[str] | None = None) -> ReceiverConfig:
-        """The config from ``argv`` (``pnc receiver serve`` passes its arguments through)."""
-        flags, config = parse_flags("pnc receiver serve", "Accept packages, rebuild and "
-                                    "verify superbodies, serve Predict and Read.", FLAGS, argv)
-        return load_settings(cls, "receiver", flags, config, FLAGS)
 
     def client_kwargs(self) -> dict:
         """How the receiver connects to its mirrors and its sender."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pnc_net.errors import InvalidInputError
 from pnc_net.serve.channel import check_address
-from pnc_net.serve.daemon import Flag, load_settings, parse_flags
+from pnc_net.serve.daemon import Flag
 from pnc_net.serve.server import COMMON_FLAGS, ServerSettings
 
 FLAGS = (
@@ -42,6 +41,9 @@ class SenderConfig(ServerSettings):
     metrics_port: int | None = None
     grace_s: float = 10.0
 
+    SECTION = "sender"
+    DESCRIPTION = "Serve the store, push new packages to every receiver, mirror the zoo."
+    FLAGS = FLAGS
     PATH_FIELDS = ("store", "zoo", "tls_cert", "tls_key", "tls_ca", "peer_tls_ca")
 
     def __post_init__(self) -> None:
@@ -52,13 +54,6 @@ class SenderConfig(ServerSettings):
         object.__setattr__(self, "push_to", tuple(check_address(a) for a in push))
         if not 0.01 <= self.poll_s <= 60 or not 0.1 <= self.resync_s <= 3600:
             raise InvalidInputError("--poll must be 0.01..60 s and --resync 0.1..3600 s")
-
-    @classmethod
-    def load(cls, argv: Sequence[str] | None = None) -> SenderConfig:
-        """The config from ``argv`` (``pnc sender serve`` passes its arguments through)."""
-        flags, config = parse_flags("pnc sender serve", "Serve the store, push new packages "
-                                    "to every receiver, mirror the zoo.", FLAGS, argv)
-        return load_settings(cls, "sender", flags, config, FLAGS)
 
     def client_kwargs(self) -> dict:
         """How the pushers connect to the receivers."""

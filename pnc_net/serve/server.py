@@ -10,9 +10,11 @@ servers on ``127.0.0.1:0``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +23,7 @@ from pnc_net._proto import transport_pb2 as tpb
 from pnc_net._proto import transport_pb2_grpc as tgrpc
 from pnc_net.errors import InvalidInputError
 from pnc_net.serve.channel import CHANNEL_OPTIONS
-from pnc_net.serve.daemon import Flag
+from pnc_net.serve.daemon import Flag, load_settings, parse_flags
 from pnc_net.serve.interceptors import ErrorInterceptor, TokenInterceptor
 from pnc_net.serve.node import Node
 from pnc_net.serve.servicer import Servicer
@@ -74,13 +76,25 @@ class ServerSettings:
     strings become ``Path`` (TOML and env vars give strings), the listen / TLS / metrics
     checks, the field names a TOML file may set, and the TLS files to serve with."""
 
-    PATH_FIELDS: tuple[str, ...] = ()  # a plain class attribute, not a dataclass field
+    # Plain class attributes, not dataclass fields: set by each daemon's config.
+    SECTION: str = ""  # "sender" or "receiver": the TOML table and the command's name
+    DESCRIPTION: str = ""
+    FLAGS: tuple[Flag, ...] = ()
+    PATH_FIELDS: tuple[str, ...] = ()
     # Declared for the type checker; the subclasses' dataclass fields hold the values.
     listen: str
     tls_cert: Path | None
     tls_key: Path | None
     tls_ca: Path | None
     metrics_port: int | None
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None) -> Self:
+        """The config from ``argv``, ``PNC_*`` variables, a ``--config`` TOML file and the
+        defaults, in that order (``pnc sender serve ARGS`` passes ARGS through)."""
+        flags, config = parse_flags(f"pnc {cls.SECTION} serve", cls.DESCRIPTION, cls.FLAGS,
+                                    argv)
+        return load_settings(cls, cls.SECTION, flags, config, cls.FLAGS)  # type: ignore[type-var]
 
     def check_server_settings(self) -> None:
         """Coerce path fields and check listen, TLS and metrics settings."""

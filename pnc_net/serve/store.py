@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,25 +29,10 @@ from pnc_net import wire
 from pnc_net.errors import IntegrityError, InvalidInputError, NotFoundError
 from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
 from pnc_net.package import Package
+from pnc_net.serve.channel import HEX, check_digest  # noqa: F401 - re-exported
 
-MIN_PREFIX = 4
 KINDS = ("packages", "blobs")
 STATES = ("stored", "received", "verified", "repaired", "failed")
-_HEX = re.compile(r"^[0-9a-f]{1,64}$")
-
-
-def check_digest(sha256: str, *, prefix_ok: bool = False, what: str = "id") -> str:
-    """A client-supplied digest, refused unless it is (a prefix of) a hex sha256."""
-    value = sha256.strip().lower()
-    if not _HEX.match(value) or (not prefix_ok and len(value) != 64):
-        shown = sha256[:80]
-        raise InvalidInputError(
-            f"{what} {shown!r} is not a sha256 hex digest"
-            + (f" (or a unique prefix of at least {MIN_PREFIX} hex digits)" if prefix_ok else ""))
-    if prefix_ok and len(value) < MIN_PREFIX:
-        raise InvalidInputError(f"{what} prefix {sha256!r} is too short; give at least "
-                                f"{MIN_PREFIX} hex digits")
-    return value
 
 
 @dataclass
@@ -118,7 +102,7 @@ class PackageStore:
 
     def ids(self) -> list[str]:
         """Every stored package id, sorted."""
-        return sorted(p.stem for p in self.packages_dir.glob("*.pnc") if _HEX.match(p.stem))
+        return sorted(p.stem for p in self.packages_dir.glob("*.pnc") if HEX.match(p.stem))
 
     def resolve(self, id_or_prefix: str) -> str:
         """The full id for an id or a unique prefix."""
