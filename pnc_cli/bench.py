@@ -59,8 +59,8 @@ def bench(
 
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--out {out} exists and is not a folder")
-    kw = {"workers": workers, "threads_per_worker": threads}
-    cfg = BenchConfig.quick(**kw) if quick else BenchConfig(**kw)
+    make = BenchConfig.quick if quick else BenchConfig
+    cfg = make(workers=workers, threads_per_worker=threads)
     zoo = Zoo(zoo_dir)
     for manifest, new in build_default_zoo(zoo, load_mnist(), progress=False):
         if new:

@@ -7,7 +7,6 @@ it must stay light: no torch, no ray, nothing from ``pnc_net`` that imports them
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -111,29 +110,6 @@ def fill_optional_values(args: Sequence[str], values: dict[str, str]) -> list[st
         if arg in values and (i + 1 == len(args) or args[i + 1].startswith("-")):
             out.append(values[arg])
     return out
-
-
-_HEX = re.compile(r"^[0-9a-f]{1,64}$")
-MIN_PREFIX = 4
-
-
-def check_digest(sha256: str, *, prefix_ok: bool = False, what: str = "id") -> str:
-    """A digest (or prefix) the edge client asks for, refused before any call.
-
-    A torch-free twin of ``pnc_net.serve.store.check_digest`` (same rule, same
-    messages; ``tests/test_light_client.py`` holds them equal): that module imports
-    ``wire`` and so torch, which ``pnc fetch`` and ``pnc predict`` must not load.
-    """
-    value = sha256.strip().lower()
-    if not _HEX.match(value) or (not prefix_ok and len(value) != 64):
-        shown = sha256[:80]
-        raise InvalidInputError(
-            f"{what} {shown!r} is not a sha256 hex digest"
-            + (f" (or a unique prefix of at least {MIN_PREFIX} hex digits)" if prefix_ok else ""))
-    if prefix_ok and len(value) < MIN_PREFIX:
-        raise InvalidInputError(f"{what} prefix {sha256!r} is too short; give at least "
-                                f"{MIN_PREFIX} hex digits")
-    return value
 
 
 def print_json(obj: Any) -> None:

@@ -87,8 +87,8 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
               token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
               tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Fetch a package by id (digest verified) and write it atomically."""
-    from pnc_cli.common import check_digest  # torch-free (serve.store imports wire)
     from pnc_net.fsutil import atomic_write_bytes
+    from pnc_net.serve.channel import check_digest  # torch-free (serve.store is not)
 
     check_digest(package_id, prefix_ok=True, what="package id")
     with _client(src, token, tls_ca, tls_cert, tls_key) as c:
@@ -131,7 +131,7 @@ def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy f
                 token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
                 tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Remote inference on the receiver's rebuilt superbody."""
-    from pnc_cli.common import check_digest  # torch-free (serve.store imports wire)
+    from pnc_net.serve.channel import check_digest  # torch-free (serve.store is not)
 
     check_digest(package, prefix_ok=True, what="package id")
     x = load_images(images)

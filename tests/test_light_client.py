@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pnc_cli.common import check_digest
-from pnc_net.errors import ExitCode, InvalidInputError
+from pnc_net.errors import ExitCode
 
 UNREACHABLE = "127.0.0.1:9"
 PACKAGE = Path(__file__).parent / "data" / "package_v1_fp16.pnc"
@@ -78,19 +77,3 @@ def test_the_client_module_is_light():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert res.stdout.strip() == "[]"
-
-
-@pytest.mark.parametrize("value, prefix_ok", [
-    ("ABCD", True), ("abc", True), ("../x", True), ("a" * 64, False), ("a" * 63, False),
-    ("g" * 64, False), (" " + "0" * 64 + " ", False), ("a" * 65, True),
-])
-def test_light_digest_check_matches_the_store(value, prefix_ok):
-    """``pnc_cli.common.check_digest`` is a torch-free twin of the store's."""
-    from pnc_net.serve.store import check_digest as store_check
-
-    def outcome(check):
-        try:
-            return check(value, prefix_ok=prefix_ok, what="package id")
-        except InvalidInputError as err:
-            return f"error: {err}"
-    assert outcome(check_digest) == outcome(store_check)
