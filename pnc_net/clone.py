@@ -1,7 +1,7 @@
 """Cloning end to end: localize, insert, search, refine, package (``docs/method.md``).
 
 ``clone(zoo, data, CloneConfig(...))`` is the in-process path. Its steps are
-plain functions over a ``CloneJob`` so that ``pnc_net.jobs`` can spread the
+plain functions over a ``CloneJob`` so that ``pnc_net.cluster`` can spread the
 independent ones (localization per source, candidate positions) over Ray
 actors and reduce exactly as this module does.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -70,6 +71,7 @@ class CloneConfig:
 
     @classmethod
     def single(cls, target: str, source: str, classes: Sequence[str], **kw) -> CloneConfig:
+        """A clone from one source; other fields pass as keywords."""
         return cls(target=target, sources=(SourceSpec(source, tuple(classes)),), **kw)
 
 
@@ -89,23 +91,28 @@ class ModuleJob:
 
 @dataclass
 class CloneJob:
+    """A planned clone: the loaded target and one ``ModuleJob`` per source."""
+
     cfg: CloneConfig
     target: ZooNet
     target_manifest: Manifest
-    dataset: Dataset
     modules: list[ModuleJob]
 
     @property
     def target_labels(self) -> tuple[str, ...]:
+        """The target's label names (the superbody's first outputs)."""
         return self.target_manifest.label_names
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """``(C, H, W)`` of the target's (and every source's) inputs."""
         return tuple(self.target_manifest.input_shape)
 
 
 @dataclass
 class CloneResult:
+    """What ``clone`` returns: the package to send, the superbody it rebuilds, the report."""
+
     package: Package
     superbody: Superbody
     report: dict
@@ -124,7 +131,7 @@ def _data_indices(data: Dataset, labels: Sequence[str], role: str) -> list[int]:
 
 
 def _take(data: Dataset, split: str, labels: Sequence[str], per_class: int, seed: int,
-          role: str):
+          role: str) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = select_classes(*data.split(split), _data_indices(data, labels, role), per_class, seed)
     remap = {data.label_names.index(n): i for i, n in enumerate(labels)}
     return x, torch.tensor([remap[int(v)] for v in y], dtype=torch.long)
@@ -153,6 +160,11 @@ def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: Clon
 
 
 def check_input_shapes(target: Manifest, source: Manifest, data: Dataset) -> None:
+    """Refuse data the target was not made for, and a source with another input shape.
+
+    Raises:
+        IncompatibleError: the shapes differ.
+    """
     if tuple(target.input_shape) != data.input_shape:
         raise IncompatibleError(
             f"target {target.name} takes inputs {tuple(target.input_shape)} but dataset "
@@ -199,18 +211,20 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
             spec.classes,
             _clone_data(data, spec.classes, t_manifest.label_names, cfg, others, synthetic),
             candidates))
-    return CloneJob(cfg, target, t_manifest, data, modules)
+    return CloneJob(cfg, target, t_manifest, modules)
 
 
 # ----------------------------------------------------------------------------- steps
 
 
 def localize_module(job: CloneJob, i: int) -> dict[str, torch.Tensor]:
+    """Masks of the source part that serves module ``i``'s cloned classes."""
     m = job.modules[i]
     return localize(m.source, m.data.x_new, m.data.y_new, m.cloned, job.cfg.localize, job.cfg.seed)
 
 
 def prepare_module(job: CloneJob, i: int) -> Prepared:
+    """Module ``i``'s candidate-independent training tensors (``insert.prepare``)."""
     m = job.modules[i]
     return prepare(m.source, m.data, job.cfg.insert, job.cfg.seed)
 
@@ -218,6 +232,7 @@ def prepare_module(job: CloneJob, i: int) -> Prepared:
 def train_position(job: CloneJob, i: int, position: tuple[int, int]) -> tuple[Branch, dict]:
     """Train and score one candidate of module ``i`` (needs its masks and prepared data)."""
     m = job.modules[i]
+    assert m.masks is not None and m.prepared is not None, "localize the module first"
     return insert_candidate(job.target, m.source, job.target_labels, job.input_shape, position,
                             m.masks, m.cloned, m.cloned_labels, m.data, m.prepared,
                             job.cfg.insert, job.cfg.seed)
@@ -235,6 +250,7 @@ def localize_sequential(job: CloneJob) -> list[tuple[dict[str, torch.Tensor], Pr
 def run_sequential(job: CloneJob, i: int, positions: list[tuple[int, int]],
                    on_result: Callable[[tuple[int, int], dict], None] | None = None,
                    ) -> list[tuple[Branch, dict]]:
+    """The default ``CandidateRunner``: ``positions`` of module ``i`` in turn, in process."""
     out = []
     for pos in positions:
         out.append(train_position(job, i, pos))
@@ -244,14 +260,16 @@ def run_sequential(job: CloneJob, i: int, positions: list[tuple[int, int]],
 
 
 def make_package(job: CloneJob, branches: list[Branch], report: dict) -> tuple[Package, Superbody]:
+    """The package of the chosen branches (one per module) and the superbody it rebuilds."""
     superbody = Superbody(job.target, job.target_labels, branches).eval()
-    modules = [
-        ClonedModule(ZooRef.of(m.manifest), m.cloned, b.position_r, b.position_s,
-                     {k: v.clone() for k, v in m.masks.items()}, branch_tensors(b),
-                     {"adapter_rank": b.adapter.down.out_channels,
-                      "gate_hidden": b.gate.net[0].out_features})
-        for m, b in zip(job.modules, branches)
-    ]
+    modules = []
+    for m, b in zip(job.modules, branches):
+        assert m.masks is not None, "localize the module first"
+        modules.append(ClonedModule(
+            ZooRef.of(m.manifest), m.cloned, b.position_r, b.position_s,
+            {k: v.clone() for k, v in m.masks.items()}, branch_tensors(b),
+            {"adapter_rank": b.adapter.down.out_channels,
+             "gate_hidden": b.gate.net[0].out_features}))
     package = Package(
         target=ZooRef.of(job.target_manifest), modules=modules,
         label_names=superbody.label_names, fingerprint=fingerprint_of(superbody, job.input_shape),
@@ -277,6 +295,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
     say(f"localized {len(job.modules)} source(s) in {time.perf_counter() - started:.1f}s")
     branches, searches = [], []
     for i, m in enumerate(job.modules):
+        assert m.masks is not None  # set just above
         kept = sum(int(v.sum()) for v in m.masks.values())
         total = sum(v.numel() for v in m.masks.values())
         say(f"{m.manifest.name}: kept {kept}/{total} filters; "
@@ -286,7 +305,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
         branches.append(results[best][0])
         searches.append([{"position": list(p), **r} for p, (_, r) in zip(m.candidates, results)])
         say(f"{m.manifest.name}: best position R={m.candidates[best][0]} S={m.candidates[best][1]}")
-    report = {"settings": settings_of(cfg), "search": searches}
+    report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches}
     package, superbody = make_package(job, branches, report)
     metrics = clone_metrics(superbody, data, [(m.source, m.manifest.label_names)
                                               for m in job.modules])
@@ -296,6 +315,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
 
 
 def settings_of(cfg: CloneConfig) -> dict:
+    """The settings a package's report records (JSON-ready)."""
     return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,

@@ -51,7 +51,6 @@ from pnc_net.rebuild import branch_from_module, branch_tensors
 from pnc_net.superbody import Branch
 from pnc_net.zoo import Manifest, model_from_weights
 
-log = logging.getLogger(__name__)
 PAYLOAD_CACHE = 8  # module shards an actor keeps (a few KB to a few MB each)
 
 
@@ -104,6 +103,7 @@ class WorkerResources:
         return cls(num_cpus=1, num_gpus=0), cfg.num_workers or max(1, cpus)
 
     def options(self, cfg: ClusterConfig) -> dict[str, Any]:
+        """Keywords for ``ray.remote(...).options``: these resources plus the restart policy."""
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
                 "max_restarts": cfg.max_restarts, "max_task_retries": cfg.max_task_retries}
 
@@ -165,7 +165,9 @@ class CloneWorker:
         self.device = device
         if device != "cpu":  # tensors (and random draws) the steps create follow the data
             torch.set_default_device(device)
-            torch.Generator = functools.partial(torch._C.Generator, device=device)
+            # a deliberate patch: every torch.Generator() the steps create is on the device
+            torch.Generator = functools.partial(  # type: ignore[misc,assignment]
+                torch._C.Generator, device=device)
         self.models: dict[str, ZooNet] = {}
         self.shards: OrderedDict[str, ModuleShard] = OrderedDict()
         self.model_loads = 0
@@ -193,7 +195,7 @@ class CloneWorker:
         s = self._shard(key, shard)
         module = ModuleJob(self._model(s.source, weights), s.source, s.cloned, s.cloned_labels,
                            s.data, [], s.masks, s.prepared)
-        return CloneJob(s.cfg, self._model(s.target, weights), s.target, None, [module])
+        return CloneJob(s.cfg, self._model(s.target, weights), s.target, [module])
 
     def localize(self, key: str, shard: list, weights: dict[str, list],
                  ) -> tuple[dict[str, torch.Tensor], Prepared]:
@@ -205,13 +207,15 @@ class CloneWorker:
     def train(self, key: str, shard: list, weights: dict[str, list],
               position: tuple[int, int]) -> tuple[dict[str, torch.Tensor], dict, dict]:
         """One candidate: ``(adapter+gate tensors, branch config, score dict)``."""
-        branch, result = train_position(self._job(key, shard, weights), 0, tuple(position))
+        branch, result = train_position(self._job(key, shard, weights), 0,
+                                        (position[0], position[1]))
         config = {"adapter_rank": branch.adapter.down.out_channels,
                   "gate_hidden": branch.gate.net[0].out_features}
         tensors = {k: v.cpu() for k, v in branch_tensors(branch).items()}
         return tensors, config, result
 
     def info(self) -> dict:
+        """Where and how this worker runs, and how many zoo models it has loaded."""
         return {"pid": os.getpid(), "model_loads": self.model_loads, "device": self.device,
                 "threads": torch.get_num_threads()}
 
@@ -302,7 +306,7 @@ class RayRunner:
         args = [(key, shard, weights, tuple(p)) for p in positions]
         def done(index: int, value: tuple) -> None:
             if self.on_result is not None:
-                self.on_result(tuple(positions[index]), value[2])
+                self.on_result((positions[index][0], positions[index][1]), value[2])
 
         return [(self._branch(job, i, pos, tensors, config), result)
                 for pos, (tensors, config, result) in zip(
@@ -318,7 +322,8 @@ class RayRunner:
         """
         import ray
 
-        free, queue, pending = list(self.actors), list(enumerate(calls)), {}
+        free, queue = list(self.actors), list(enumerate(calls))
+        pending: dict[Any, tuple[int, Any]] = {}  # object ref -> (call index, actor)
         results: list = [None] * len(calls)
         while queue or pending:
             while free and queue:
@@ -338,6 +343,7 @@ class RayRunner:
     def _branch(job: CloneJob, i: int, pos: tuple[int, int], tensors: dict, config: dict,
                 ) -> Branch:
         m = job.modules[i]
+        assert m.masks is not None  # localized before any candidate trains
         module = ClonedModule(ZooRef.of(m.manifest), m.cloned, pos[0], pos[1], m.masks,
                               tensors, config)
         return branch_from_module(job.target, job.target_labels, job.input_shape, m.source,
@@ -345,6 +351,7 @@ class RayRunner:
 
     # ------------------------------------------------------------------ lifecycle
     def worker_info(self) -> list[dict]:
+        """Every worker's ``CloneWorker.info`` (which process, device, model loads)."""
         import ray
 
         return ray.get([a.info.remote() for a in self.actors])
@@ -362,9 +369,11 @@ class RayRunner:
             ray.shutdown()
 
     def __enter__(self) -> Self:
+        """The runner itself; leaving the block closes it."""
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        """``close()``, whether or not the block raised."""
         self.close()
 
 

@@ -38,7 +38,9 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+        """``(C, H, W)`` of one image."""
+        _, c, h, w = self.x_train.shape  # images are (N, C, H, W): both loaders ensure it
+        return c, h, w
 
     def label_index(self, name: str) -> int:
         """Index of a label given by name (``"5"``), raising a helpful error."""

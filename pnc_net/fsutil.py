@@ -32,10 +32,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path
 
 
 def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``: the identity of zoo weights and package blobs."""
     return hashlib.sha256(data).hexdigest()
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (equals ``sha256_bytes`` of its contents)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(chunk_bytes):

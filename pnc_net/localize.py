@@ -25,6 +25,8 @@ from pnc_net.models import ZooNet
 
 @dataclass(frozen=True)
 class LocalizeConfig:
+    """Settings of the three localization steps (the defaults are the measured ones)."""
+
     perturbations_per_sample: int = 4
     patch_grid: int = 7  # patches per side for the LIME-style occlusion
     hide_prob: float = 0.25
@@ -84,7 +86,8 @@ def taylor_scores(source: ZooNet, x: torch.Tensor, y: torch.Tensor, weights: tor
             loss = (F.cross_entropy(logits, y[i : i + batch_size], reduction="none") * w).sum()
             loss.backward()
             for name, gate in gates.items():
-                a = gate.last
+                a = gate.last  # recorded by this forward, its gradient retained
+                assert a is not None and a.grad is not None
                 contrib = (a * a.grad).sum(dim=(2, 3)).abs()  # (b, c)
                 scores[name] += contrib.sum(0).detach()
     finally:
@@ -95,6 +98,7 @@ def taylor_scores(source: ZooNet, x: torch.Tensor, y: torch.Tensor, weights: tor
 
 def top_fraction_masks(scores: dict[str, torch.Tensor], keep_ratio: float,
                        min_keep: int) -> dict[str, torch.Tensor]:
+    """The initial masks: each unit's ``keep_ratio`` best-scored filters (at least ``min_keep``)."""
     masks = {}
     for name, s in scores.items():
         k = min(len(s), max(min_keep, round(keep_ratio * len(s))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,30 @@ from pnc_net.superbody import Superbody
 from pnc_net.training import predict_logits
 
 
-def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test"):
+class Evaluable(Protocol):
+    """What ``clone_metrics`` needs: a ``Superbody``, or a baseline dressed as one."""
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The output columns, target labels first."""
+
+    @property
+    def target_labels(self) -> tuple[str, ...]:
+        """The target's labels (the first output columns)."""
+
+    @property
+    def target(self) -> ZooNet:
+        """The untouched zoo target that locality is measured against."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores over ``label_names`` (their argmax is the prediction)."""
+
+    def module_bytes(self) -> int:
+        """fp32 bytes of every weight the model uses."""
+
+
+def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test",
+                ) -> tuple[torch.Tensor, list[str]]:
     """Test samples whose label name is in ``labels``, with labels as names."""
     x, y = data.split(split)
     wanted = torch.tensor([data.label_names.index(n) for n in labels if n in data.label_names])
@@ -21,7 +45,7 @@ def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test"):
     return x[keep], [data.label_names[i] for i in y[keep].tolist()]
 
 
-def clone_metrics(superbody: Superbody, data: Dataset,
+def clone_metrics(superbody: Evaluable, data: Dataset,
                   sources: list[tuple[ZooNet, tuple[str, ...]]] | None = None) -> dict[str, float]:
     """``acc_old``, ``acc_new``, ``acc_all``, ``locality``, ``target_acc_old``, and
     ``source_acc_new`` when ``sources`` (model, label names) are given."""
@@ -57,6 +81,7 @@ def clone_metrics(superbody: Superbody, data: Dataset,
 
 
 def penultimate(model: ZooNet, x: torch.Tensor) -> torch.Tensor:
+    """Pooled penultimate features ``(n, c)`` of ``model`` (gates as set), without grad."""
     with torch.no_grad():
         return model.head.features(model.forward_features(x, model.num_blocks))
 
@@ -86,7 +111,7 @@ def sim_matrix(source: ZooNet, masks: dict[str, torch.Tensor], data: Dataset,
 def detach_is_exact(superbody: Superbody, fresh_target: ZooNet, x: torch.Tensor) -> bool:
     """True when the detached superbody's outputs equal those of ``fresh_target`` (the
     same zoo model loaded anew from disk) bit for bit. Branches are re-attached after."""
-    branches = list(superbody.branches)
+    branches = superbody.attached()
     detached = superbody.detach()
     try:
         same = torch.equal(predict_logits(detached, x), predict_logits(fresh_target, x))

@@ -16,8 +16,9 @@ during localization; ``prune`` physically removes dropped channels.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,12 @@ class ChannelGate(nn.Module):
         self.last: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
+        """``x`` times the gate; while recording, kept (with its gradient) for Taylor scores."""
         if self.gate is not None:
             x = x * self.gate.view(1, -1, 1, 1)
         if self.record:
-            x.retain_grad() if x.requires_grad else None
+            if x.requires_grad:
+                x.retain_grad()
             self.last = x
         return x
 
@@ -49,6 +52,8 @@ def _slice_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:
     out = nn.BatchNorm2d(len(keep), eps=bn.eps, momentum=bn.momentum)
     out.weight.data = bn.weight.data[keep].clone()
     out.bias.data = bn.bias.data[keep].clone()
+    # zoo blocks build their BatchNorms with the defaults: affine, tracking running stats
+    assert bn.running_mean is not None and bn.running_var is not None
     out.running_mean = bn.running_mean[keep].clone()
     out.running_var = bn.running_var[keep].clone()
     return out.eval()
@@ -61,16 +66,31 @@ def _slice_conv(conv: nn.Conv2d, out_keep: torch.Tensor | None,
         w = w[out_keep]
     if in_keep is not None:
         w = w[:, in_keep]
-    out = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding,
-                    bias=conv.bias is not None)
+    # torch's stubs type a Conv2d's sizes as tuple[int, ...]; a Conv2d's are pairs
+    out = nn.Conv2d(w.shape[1], w.shape[0], cast(tuple[int, int], conv.kernel_size),
+                    cast(tuple[int, int], conv.stride),
+                    cast("str | tuple[int, int]", conv.padding), bias=conv.bias is not None)
     out.weight.data = w.clone()
-    if conv.bias is not None:
+    if conv.bias is not None and out.bias is not None:
         b = conv.bias.data
         out.bias.data = (b[out_keep] if out_keep is not None else b).clone()
     return out
 
 
-class ConvBlock(nn.Module):
+class Block(nn.Module):
+    """What every zoo block offers besides ``forward``: its mask units and a pruned copy."""
+
+    def mask_gates(self) -> dict[str, ChannelGate]:
+        """The block's mask units by local name (``"out"``, ``"mid"``); empty if none."""
+        raise NotImplementedError
+
+    def pruned(self, in_keep: torch.Tensor | None, masks: dict[str, torch.Tensor],
+               ) -> tuple[Block, torch.Tensor | None]:
+        """A copy without dropped channels; returns (block, kept output channels or None)."""
+        raise NotImplementedError
+
+
+class ConvBlock(Block):
     """conv3x3 -> BN -> ReLU -> gate [-> 2x2 max-pool]. Its output channels are a mask unit."""
 
     def __init__(self, cin: int, cout: int, pool: bool, maskable: bool = True) -> None:
@@ -82,13 +102,16 @@ class ConvBlock(nn.Module):
         self.maskable = maskable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output feature map (halved in size when it pools)."""
         x = self.gate(F.relu(self.bn(self.conv(x))))
         return F.max_pool2d(x, 2) if self.pool else x
 
     def mask_gates(self) -> dict[str, ChannelGate]:
+        """``{"out": gate}``, or nothing for a stem that must keep every channel."""
         return {"out": self.gate} if self.maskable else {}
 
-    def pruned(self, in_keep: torch.Tensor | None, masks: dict[str, torch.Tensor]):
+    def pruned(self, in_keep: torch.Tensor | None, masks: dict[str, torch.Tensor],
+               ) -> tuple[ConvBlock, torch.Tensor | None]:
         """A copy without dropped channels; returns (block, kept output channels or None)."""
         keep = torch.nonzero(masks["out"]).flatten() if "out" in masks else None
         block = ConvBlock.__new__(ConvBlock)
@@ -100,7 +123,7 @@ class ConvBlock(nn.Module):
         return block, keep
 
 
-class ResBlock(nn.Module):
+class ResBlock(Block):
     """torchvision's ``BasicBlock`` with a gate on its middle channels (the mask unit)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
@@ -116,6 +139,7 @@ class ResBlock(nn.Module):
         self.gate = ChannelGate(cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``BasicBlock.forward`` with the gate applied after the first ReLU."""
         b = self.body
         out = self.gate(F.relu(b.bn1(b.conv1(x))))
         out = b.bn2(b.conv2(out))
@@ -123,9 +147,16 @@ class ResBlock(nn.Module):
         return F.relu(out + identity)
 
     def mask_gates(self) -> dict[str, ChannelGate]:
+        """``{"mid": gate}``: only the middle channels; the residual stream is shared."""
         return {"mid": self.gate}
 
-    def pruned(self, in_keep: torch.Tensor | None, masks: dict[str, torch.Tensor]):
+    def pruned(self, in_keep: torch.Tensor | None, masks: dict[str, torch.Tensor],
+               ) -> tuple[ResBlock, None]:
+        """A copy with dropped middle channels removed; its output stream stays whole (None).
+
+        Raises:
+            InvalidInputError: ``in_keep`` is given (a residual stream cannot be pruned).
+        """
         if in_keep is not None:
             raise InvalidInputError("a residual block cannot take a pruned input stream")
         keep = torch.nonzero(masks["mid"]).flatten() if "mid" in masks else None
@@ -146,13 +177,16 @@ class Head(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(b, classes)`` of a feature map ``(b, c, h, w)``."""
         return self.fc(self.features(x))
 
     @staticmethod
     def features(x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w) -> (b, c): penultimate
+        """The penultimate features: the globally average-pooled map."""
         return x.mean(dim=(2, 3))
 
     def pruned(self, in_keep: torch.Tensor | None) -> Head:
+        """A copy reading only the kept input channels (None = all: a plain copy)."""
         head = copy.deepcopy(self)
         if in_keep is not None:
             head.fc = nn.Linear(len(in_keep), self.fc.out_features)
@@ -174,16 +208,22 @@ class FeatureInfo:
 class ZooNet(nn.Module):
     """A zoo network: blocks + head, with masks addressed as ``"blocks.{i}.{unit}"``."""
 
-    def __init__(self, blocks: list[nn.Module], head: Head) -> None:
+    def __init__(self, blocks: Sequence[Block], head: Head) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.head = head
 
     @property
     def num_blocks(self) -> int:
+        """``L``: the last block boundary."""
         return len(self.blocks)
 
+    def block(self, i: int) -> Block:
+        """Block ``i`` as a ``Block`` (``nn.ModuleList`` hands out plain modules)."""
+        return cast(Block, self.blocks[i])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the whole network."""
         return self.forward_from(self.forward_features(x, self.num_blocks), self.num_blocks)
 
     def forward_features(self, x: torch.Tensor, upto: int, start: int = 0) -> torch.Tensor:
@@ -198,13 +238,15 @@ class ZooNet(nn.Module):
 
     def mask_gates(self) -> dict[str, ChannelGate]:
         """Every mask unit, by its stable name (the names a package's masks use)."""
-        return {f"blocks.{i}.{unit}": gate for i, block in enumerate(self.blocks)
-                for unit, gate in block.mask_gates().items()}
+        return {f"blocks.{i}.{unit}": gate for i in range(self.num_blocks)
+                for unit, gate in self.block(i).mask_gates().items()}
 
     def mask_widths(self) -> dict[str, int]:
+        """Filters per mask unit: the shape every mask of this network must have."""
         return {name: gate.width for name, gate in self.mask_gates().items()}
 
     def set_gates(self, gates: dict[str, torch.Tensor] | None) -> None:
+        """Gate each unit by ``gates[name]`` (units not named, or ``None``, run ungated)."""
         for name, gate in self.mask_gates().items():
             gate.gate = None if gates is None else gates.get(name)
 
@@ -212,11 +254,12 @@ class ZooNet(nn.Module):
         """Channels, spatial size and masking unit at every boundary 0..L."""
         with torch.no_grad():
             h = torch.zeros(1, *input_shape)
-            infos = [FeatureInfo(0, h.shape[1], tuple(h.shape[2:]), None)]
-            for i, block in enumerate(self.blocks):
+            infos = [FeatureInfo(0, h.shape[1], (h.shape[2], h.shape[3]), None)]
+            for i in range(self.num_blocks):
+                block = self.block(i)
                 h = block(h)
                 unit = "out" if "out" in block.mask_gates() else None
-                infos.append(FeatureInfo(i + 1, h.shape[1], tuple(h.shape[2:]),
+                infos.append(FeatureInfo(i + 1, h.shape[1], (h.shape[2], h.shape[3]),
                                          f"blocks.{i}.{unit}" if unit else None))
         return infos
 
@@ -233,7 +276,7 @@ class ZooNet(nn.Module):
         blocks = []
         for i in range(start, self.num_blocks):
             local = {k.split(".")[-1]: v for k, v in masks.items() if k.startswith(f"blocks.{i}.")}
-            block, in_keep = self.blocks[i].pruned(in_keep, local)
+            block, in_keep = self.block(i).pruned(in_keep, local)
             blocks.append(block)
         return nn.ModuleList(blocks), self.head.pruned(in_keep), first_keep
 
@@ -243,7 +286,7 @@ class ZooNet(nn.Module):
 ARCHITECTURES: dict[str, Callable[..., ZooNet]] = {}
 
 
-def register(name: str):
+def register(name: str) -> Callable[[Callable[..., ZooNet]], Callable[..., ZooNet]]:
     """Decorator adding an architecture builder to the registry (duplicates are an error)."""
 
     def wrap(fn: Callable[..., ZooNet]) -> Callable[..., ZooNet]:
@@ -269,7 +312,7 @@ def cnn(in_channels: int = 1, num_classes: int = 10, widths: tuple = (32, 64, 12
 def resnet(in_channels: int = 1, num_classes: int = 10, widths: tuple = (32, 32, 64, 128)) -> ZooNet:
     """A ResNet-style network from torchvision's ``BasicBlock``: a stem and three stages."""
     stem = ConvBlock(in_channels, widths[0], pool=False, maskable=False)
-    blocks: list[nn.Module] = [stem]
+    blocks: list[Block] = [stem]
     cin = widths[0]
     for i, w in enumerate(widths[1:]):
         blocks.append(ResBlock(cin, w, stride=1 if i == 0 else 2))

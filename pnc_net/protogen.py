@@ -18,6 +18,7 @@ OUT_DIR = ROOT / "pnc_net" / "_proto"
 
 
 def generate(dest: Path) -> list[Path]:
+    """Run protoc on every ``proto/*.proto`` into ``dest``; returns the generated files."""
     from grpc_tools import protoc
 
     protos = sorted(PROTO_DIR.rglob("*.proto"))
@@ -29,6 +30,7 @@ def generate(dest: Path) -> list[Path]:
 
 
 def main(argv: list[str]) -> int:
+    """Rewrite ``pnc_net/_proto`` (or, with ``--check``, exit 1 if it is stale)."""
     with tempfile.TemporaryDirectory() as tmp:
         files = generate(Path(tmp))
         stale = []

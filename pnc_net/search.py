@@ -1,12 +1,13 @@
 """Position search: which ``(R, S)`` pair to insert at (``docs/method.md`` step 3).
 
-Candidates are independent, which is why ``pnc_net.jobs`` spreads them over
-Ray actors; this module is the in-process, sequential reference.
+Candidates are independent, which is why ``pnc_net.cluster`` can spread them
+over Ray actors; ``pnc_net.clone.run_sequential`` trains them in process. This
+module chooses the candidates and picks the winner, the same way for both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from pnc_net.errors import InvalidInputError
 
@@ -41,6 +42,11 @@ def parse_positions(text: str) -> list[tuple[int, int]]:
 
 def check_candidates(candidates: Sequence[tuple[int, int]], target_blocks: int,
                      source_blocks: int) -> None:
+    """Refuse positions outside ``1..L`` x ``1..K`` before any training starts.
+
+    Raises:
+        InvalidInputError: a candidate names a boundary the networks do not have.
+    """
     for r, s in candidates:
         if not (1 <= r <= target_blocks and 1 <= s <= source_blocks):
             raise InvalidInputError(
@@ -53,17 +59,3 @@ def best_candidate(results: Sequence[tuple[tuple[int, int], dict]]) -> int:
     scores = [(res["score"], pos) for pos, res in results]
     return max(range(len(scores)), key=lambda i: scores[i])
 
-
-def search_positions(candidates: Sequence[tuple[int, int]],
-                     train_one: Callable[[tuple[int, int]], tuple[object, dict]],
-                     on_result: Callable[[tuple[int, int], dict], None] | None = None):
-    """Train every candidate in turn; return ``(best_branch, best_position, all_results)``."""
-    results, branches = [], []
-    for pos in candidates:
-        branch, res = train_one(pos)
-        results.append((pos, res))
-        branches.append(branch)
-        if on_result:
-            on_result(pos, res)
-    i = best_candidate(results)
-    return branches[i], results[i][0], results

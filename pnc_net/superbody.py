@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +38,12 @@ class Adapter(nn.Module):
     def __init__(self, c_in: int, c_out: int, rank: int, out_hw: tuple[int, int]) -> None:
         super().__init__()
         rank = max(1, min(rank, c_in, c_out))
-        self.out_hw = tuple(out_hw)
+        self.out_hw: tuple[int, int] = (out_hw[0], out_hw[1])
         self.down = nn.Conv2d(c_in, rank, 1, bias=False)
         self.up = nn.Conv2d(rank, c_out, 1, bias=True)
 
     def resize(self, h: torch.Tensor) -> torch.Tensor:  # (b, c, H, W) -> (b, c, h, w)
+        """Target features at the source's spatial size: average-pooled down, or repeated up."""
         if tuple(h.shape[2:]) == self.out_hw:
             return h
         if h.shape[2] >= self.out_hw[0] and h.shape[3] >= self.out_hw[1]:
@@ -53,6 +55,7 @@ class Adapter(nn.Module):
         return self.up(self.down(self.resize(h)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Source-like features at boundary S for target features at boundary R."""
         return F.relu(self.linear(h))
 
 
@@ -82,9 +85,11 @@ class FusionGate(nn.Module):
                                  nn.ReLU(), nn.Linear(hidden, 1))
 
     def logit(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        """The gate before its sigmoid, ``(b,)``: what the gate's BCE training works on."""
         return self.net(gate_features(z_t, z_s, f_b)).squeeze(1)  # (b,)
 
     def forward(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        """``g(x)`` per input, ``(b,)``: how much the branch's head is trusted."""
         return torch.sigmoid(self.logit(z_t, z_s, f_b))
 
 
@@ -129,10 +134,15 @@ class Superbody(nn.Module):
 
     @property
     def label_names(self) -> tuple[str, ...]:
+        """The target's labels, then each branch's cloned labels: the output columns."""
         names = list(self.target_labels)
-        for b in self.branches:
+        for b in self.attached():
             names.extend(b.label_names)
         return tuple(names)
+
+    def attached(self) -> list[Branch]:
+        """The branches, in order, as ``Branch`` (``nn.ModuleList`` hands out plain modules)."""
+        return cast(list[Branch], list(self.branches))
 
     # ---------------------------------------------------------------- lifecycle
     def attach(self, branch: Branch) -> Superbody:
@@ -150,7 +160,7 @@ class Superbody(nn.Module):
     def detach(self, index: int | None = None) -> ZooNet | Branch:
         """Remove one branch (returning it), or all (returning the exact target)."""
         if index is not None:
-            branch = self.branches[index]
+            branch = cast(Branch, self.branches[index])
             del self.branches[index]
             return branch
         self.branches = nn.ModuleList()
@@ -169,18 +179,19 @@ class Superbody(nn.Module):
     # ---------------------------------------------------------------- inference
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Target logits, every branch's source logits and gate, for training and metrics."""
-        wanted = {b.position_r for b in self.branches}
+        branches = self.attached()
+        wanted = {b.position_r for b in branches}
         h, feats = x, {}
         for r, block in enumerate(self.target.blocks, start=1):
             h = block(h)
             if r in wanted:
                 feats[r] = h
         z_t = self.target.head(h)
-        runs = [b.run(feats[b.position_r]) for b in self.branches]
-        gates = [b.gate(z_t, zs, fb) for b, (zs, fb) in zip(self.branches, runs)]
+        runs = [b.run(feats[b.position_r]) for b in branches]
+        gates = [b.gate(z_t, zs, fb) for b, (zs, fb) in zip(branches, runs)]
         return {"z_t": z_t, "z_s": [zs for zs, _ in runs], "gates": gates}
 
-    def fuse(self, parts: dict) -> torch.Tensor:
+    def fuse(self, parts: dict[str, Any]) -> torch.Tensor:
         """Probabilities over ``label_names`` from ``parts``."""
         z_t = parts["z_t"]
         if not self.branches:
@@ -188,11 +199,12 @@ class Superbody(nn.Module):
         odds = [g / (1 - g).clamp_min(1e-6) for g in parts["gates"]]  # g = 0 -> exactly 0
         norm = 1 + sum(odds)
         probs = [z_t.softmax(1) / norm.unsqueeze(1)]
-        for b, zs, o in zip(self.branches, parts["z_s"], odds):
+        for b, zs, o in zip(self.attached(), parts["z_s"], odds):
             probs.append(zs[:, b.cloned_index].softmax(1) * (o / norm).unsqueeze(1))
         return torch.cat(probs, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(b, len(label_names))``; the target's own softmax without branches."""
         if not self.branches:
             return self.target(x).softmax(1)
         return self.fuse(self.parts(x))
@@ -207,7 +219,7 @@ class Superbody(nn.Module):
     def module_bytes(self) -> int:
         """fp32 bytes of every weight this superbody uses (``superbody_bytes``)."""
         tensors = list(self.target.state_dict().values())
-        for b in self.branches:
+        for b in self.attached():
             tensors += [v for k, v in b.state_dict().items() if k != "cloned_index"]
         return sum(t.numel() * 4 for t in tensors if t.is_floating_point())
 

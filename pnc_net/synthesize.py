@@ -14,11 +14,13 @@ it, and the target is not modified (a private copy is inverted).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from pnc_net.models import ZooNet
 from pnc_net.training import random_shift
@@ -26,6 +28,8 @@ from pnc_net.training import random_shift
 
 @dataclass(frozen=True)
 class SynthesizeConfig:
+    """How many inputs per target class and how the inversion optimises them."""
+
     per_class: int = 20
     steps: int = 100
     lr: float = 0.2
@@ -34,7 +38,10 @@ class SynthesizeConfig:
     jitter: int = 2
 
 
-def _bn_statistics_loss(model: nn.Module) -> tuple[list, list[torch.Tensor]]:
+def _bn_statistics_loss(model: nn.Module,
+                        ) -> tuple[list[RemovableHandle], list[torch.Tensor]]:
+    """Forward hooks on every BatchNorm2d that append, per forward, how far its input's
+    batch statistics are from its running ones; returns (handles, the list they fill)."""
     losses: list[torch.Tensor] = []
 
     def hook(module: nn.BatchNorm2d, inputs, _out) -> None:
@@ -59,7 +66,8 @@ class SynthesisCache:
         self.max_entries = max_entries
         self._entries: dict[tuple, torch.Tensor] = {}
 
-    def get_or_make(self, key: tuple, make) -> torch.Tensor:
+    def get_or_make(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A copy of the entry for ``key``, made first if missing (oldest entry evicted)."""
         if key not in self._entries:
             if len(self._entries) >= self.max_entries:
                 self._entries.pop(next(iter(self._entries)))

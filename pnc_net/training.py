@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -25,6 +28,7 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index tensors of one shuffled epoch over ``n`` samples (the last batch may be short)."""
     perm = torch.randperm(n, generator=gen)
     for i in range(0, n, batch_size):
         yield perm[i : i + batch_size]
@@ -41,15 +45,16 @@ def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of ``logits`` against ``y``; NaN when there are no samples."""
     return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
 
 
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
+def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                      lr: float, batch_size: int = 64, max_shift: int = 2, seed: int = 0,
                      desc: str = "train", progress: bool = True,
                      extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None,
-                     recalibrate_bn: bool = True) -> nn.Module:
+                     recalibrate_bn: bool = True) -> ModuleT:
     """Cross-entropy training with Adam, cosine decay and shift augmentation.
 
     ``extra_loss(x_batch, logits)`` adds a term (distillation for LwF/KD).

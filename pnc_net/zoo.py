@@ -49,10 +49,12 @@ class Manifest:
     created: float = 0.0
 
     def to_json(self) -> str:
+        """The manifest as stored beside the weights (sorted keys: stable bytes)."""
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """Parse ``to_json``'s text; JSON lists become the tuples the fields declare."""
         raw = json.loads(text)
         raw["input_shape"] = tuple(raw["input_shape"])
         raw["label_names"] = tuple(raw["label_names"])
@@ -60,6 +62,7 @@ class Manifest:
 
 
 def default_zoo_dir() -> Path:
+    """``$PNC_ZOO``, else ``~/.cache/pnc/zoo``."""
     return Path(os.environ.get("PNC_ZOO", Path.home() / ".cache" / "pnc" / "zoo"))
 
 
@@ -113,10 +116,12 @@ class Zoo:
         )
 
     def has(self, sha256: str) -> bool:
+        """True when both the weights and the manifest of ``sha256`` are stored (unverified)."""
         return (self.models_dir / f"{sha256}.safetensors").exists() and (
             self.models_dir / f"{sha256}.json").exists()
 
     def weights_path(self, sha256: str) -> Path:
+        """Where the weights of ``sha256`` live (whether or not they exist yet)."""
         return self.models_dir / f"{sha256}.safetensors"
 
     def read_weights(self, manifest: Manifest) -> bytes:
@@ -174,7 +179,7 @@ class Zoo:
 
     def verify(self) -> list[tuple[Manifest, str | None]]:
         """``(manifest, problem or None)`` for every model."""
-        report = []
+        report: list[tuple[Manifest, str | None]] = []
         for m in self.manifests():
             try:
                 model_from_weights(m, self.read_weights(m))
@@ -185,6 +190,11 @@ class Zoo:
 
 
 def model_from_weights(manifest: Manifest, data: bytes) -> ZooNet:
+    """A frozen, eval-mode model of ``manifest``'s architecture holding ``data``'s weights.
+
+    Raises:
+        InvalidInputError: the bytes are not safetensors, or do not fit the architecture.
+    """
     model = build_model(manifest.arch, **manifest.arch_args)
     try:
         state = load_safetensors(data)

@@ -36,7 +36,7 @@ from pnc_net.data import Dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet, build_model
-from pnc_net.training import predict_logits, train_classifier
+from pnc_net.training import ModuleT, predict_logits, train_classifier
 from pnc_net.zoo import Manifest, Zoo
 from pnc_net.zoo_train import class_subset
 
@@ -88,6 +88,7 @@ class TaskData:
 
     @property
     def n_target(self) -> int:
+        """How many of ``label_names`` are the target's (they come first)."""
         return len(self.target_manifest.label_names)
 
 
@@ -102,9 +103,11 @@ class Evaluated(nn.Module):
         self.target_labels, self.label_names = tuple(target_labels), tuple(label_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's scores over ``label_names``."""
         return self.model(x)
 
     def module_bytes(self) -> int:
+        """fp32 bytes of the wrapped model's weights (``superbody_bytes`` of a superbody)."""
         return sum(t.numel() * 4 for t in self.model.state_dict().values() if t.is_floating_point())
 
 
@@ -135,7 +138,10 @@ def task_data(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> TaskData:
         offset = len(labels)
         x_new, y_new = _take(data, "train", spec.classes, k, seed, "cloned")
         x_vn, y_vn = _take(data, "val", spec.classes, min(k, 50), seed, "cloned")
-        xs.append(x_new), ys.append(y_new + offset), xv.append(x_vn), yv.append(y_vn + offset)
+        xs.append(x_new)
+        ys.append(y_new + offset)
+        xv.append(x_vn)
+        yv.append(y_vn + offset)
         sources.append((source, tuple(s_man.label_names.index(c) for c in spec.classes)))
         refs.append((source, s_man.label_names))
         labels.extend(spec.classes)
@@ -224,15 +230,23 @@ def val_score(model: nn.Module, td: TaskData) -> float:
     return (acc_new + float(agree.float().mean())) / 2
 
 
-def lr_search(build: Callable[[], nn.Module], train: Callable[[nn.Module, float], nn.Module],
-              lrs: Sequence[float], score: Callable[[nn.Module], float]):
-    """Train one model per learning rate; keep the best validation score (ties: first)."""
-    best = None
+def lr_search(build: Callable[[], ModuleT], train: Callable[[ModuleT, float], ModuleT],
+              lrs: Sequence[float], score: Callable[[ModuleT], float]) -> tuple[float, ModuleT]:
+    """Train one model per learning rate; keep the best validation score (ties: first).
+
+    Returns ``(learning rate, model)`` of the best.
+
+    Raises:
+        InvalidInputError: ``lrs`` is empty.
+    """
+    best: tuple[float, float, ModuleT] | None = None
     for lr in lrs:
         model = train(build(), lr)
         s = score(model)
         if best is None or s > best[0]:
             best = (s, lr, model)
+    if best is None:
+        raise InvalidInputError("the learning-rate search needs at least one learning rate")
     return best[1], best[2]
 
 
@@ -264,6 +278,7 @@ def delta_payload(tuned: dict[str, torch.Tensor], base: dict[str, torch.Tensor])
 
 
 def zstd_size(payload: bytes, level: int = DELTA_ZSTD_LEVEL) -> int:
+    """Bytes of ``payload`` after zstd at ``level``: what a tuned model's delta costs to send."""
     return len(zstandard.ZstdCompressor(level=level).compress(payload))
 
 
@@ -305,6 +320,7 @@ class FrozenStats(nn.Module):
         self.model = model
 
     def train(self, mode: bool = True) -> FrozenStats:
+        """``nn.Module.train``, except that every BatchNorm stays in eval mode."""
         super().train(mode)
         for m in self.model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -312,11 +328,12 @@ class FrozenStats(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped model's logits."""
         return self.model(x)
 
 
-def fit(model: nn.Module, td: TaskData, cfg: TuneConfig, *, epochs: int, lr: float, seed: int,
-        extra: Callable | None = None, params: list | None = None) -> nn.Module:
+def fit(model: ModuleT, td: TaskData, cfg: TuneConfig, *, epochs: int, lr: float, seed: int,
+        extra: Callable | None = None, params: list | None = None) -> ModuleT:
     """``train_classifier`` on the cloning data with the shared recipe."""
     wrapped = FrozenStats(model) if cfg.freeze_bn_stats else model
     train_classifier(wrapped, td.x, td.y, epochs=epochs, lr=lr, batch_size=cfg.batch_size,
@@ -342,13 +359,13 @@ def run_pnc_f(superbody: nn.Module, td: TaskData, data: Dataset, cfg: TuneConfig
     What travels: the package plus the zstd fp16 delta against the PNC superbody."""
     t0 = time.perf_counter()
 
-    def build() -> nn.Module:
+    def build() -> _LogProbs:
         model = _LogProbs(copy.deepcopy(superbody))
         for p in model.parameters():
             p.requires_grad_(True)
         return model
 
-    def train(model: nn.Module, lr: float) -> nn.Module:
+    def train(model: _LogProbs, lr: float) -> _LogProbs:
         return fit(model, td, cfg, epochs=epochs_for(len(td.x), cfg), lr=lr, seed=seed)
 
     lr, model = lr_search(build, train, cfg.lrs, lambda m: val_score(m, td))
@@ -366,15 +383,15 @@ def run_oracle(td: TaskData, data: Dataset, cfg: TuneConfig, seed: int) -> Basel
     xv, yv = class_subset(data, td.label_names, "val")
     args = {**man.arch_args, "num_classes": len(td.label_names)}
 
-    def build() -> nn.Module:
+    def build() -> ZooNet:
         torch.manual_seed(seed)
         return build_model(man.arch, **args)
 
-    def train(model: nn.Module, lr: float) -> nn.Module:
+    def train(model: ZooNet, lr: float) -> ZooNet:
         return train_classifier(model, x, y, epochs=cfg.oracle_epochs, lr=lr, seed=seed,
                                 progress=False)
 
-    def score(model: nn.Module) -> float:
+    def score(model: ZooNet) -> float:
         return float((predict_logits(model, xv).argmax(1) == yv).float().mean())
 
     lr, model = lr_search(build, train, cfg.oracle_lrs, score)

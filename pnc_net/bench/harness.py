@@ -23,9 +23,10 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,7 +62,9 @@ class Task:
     sources: tuple[SourceSpec, ...]
     kind: str
 
-    def config(self, k: int, kt: int, seed: int, positions, **kw) -> CloneConfig:
+    def config(self, k: int, kt: int, seed: int,
+               positions: tuple[tuple[int, int], ...] | None, **kw: Any) -> CloneConfig:
+        """The task's ``CloneConfig`` at budget ``k`` (``kt`` target samples) and ``seed``."""
         return CloneConfig(target=self.target, sources=self.sources, per_class=k,
                            target_per_class=kt, seed=seed, positions=positions, **kw)
 
@@ -127,6 +130,8 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Cell:
+    """One unit of work: a task at one seed and budget, or its Oracle."""
+
     task: int
     seed: int
     budget: int
@@ -184,10 +189,11 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
                             localize=cfg.localize, insert=cfg.insert)
     td = task_data(zoo, data, clone_cfg)
     if cell.oracle:
-        rows = [_row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))]
-        return {"cell": asdict(cell), "rows": rows, "seconds": time.perf_counter() - t0,
+        oracle = _row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))
+        return {"cell": asdict(cell), "rows": [oracle], "seconds": time.perf_counter() - t0,
                 "cpu_seconds": time.process_time() - cpu0, "threads": cfg.threads_per_worker}
-    rows, out = [], {"cell": asdict(cell)}
+    rows: list[dict] = []
+    out: dict[str, Any] = {"cell": asdict(cell)}
     pnc = clone(zoo, data, clone_cfg)
     package_bytes = len(wire.encode(pnc.package))
     trainable = sum(t.numel() for m in pnc.package.modules for t in m.tensors.values())
@@ -273,6 +279,7 @@ def run_cells(zoo_root: str, cfg: BenchConfig, cells: list[Cell],
 
 
 def cell_key(cell: Cell | dict) -> str:
+    """A cell's identity in a checkpoint file: its fields as sorted JSON."""
     return json.dumps(asdict(cell) if isinstance(cell, Cell) else cell, sort_keys=True)
 
 
@@ -290,6 +297,7 @@ def read_checkpoint(path: Path) -> dict[str, dict]:
 
 
 def append_checkpoint(path: Path, out: dict) -> None:
+    """Append one finished cell as a JSON line, fsynced so a crash keeps it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(out, sort_keys=True, default=float) + "\n")
@@ -359,6 +367,3 @@ def _machine(cfg: BenchConfig) -> dict:
             "workers": cfg.workers, "threads_per_worker": cfg.threads_per_worker,
             "python": platform.python_version()}
 
-
-def with_workers(cfg: BenchConfig, workers: int | None) -> BenchConfig:
-    return cfg if workers is None else replace(cfg, workers=workers)
