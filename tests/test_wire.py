@@ -11,11 +11,13 @@ import torch
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_decode_budget import ATTACKS, GIB, rle_bomb
 
-from pnc_net import wire
+from pnc_net import codec, rebuild, wire
 from pnc_net._proto import package_pb2 as pb
-from pnc_net.errors import InvalidInputError, PncError
+from pnc_net.errors import IntegrityError, InvalidInputError, PncError
 from pnc_net.fsutil import sha256_bytes
+from pnc_net.package import Fingerprint, ModuleConfig
 
 DATA = Path(__file__).parent / "data"
 V1 = DATA / "package_v1_fp16.pnc"
@@ -145,6 +147,110 @@ def test_zip_bomb_is_refused():
     bomb = zstandard.ZstdCompressor(level=3).compress(b"\x00" * (wire.MAX_PACKAGE_BYTES + 1))
     with pytest.raises(InvalidInputError):
         wire.decode(bomb)
+
+
+# ----------------------------------------------------------------------------- attacks (issue 13)
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_packages_are_refused_at_decode(package, name):
+    """Each attack (tests/test_decode_budget.py, which also proves their memory cost)."""
+    with pytest.raises(InvalidInputError):
+        wire.decode(ATTACKS[name](wire.to_proto(package)))
+
+
+def test_zstd_bomb_declaring_4gib_is_refused_before_allocating():
+    bomb = rle_bomb(4 * GIB, 4 * GIB)
+    assert len(bomb) < 200_000
+    with pytest.raises(InvalidInputError, match="declares 4294967296 bytes"):
+        codec.parse(bomb)
+
+
+def test_zstd_bomb_without_declared_size_stops_at_the_cap():
+    with pytest.raises(InvalidInputError, match="more than"):
+        codec.decompress(rle_bomb(4 * GIB, None))
+    assert len(codec.decompress(rle_bomb(1 << 20, None))) == 1 << 20  # honest and undeclared
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"junk", "frame"])
+def test_one_package_has_one_id(package, extra):
+    data = wire.encode(package)
+    with pytest.raises(InvalidInputError, match="after its zstd frame"):
+        wire.decode(data + (data if extra == "frame" else extra))
+
+
+@pytest.mark.parametrize("config,needle", [
+    ('{"adapter_rank": 8, "gate_hidden": 10000000}', "gate_hidden=10000000"),
+    ('{"adapter_rank": "x"}', "adapter_rank='x'"),
+    ('{"gate_hidden": -1}', "gate_hidden=-1"),
+    ('{"gate_hidden": null}', "gate_hidden=None"),
+    ('{"adapter_rank": [8]}', "adapter_rank=\\[8\\]"),
+    ('{"adapter_rank": true}', "adapter_rank=True"),
+    ('{"adapter_rank": 8.0}', "adapter_rank=8.0"),
+    ('{"adapter_rank": 8, "seed": 1}', "unknown keys"),
+    ('[8, 16]', "JSON object"),
+])
+def test_poison_configs_are_refused_at_decode(package, config, needle):
+    msg = wire.to_proto(package)
+    msg.modules[0].config_json = config
+    with pytest.raises(InvalidInputError, match=needle):
+        wire.decode(_compress(msg.SerializeToString()))
+
+
+def test_module_config_defaults_keep_old_packages_readable():
+    assert ModuleConfig.from_mapping({}) == ModuleConfig(8, 8)
+    assert ModuleConfig.from_mapping({"adapter_rank": 8, "gate_hidden": 16}).gate_hidden == 16
+
+
+@pytest.mark.parametrize("count", [300_000, 257, 0])
+def test_probe_count_is_bounded(package, count):
+    msg = wire.to_proto(package)
+    msg.fingerprint.probe_count = count
+    msg.fingerprint.probabilities.CopyFrom(pb.Tensor(
+        name="probabilities", dtype=pb.INT8, shape=[count, len(msg.label_names)],
+        data=bytes(count * len(msg.label_names)), scale=0.0))
+    with pytest.raises(InvalidInputError, match="probes"):
+        wire.decode(_compress(msg.SerializeToString()))
+
+
+@pytest.mark.parametrize("shape", [[1 << 24] * 8, [1 << 11] * 3, [1] * 9])
+def test_declared_tensor_sizes_are_bounded(package, shape):
+    msg = wire.to_proto(package)
+    msg.modules[0].tensors[0].ClearField("shape")
+    msg.modules[0].tensors[0].shape.extend(shape)
+    with pytest.raises(InvalidInputError, match="limit"):
+        wire.decode(_compress(msg.SerializeToString()))
+
+
+def test_sender_chosen_tolerance_is_capped(package):
+    loose = Fingerprint(1, 16, package.fingerprint.probabilities, tolerance=1.0)
+    strict = Fingerprint(1, 16, package.fingerprint.probabilities, tolerance=1e-3)
+    assert rebuild.accepted_tolerance(loose) == rebuild.MAX_FINGERPRINT_TOLERANCE
+    assert rebuild.accepted_tolerance(strict) == 1e-3  # a package may ask for less
+    assert rebuild.accepted_tolerance(loose, receiver_max=0.01) == 0.01
+    assert wire.decode(wire.encode(package)).fingerprint.tolerance <= (
+        rebuild.MAX_FINGERPRINT_TOLERANCE)  # what clone writes passes the cap
+
+
+def test_nan_outputs_never_verify(package):
+    """A superbody whose probe outputs are NaN or infinite has an infinite error."""
+    fp = package.fingerprint
+    for bad in (float("nan"), float("inf")):
+        def superbody(x, bad=bad):
+            return torch.full((x.shape[0], fp.probabilities.shape[1]), bad)
+        err = rebuild.fingerprint_error(superbody, fp, (1, 28, 28))
+        assert err == float("inf") and not err <= rebuild.accepted_tolerance(fp)
+
+
+@pytest.mark.slow
+def test_garbage_fingerprint_with_tolerance_one_fails_verify(default_clone, zoo):
+    pkg = default_clone.package
+    garbage = Fingerprint(pkg.fingerprint.probe_seed, pkg.fingerprint.probe_count,
+                          1 - pkg.fingerprint.probabilities, tolerance=1.0)
+    bad = wire.decode(wire.encode(type(pkg)(**{**vars(pkg), "fingerprint": garbage})))
+    with pytest.raises(IntegrityError, match="capped"):
+        rebuild.verify(zoo, bad)
+    rebuild.verify(zoo, wire.decode(wire.encode(pkg)))  # the honest one still verifies
 
 
 # ----------------------------------------------------------------------------- fuzz
