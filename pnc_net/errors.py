@@ -88,6 +88,13 @@ class BusyError(PncError, RuntimeError):
     exit_code = ExitCode.REMOTE
 
 
+class ResourceExhaustedError(PncError, RuntimeError):
+    """A daemon limit was reached (streams per caller, uploads, a queue); retry later."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+    exit_code = ExitCode.REMOTE
+
+
 class UnauthenticatedError(PncError, PermissionError):
     """A call without the right credentials (bearer token)."""
 
@@ -117,7 +124,7 @@ class RemoteError(PncError):
 #: The classes a server may name in ``ERROR_CLASS_KEY``; anything else is not trusted.
 _BY_NAME: dict[str, type[PncError]] = {cls.__name__: cls for cls in (
     InvalidInputError, NotFoundError, IntegrityError, PreconditionError, IncompatibleError,
-    BusyError, UnauthenticatedError, PermissionDeniedError)}
+    BusyError, ResourceExhaustedError, UnauthenticatedError, PermissionDeniedError)}
 _BY_CODE: dict[str, type[PncError]] = {
     "INVALID_ARGUMENT": InvalidInputError, "NOT_FOUND": NotFoundError,
     "FAILED_PRECONDITION": PreconditionError, "DATA_LOSS": IntegrityError,

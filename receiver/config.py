@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pnc_net.errors import InvalidInputError
+from pnc_net.rebuild import MAX_FINGERPRINT_TOLERANCE
 from pnc_net.serve.channel import check_address
 from pnc_net.serve.daemon import Flag
 from pnc_net.serve.server import COMMON_FLAGS, ServerSettings
@@ -21,26 +22,25 @@ FLAGS = (
     Flag("catch_up_from", "--catch-up-from", "Sender HOST:PORT to catch up with on start."),
     Flag("peer_token", "--peer-token", "Token for mirrors and the sender (default: --token)."),
     Flag("torch_threads", "--torch-threads", "torch threads per process [1].", type=int),
+    Flag("max_tolerance", "--max-tolerance", "The largest fingerprint error this receiver "
+         f"accepts; a package may ask for less [{MAX_FINGERPRINT_TOLERANCE}].", type=float),
     *COMMON_FLAGS,
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ReceiverConfig(ServerSettings):
+    """A receiver: its zoo, its store, its peers; the rest is ``ServerSettings``."""
+
     zoo: Path
     store: Path
     listen: str = "127.0.0.1:7100"
-    token: str | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
     mirrors: tuple[str, ...] = ()
     repair_data: Path | None = None
     catch_up_from: str | None = None  # the sender to catch up with on start
     peer_token: str | None = None  # token for mirrors and the sender (default: token)
-    metrics_port: int | None = None
-    grace_s: float = 10.0
     torch_threads: int = 1  # per process: calls run in parallel on the thread pool instead
+    max_tolerance: float = MAX_FINGERPRINT_TOLERANCE  # a package may ask for less, not more
 
     SECTION = "receiver"
     DESCRIPTION = "Accept packages, rebuild and verify superbodies, serve Predict and Read."
@@ -58,8 +58,8 @@ class ReceiverConfig(ServerSettings):
             raise InvalidInputError(f"--repair-data {self.repair_data} is not a file")
         if not 1 <= self.torch_threads <= 256:
             raise InvalidInputError("--torch-threads must be 1..256")
-        if self.grace_s < 0:
-            raise InvalidInputError("--grace must be >= 0 seconds")
+        if not 0 <= self.max_tolerance <= 1:
+            raise InvalidInputError("--max-tolerance must be within [0, 1]")
 
     def client_kwargs(self) -> dict:
         """How the receiver connects to its mirrors and its sender."""

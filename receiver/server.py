@@ -21,8 +21,8 @@ def create_server(cfg: ReceiverConfig) -> tuple[Daemon, int]:
     metrics = Metrics("receiver")
     fetcher = MirrorFetcher(cfg.mirrors, cfg.client_kwargs())
     node = Node("receiver", PackageStore(cfg.store), Zoo(cfg.zoo), fetcher, cfg.repair_data,
-                metrics)
-    daemon = build_server(node, cfg.listen, cfg.token, cfg.tls())
+                metrics, max_tolerance=cfg.max_tolerance)
+    daemon = build_server(node, cfg.listen, cfg.tokens(), cfg.tls(), cfg.limits())
     if cfg.metrics_port is not None:
         log.info("metrics", extra={"port": metrics.start(cfg.metrics_port)})
     if cfg.catch_up_from:
@@ -63,6 +63,6 @@ def serve(cfg: ReceiverConfig) -> None:
     setup_logging()
     daemon, port = create_server(cfg)
     daemon.servicer.node.warm.wait(120)  # announce once the zoo is in memory
-    announce("receiver", port)
+    announce("receiver", cfg.listen, port)
     log.info("serving", extra={"port": port, "store": str(cfg.store), "zoo": str(cfg.zoo)})
     run_until_signal(daemon, grace_s=cfg.grace_s)

@@ -24,22 +24,18 @@ FLAGS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SenderConfig(ServerSettings):
+    """A sender: its store, its receivers, its mirror zoo; the rest is ``ServerSettings``."""
+
     store: Path
     listen: str = "127.0.0.1:7000"
     push_to: tuple[str, ...] = ()
     zoo: Path | None = None  # served to receivers as a mirror
-    token: str | None = None
     peer_token: str | None = None  # token for the receivers (default: token)
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
     peer_tls_ca: Path | None = None  # CA that signed the receivers' certificates
     poll_s: float = 0.2  # how often the store is scanned for packages written by other tools
     resync_s: float = 5.0  # how often each receiver is asked what it lacks (FindMissing)
-    metrics_port: int | None = None
-    grace_s: float = 10.0
 
     SECTION = "sender"
     DESCRIPTION = "Serve the store, push new packages to every receiver, mirror the zoo."

@@ -30,7 +30,8 @@ def create_server(cfg: SenderConfig) -> tuple[SenderDaemon, int]:
     node = Node("sender", store, Zoo(cfg.zoo) if cfg.zoo else None, metrics=metrics)
     pushers = [Pusher(store, a, cfg.client_kwargs(), cfg.resync_s) for a in cfg.push_to]
     watcher = StoreWatcher(store, pushers, cfg.poll_s)
-    base = build_server(node, cfg.listen, cfg.token, cfg.tls(), on_package=watcher.notify)
+    base = build_server(node, cfg.listen, cfg.tokens(), cfg.tls(), cfg.limits(),
+                        on_package=watcher.notify)
     daemon = SenderDaemon(base.server, base.port, base.health, base.servicer)
     daemon.watcher = watcher
     for p in pushers:
@@ -50,7 +51,7 @@ def serve(cfg: SenderConfig) -> None:
     """Run a sender until SIGTERM or SIGINT."""
     setup_logging()
     daemon, port = create_server(cfg)
-    announce("sender", port)
+    announce("sender", cfg.listen, port)
     log.info("serving", extra={"port": port, "store": str(cfg.store),
                                "push_to": list(cfg.push_to)})
     run_until_signal(daemon, grace_s=cfg.grace_s)

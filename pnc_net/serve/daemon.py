@@ -205,7 +205,8 @@ def run_until_signal(daemon, on_stop=None, grace_s: float = 10.0) -> None:
     os._exit(0)
 
 
-def announce(role: str, port: int) -> None:
-    """One line on stdout that scripts and tests wait for."""
-    sys.stdout.write(f"pnc {role} listening on 127.0.0.1:{port} port={port}\n")
+def announce(role: str, listen: str, port: int) -> None:
+    """One line on stdout that scripts and tests wait for: the address really bound."""
+    host = listen.rpartition(":")[0]
+    sys.stdout.write(f"pnc {role} listening on {host}:{port} port={port}\n")
     sys.stdout.flush()

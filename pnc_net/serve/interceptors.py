@@ -17,7 +17,12 @@ from typing import Any, Literal, Self
 
 import grpc
 
-from pnc_net.errors import ERROR_CLASS_KEY, PncError, UnauthenticatedError
+from pnc_net.errors import (
+    ERROR_CLASS_KEY,
+    PermissionDeniedError,
+    PncError,
+    UnauthenticatedError,
+)
 
 log = logging.getLogger("pnc.rpc")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -94,31 +99,56 @@ class _CallLog:
         self.context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
 
 
+PUBLISH, READ = "publish", "read"
+#: Calls that change a daemon's store: a reader's token may not make them.
+WRITE_METHODS = frozenset({"/pnc.v1.ByteStream/Write", "/pnc.v1.ByteStream/QueryWriteStatus"})
+
+
 class TokenInterceptor(grpc.ServerInterceptor):
-    """``authorization: Bearer <token>`` on every call but health checks."""
+    """``authorization: Bearer <token>`` on every call but health checks, and roles: a
+    ``read`` token may read, list and predict, a ``publish`` token may also write."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request_or_iterator, context):
-            raise UnauthenticatedError("missing or wrong bearer token; pass --token "
-                                       "(or PNC_TOKEN)")
-
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self._roles = [(f"Bearer {t}".encode(), role) for t, role in tokens.items()]
         self._deny = {
-            (False, False): grpc.unary_unary_rpc_method_handler(deny),
-            (False, True): grpc.unary_stream_rpc_method_handler(deny),
-            (True, False): grpc.stream_unary_rpc_method_handler(deny),
-            (True, True): grpc.stream_stream_rpc_method_handler(deny),
+            UnauthenticatedError: _handlers(UnauthenticatedError(
+                "missing or wrong bearer token; pass --token (or PNC_TOKEN)")),
+            PermissionDeniedError: _handlers(PermissionDeniedError(
+                "this token may only read and predict; publishing needs a publisher's token")),
         }
 
     def intercept_service(self, continuation, handler_call_details):
-        """Pass the call on with the right token (or to health); otherwise deny it."""
-        if handler_call_details.method.startswith(HEALTH_PREFIX):
+        """Pass the call on for a token whose role allows it (health needs none)."""
+        method = handler_call_details.method
+        if method.startswith(HEALTH_PREFIX):
             return continuation(handler_call_details)
-        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(got).encode(), self._expected):
+        role = self._role(dict(handler_call_details.invocation_metadata or ()))
+        if role == PUBLISH or (role == READ and method not in WRITE_METHODS):
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        return self._deny[(handler.request_streaming, handler.response_streaming)]
+        denied = self._deny[UnauthenticatedError if role is None else PermissionDeniedError]
+        return denied[(handler.request_streaming, handler.response_streaming)]
+
+    def _role(self, metadata: dict) -> str | None:
+        got = str(metadata.get("authorization", "")).encode()
+        role = None
+        for expected, r in self._roles:  # compare with every token: no timing hint
+            if hmac.compare_digest(got, expected):
+                role = r
+        return role
+
+
+def _handlers(err: PncError) -> dict[tuple[bool, bool], grpc.RpcMethodHandler]:
+    """A handler of each streaming kind that raises ``err`` (the error interceptor maps it)."""
+
+    def deny(request_or_iterator, context):
+        raise type(err)(str(err))
+
+    return {
+        (False, False): grpc.unary_unary_rpc_method_handler(deny),
+        (False, True): grpc.unary_stream_rpc_method_handler(deny),
+        (True, False): grpc.stream_unary_rpc_method_handler(deny),
+        (True, True): grpc.stream_stream_rpc_method_handler(deny),
+    }

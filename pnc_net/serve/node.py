@@ -24,7 +24,13 @@ import torch
 from pnc_net import wire
 from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError, PreconditionError
 from pnc_net.fsutil import sha256_bytes
-from pnc_net.rebuild import build_superbody, fingerprint_error, load_ref
+from pnc_net.rebuild import (
+    MAX_FINGERPRINT_TOLERANCE,
+    accepted_tolerance,
+    build_superbody,
+    fingerprint_error,
+    load_ref,
+)
 from pnc_net.serve.repair import RepairConfig, repair
 from pnc_net.serve.store import PackageRecord, PackageStore, check_digest, record_for
 from pnc_net.superbody import Superbody
@@ -56,7 +62,7 @@ class Node:
 
     def __init__(self, role: str, store: PackageStore, zoo: Zoo | None,
                  fetch_model: ModelFetcher | None = None, repair_data: Path | None = None,
-                 metrics=None) -> None:
+                 metrics=None, max_tolerance: float = MAX_FINGERPRINT_TOLERANCE) -> None:
         if role not in ("sender", "receiver"):
             raise InvalidInputError(f"unknown role {role!r}")
         if role == "receiver" and zoo is None:
@@ -64,6 +70,7 @@ class Node:
         self.role, self.store, self.zoo, self.fetch_model = role, store, zoo, fetch_model
         self.repair_set = _load_repair_data(repair_data) if repair_data else None
         self.metrics = metrics
+        self.max_tolerance = max_tolerance  # the receiver decides what counts as verified
         self._cache: dict[str, Loaded] = {}
         self._lock = threading.Lock()
         self.warm = threading.Event()
@@ -71,6 +78,8 @@ class Node:
             threading.Thread(target=self._warm_up, daemon=True, name="zoo-warm-up").start()
         else:
             self.warm.set()
+        from pnc_net.serve.batcher import MicroBatcher  # Predict calls of all clients, batched
+        self.batcher = MicroBatcher.from_env() if role == "receiver" else None
 
     def _warm_up(self) -> None:
         """Load (digest-checked) every zoo model once at start, so the first package a
@@ -129,13 +138,14 @@ class Node:
         if fp is None:
             record.state, record.detail = "failed", "package has no fingerprint"
             return
+        tolerance = accepted_tolerance(fp, self.max_tolerance)
         err = fingerprint_error(sb, fp, shape)
         record.fingerprint_error = err
-        if err <= fp.tolerance:
+        if err <= tolerance:
             record.state = "verified"
             return
         reason = (f"rebuilt superbody differs from the fingerprint by {err:.4f} "
-                  f"(tolerance {fp.tolerance:.4f})")
+                  f"(tolerance {tolerance:.4f})")
         if self.repair_set is None:
             record.state, record.detail = "failed", reason + "; no repair data configured"
             return
@@ -146,7 +156,7 @@ class Node:
         record.metadata["repair"] = {"seconds": result.seconds, "steps": result.steps,
                                      "trained_params": result.trained_params,
                                      "zoo_digests": result.zoo_digests}
-        if result.error_after <= fp.tolerance:
+        if result.error_after <= tolerance:
             record.state = "repaired"
         else:
             record.state = "failed"
@@ -246,8 +256,10 @@ class Node:
         if tuple(x.shape[1:]) != loaded.input_shape:
             raise IncompatibleError(f"inputs have shape {tuple(x.shape[1:])}; this package's "
                                     f"models take {loaded.input_shape}")
-        with torch.no_grad():
-            return pid, loaded.superbody, loaded.superbody(x.float())
+        if self.batcher is None:  # PNC_PREDICT_BATCHING=0: one forward per request
+            with torch.no_grad():
+                return pid, loaded.superbody, loaded.superbody(x.float())
+        return pid, loaded.superbody, self.batcher.run(pid, loaded.superbody, x.float())
 
     # ------------------------------------------------------------------ metrics
     def stats_bytes(self, direction: str, n: int) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,7 +24,8 @@ from pnc_net._proto import transport_pb2_grpc as tgrpc
 from pnc_net.errors import InvalidInputError
 from pnc_net.serve.channel import CHANNEL_OPTIONS
 from pnc_net.serve.daemon import Flag, load_settings, parse_flags
-from pnc_net.serve.interceptors import ErrorInterceptor, TokenInterceptor
+from pnc_net.serve.interceptors import PUBLISH, READ, ErrorInterceptor, TokenInterceptor
+from pnc_net.serve.limits import Limits
 from pnc_net.serve.node import Node
 from pnc_net.serve.servicer import Servicer
 
@@ -32,7 +33,9 @@ WILDCARD_HOSTS = ("0.0.0.0", "[::]", "::", "")
 
 #: The options both daemons take (``ServerSettings`` fields).
 COMMON_FLAGS = (
-    Flag("token", "--token", "Bearer token clients must present.", env="PNC_TOKEN"),
+    Flag("token", "--token", "Bearer token of publishers: every call.", env="PNC_TOKEN"),
+    Flag("read_token", "--read-token", "Bearer token of readers (edge devices): reads, status "
+         "and Predict, never a write.", env="PNC_READ_TOKEN"),
     Flag("tls_cert", "--tls-cert", "PEM certificate."),
     Flag("tls_key", "--tls-key", "PEM private key."),
     Flag("tls_ca", "--tls-ca", "PEM CA: clients must present a certificate signed by it "
@@ -40,6 +43,14 @@ COMMON_FLAGS = (
     Flag("metrics_port", "--metrics-port", "Serve Prometheus metrics on 127.0.0.1:PORT.",
          type=int),
     Flag("grace_s", "--grace", "Seconds in-flight calls get on SIGTERM [10].", type=float),
+    Flag("max_workers", "--max-workers", "gRPC worker threads [32].", type=int),
+    Flag("max_uploads", "--max-uploads", "Concurrent uploads of all callers [16].", type=int),
+    Flag("max_streams_per_caller", "--max-streams-per-caller",
+         "Concurrent uploads of one caller [4].", type=int),
+    Flag("upload_idle_s", "--upload-idle", "Cancel an upload silent this long, s [30].",
+         type=float),
+    Flag("part_ttl_s", "--part-ttl", "Remove partial uploads untouched this long, s [86400].",
+         type=float),
 )
 
 
@@ -71,22 +82,31 @@ def check_listen(listen: str) -> str:
     return listen
 
 
+@dataclass(frozen=True, kw_only=True)
 class ServerSettings:
-    """What the sender's and receiver's frozen config dataclasses share: paths given as
-    strings become ``Path`` (TOML and env vars give strings), the listen / TLS / metrics
-    checks, the field names a TOML file may set, and the TLS files to serve with."""
+    """What the sender's and receiver's frozen config dataclasses share: credentials, TLS,
+    metrics, shutdown and resource limits; paths given as strings become ``Path`` (TOML
+    and env vars give strings); one loader (``load``) for flags, variables and TOML."""
 
     # Plain class attributes, not dataclass fields: set by each daemon's config.
-    SECTION: str = ""  # "sender" or "receiver": the TOML table and the command's name
-    DESCRIPTION: str = ""
-    FLAGS: tuple[Flag, ...] = ()
-    PATH_FIELDS: tuple[str, ...] = ()
-    # Declared for the type checker; the subclasses' dataclass fields hold the values.
+    SECTION: ClassVar[str] = ""  # "sender" or "receiver": the TOML table, the command
+    DESCRIPTION: ClassVar[str] = ""
+    FLAGS: ClassVar[tuple[Flag, ...]] = ()
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+
     listen: str
-    tls_cert: Path | None
-    tls_key: Path | None
-    tls_ca: Path | None
-    metrics_port: int | None
+    token: str | None = None  # publishers: every call
+    read_token: str | None = None  # readers: no Write, no QueryWriteStatus
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # set: clients must present a certificate signed by it (mTLS)
+    metrics_port: int | None = None
+    grace_s: float = 10.0
+    max_workers: int = Limits.max_workers
+    max_uploads: int = Limits.max_uploads
+    max_streams_per_caller: int = Limits.max_streams_per_caller
+    upload_idle_s: float = Limits.upload_idle_s
+    part_ttl_s: float = Limits.part_ttl_s
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None) -> Self:
@@ -94,10 +114,21 @@ class ServerSettings:
         defaults, in that order (``pnc sender serve ARGS`` passes ARGS through)."""
         flags, config = parse_flags(f"pnc {cls.SECTION} serve", cls.DESCRIPTION, cls.FLAGS,
                                     argv)
-        return load_settings(cls, cls.SECTION, flags, config, cls.FLAGS)  # type: ignore[type-var]
+        return load_settings(cls, cls.SECTION, flags, config, cls.FLAGS)
+
+    def limits(self) -> Limits:
+        """The resource limits these settings give (checked when the config is built)."""
+        return Limits(max_workers=self.max_workers, max_uploads=self.max_uploads,
+                      max_streams_per_caller=self.max_streams_per_caller,
+                      upload_idle_s=self.upload_idle_s, part_ttl_s=self.part_ttl_s)
+
+    def tokens(self) -> dict[str, str]:
+        """Bearer token -> role (``publish`` or ``read``) for the token interceptor."""
+        out = {self.read_token: READ} if self.read_token else {}
+        return {**out, **({self.token: PUBLISH} if self.token else {})}
 
     def check_server_settings(self) -> None:
-        """Coerce path fields and check listen, TLS and metrics settings."""
+        """Coerce path fields and check listen, TLS, metrics, tokens and limits."""
         for name in self.PATH_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -107,6 +138,13 @@ class ServerSettings:
             raise InvalidInputError("give --tls-cert and --tls-key together")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise InvalidInputError(f"--metrics-port {self.metrics_port} is not a port")
+        if self.read_token and not self.token:
+            raise InvalidInputError("--read-token needs --token too (who may publish?)")
+        if self.read_token and self.read_token == self.token:
+            raise InvalidInputError("--read-token must differ from --token")
+        if self.grace_s < 0:
+            raise InvalidInputError("--grace must be >= 0 seconds")
+        self.limits()
 
     def tls(self) -> TlsFiles | None:
         """The TLS files to serve with, or None for plaintext."""
@@ -128,19 +166,23 @@ class Daemon:
         """Health goes NOT_SERVING first; in-flight calls get ``grace_s`` to finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
+        self.servicer.slots.stop()
 
 
-def build_server(node: Node, listen: str, token: str | None = None,
-                 tls: TlsFiles | None = None, max_workers: int = 32,
+def build_server(node: Node, listen: str, tokens: dict[str, str] | None = None,
+                 tls: TlsFiles | None = None, limits: Limits | None = None,
                  on_package=None) -> Daemon:
-    """A started gRPC server for ``node`` on ``listen`` (port 0 picks a free one)."""
+    """A started gRPC server for ``node`` on ``listen`` (port 0 picks a free one).
+
+    ``tokens`` maps bearer tokens to roles (``ServerSettings.tokens``); none: no auth."""
     check_listen(listen)
-    interceptors = [ErrorInterceptor(), *([TokenInterceptor(token)] if token else [])]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+    limits = limits or Limits()
+    interceptors = [ErrorInterceptor(), *([TokenInterceptor(tokens)] if tokens else [])]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers,
                                                     thread_name_prefix="pnc-rpc"),
                          interceptors=interceptors, options=CHANNEL_OPTIONS,
-                         maximum_concurrent_rpcs=max_workers * 4)
-    servicer = Servicer(node, auth_required=bool(token), on_package=on_package)
+                         maximum_concurrent_rpcs=limits.max_workers * 4)
+    servicer = Servicer(node, auth_required=bool(tokens), on_package=on_package, limits=limits)
     tgrpc.add_CasServicer_to_server(servicer, server)
     tgrpc.add_ByteStreamServicer_to_server(servicer, server)
     tgrpc.add_PackagesServicer_to_server(servicer, server)

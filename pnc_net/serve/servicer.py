@@ -8,7 +8,9 @@ answer; they raise the project's errors and leave the mapping to statuses to
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import threading
 from itertools import chain
 from pathlib import Path
@@ -18,8 +20,12 @@ from pnc_net._proto import transport_pb2 as tpb
 from pnc_net._proto import transport_pb2_grpc as tgrpc
 from pnc_net.errors import BusyError, InvalidInputError
 from pnc_net.serve.channel import CHUNK_BYTES, MAX_BLOB_BYTES, MAX_MESSAGE_BYTES
+from pnc_net.serve.limits import Limits, UploadSlot, UploadSlots
 from pnc_net.serve.node import Node
 from pnc_net.serve.store import KINDS, PackageRecord, check_digest
+
+log = logging.getLogger("pnc.rpc")
+_SIZE = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() accepts '²'
 
 
 def parse_resource(name: str, need_size: bool) -> tuple[str, str, int | None]:
@@ -32,7 +38,7 @@ def parse_resource(name: str, need_size: bool) -> tuple[str, str, int | None]:
     sha = check_digest(parts[1], what="resource digest")
     size = None
     if len(parts) == 3:
-        if not parts[2].isdigit():
+        if not _SIZE.fullmatch(parts[2]):
             raise InvalidInputError(f"resource size {parts[2][:40]!r} is not a number")
         size = int(parts[2])
         limit = wire.MAX_PACKAGE_BYTES if parts[0] == "packages" else MAX_BLOB_BYTES
@@ -55,10 +61,20 @@ def info_proto(r: PackageRecord) -> tpb.PackageInfo:
 class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServicer):
     """All three services over one ``Node``."""
 
-    def __init__(self, node: Node, auth_required: bool = False, on_package=None) -> None:
+    def __init__(self, node: Node, auth_required: bool = False, on_package=None,
+                 limits: Limits | None = None) -> None:
         self.node, self.auth_required, self.on_package = node, auth_required, on_package
+        self.limits = limits or Limits()
+        self.slots = UploadSlots(self.limits, on_tick=self.collect_stale_uploads)
+        self.collect_stale_uploads()
         self._writing: set[str] = set()
         self._writing_lock = threading.Lock()
+
+    def collect_stale_uploads(self) -> None:
+        """Remove ``uploads/*.part`` files nobody has written to for ``part_ttl_s``."""
+        removed = self.node.store.remove_stale_uploads(self.limits.part_ttl_s)
+        if removed:
+            log.info("removed %d stale partial uploads", removed)
 
     # ------------------------------------------------------------------ CAS
     def FindMissing(self, request, context):
@@ -104,10 +120,16 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                 yield tpb.ReadResponse(data=data)
 
     def Write(self, request_iterator, context):
+        with self.slots.admit(context) as slot:  # before the first read: a stall holds a slot
+            return self._admitted_write(request_iterator, context, slot)
+
+    def _admitted_write(self, request_iterator, context, slot: UploadSlot) -> tpb.WriteResponse:
         first = next(request_iterator, None)
         if first is None:
             raise InvalidInputError("empty write stream")
         kind, sha, size = parse_resource(first.resource_name, need_size=True)
+        assert size is not None  # need_size=True
+        slot.expect(size)
         name = f"{kind}/{sha}/{size}"
         if self.node.has(kind, sha):
             return self._already(kind, sha, size)
@@ -117,7 +139,7 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                                 "finishes")
             self._writing.add(name)
         try:
-            return self._write(kind, sha, size, chain([first], request_iterator), context)
+            return self._write(kind, sha, size, chain([first], request_iterator), slot)
         finally:
             with self._writing_lock:
                 self._writing.discard(name)
@@ -126,7 +148,7 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
         state = self.node.store.record(sha).state if kind == "packages" else ""
         return tpb.WriteResponse(committed_size=size, state=state)
 
-    def _write(self, kind, sha, size, requests, context) -> tpb.WriteResponse:
+    def _write(self, kind, sha, size, requests, slot: UploadSlot) -> tpb.WriteResponse:
         upload = self.node.store.upload(kind, sha, size)
         expected, finished = None, False
         try:
@@ -138,6 +160,7 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                     raise InvalidInputError(f"write_offset {req.write_offset} where {expected} "
                                             "was expected")
                 expected = upload.append(req.data)
+                slot.progress()
                 self.node.stats_bytes("in", len(req.data))
                 if req.finish_write:
                     finished = True
@@ -174,13 +197,28 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
         return tpb.ZooManifestResponse(manifest_json=self.node.zoo_manifest(request.sha256))
 
     def Predict(self, request, context):
+        self._check_predict_size(request.inputs)
         x = wire.tensor_from_proto(request.inputs)
         pid, sb, probs = self.node.predict(request.package_id, x)
+        if not bool(probs.isfinite().all()):
+            raise InvalidInputError("these inputs drive the superbody to NaN or infinite outputs; "
+                                    "send images scaled to [0, 1] (or 0..255 as uint8)")
         conf, idx = probs.max(1)
         names = list(sb.label_names)
         preds = [tpb.Prediction(label=names[i], probability=float(c), probabilities=p.tolist())
                  for i, c, p in zip(idx.tolist(), conf, probs)]
         return tpb.PredictResponse(package_id=pid, label_names=names, predictions=preds)
+
+
+    def _check_predict_size(self, inputs) -> None:
+        """The Predict batch limits, in bytes and in images, before anything is decoded."""
+        n_bytes, shape = len(inputs.data), list(inputs.shape)
+        if n_bytes > self.limits.predict_max_bytes:
+            raise InvalidInputError(f"Predict inputs of {n_bytes:,} bytes exceed the limit "
+                                    f"{self.limits.predict_max_bytes:,}; send fewer images")
+        if shape and shape[0] > self.limits.predict_max_images:
+            raise InvalidInputError(f"Predict batch of {shape[0]} images exceeds the limit "
+                                    f"{self.limits.predict_max_images}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -164,6 +164,18 @@ class PackageStore:
         raise InvalidInputError(f"unknown blob kind {kind!r}; use one of {list(KINDS)}")
 
     # ------------------------------------------------------------------ uploads
+    def remove_stale_uploads(self, max_age_s: float) -> int:
+        """Delete partial uploads not written to for ``max_age_s``; how many went."""
+        cutoff, removed = time.time() - max_age_s, 0
+        for part in self.uploads_dir.glob("*.part"):
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    removed += 1
+            except FileNotFoundError:  # finished or removed meanwhile
+                continue
+        return removed
+
     def upload(self, kind: str, sha256: str, size: int) -> Upload:
         """The resumable upload of one blob (its ``.part`` file in ``uploads/``)."""
         if kind not in KINDS:
