@@ -1,0 +1,239 @@
+"""Micro-batching of Predict calls: one forward pass for the requests of many clients.
+
+A superbody forward on CPU costs a fixed overhead per layer call plus a part that
+grows with the batch, so eight requests of 8 images each run much faster as one
+forward of 64 than as eight forwards of 8 (``bench/bench_predict.py`` measures it on
+a real receiver). ``MicroBatcher.run(key, model, x)`` queues ``x`` and blocks; a few
+worker threads each take every request queued for one key (up to ``max_images``
+images, whole requests only), run ONE forward under ``torch.no_grad()`` and hand each
+caller its own rows. There is no waiting for a batch to fill by default
+(``max_wait_s=0``): while one worker runs a forward, the next requests queue up and
+the next free worker takes them all, so a lone client pays no extra latency and a
+busy receiver batches by itself.
+
+The forward runs on a copy of the model in channels-last memory layout (made once per
+model and kept while the model lives): on CPU its convolutions and max-pooling are
+faster than in the default NCHW layout (``bench/results/predict_throughput.json``).
+The served model itself is never changed. Rows are the same as an unbatched forward
+up to float rounding (the layers, batch norm included in eval mode, treat each sample
+on its own; only the kernels' summation order differs with the batch size and layout).
+
+The queue is bounded (``max_queued_images``): past it a call is refused with
+``BusyError`` (gRPC ABORTED, which clients may retry) instead of waiting behind work
+it will time out on. A forward that raises fails every call of that batch with the
+same error. ``stop()`` refuses new calls, lets the workers finish what is queued and
+joins them; the workers are daemon threads, so a process never hangs on them.
+
+``MicroBatcher.from_env()`` is what a ``Node`` uses: ``PNC_PREDICT_BATCHING=0`` turns
+batching off (one forward per request, as before), and ``PNC_PREDICT_WORKERS``,
+``PNC_PREDICT_MAX_IMAGES``, ``PNC_PREDICT_MAX_WAIT_MS`` and ``PNC_PREDICT_CHANNELS_LAST``
+(0: run the served model as it is) tune it, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Self
+
+import torch
+
+from pnc_net.errors import BusyError, InvalidInputError, PreconditionError
+
+log = logging.getLogger("pnc.batcher")
+
+
+@dataclass(eq=False)
+class _Call:
+    """One queued request: its inputs and the future its caller waits on."""
+
+    model: torch.nn.Module
+    x: torch.Tensor
+    queued_at: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """Batches forwards of the same model across concurrent callers (see the module doc)."""
+
+    def __init__(self, *, workers: int | None = None, max_images: int = 64,
+                 max_wait_s: float = 0.0, max_queued_images: int = 8192,
+                 timeout_s: float = 60.0, channels_last: bool = True) -> None:
+        # 64 images: the fastest batch per image of the default superbody on CPU; larger
+        # batches fall out of cache and get slower per image (bench/bench_predict.py).
+        workers = workers or min(4, os.cpu_count() or 1)
+        if workers < 1 or max_images < 1 or max_queued_images < 1:
+            raise InvalidInputError("workers, max_images and max_queued_images must be >= 1")
+        if max_wait_s < 0 or timeout_s <= 0:
+            raise InvalidInputError("max_wait_s must be >= 0 and timeout_s > 0")
+        self.workers, self.max_images, self.max_wait_s = workers, max_images, max_wait_s
+        self.max_queued_images, self.timeout_s = max_queued_images, timeout_s
+        self.channels_last = channels_last
+        self._fast: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = (
+            weakref.WeakKeyDictionary())  # served model -> its channels-last copy
+        self._fast_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queues: dict[str, deque[_Call]] = {}  # per key, oldest first
+        self._queued_images = 0
+        self._busy: set[str] = set()  # keys a worker is taking from (waiting out max_wait_s)
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Self | None:
+        """The batcher the environment asks for; None when ``PNC_PREDICT_BATCHING=0``."""
+        env = dict(os.environ if env is None else env)
+        if env.get("PNC_PREDICT_BATCHING", "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        try:
+            return cls(workers=int(env.get("PNC_PREDICT_WORKERS", 0)) or None,
+                       max_images=int(env.get("PNC_PREDICT_MAX_IMAGES", 64)),
+                       max_wait_s=float(env.get("PNC_PREDICT_MAX_WAIT_MS", 0)) / 1e3,
+                       channels_last=env.get("PNC_PREDICT_CHANNELS_LAST", "1").strip() != "0")
+        except ValueError as err:
+            raise InvalidInputError(f"PNC_PREDICT_* setting: {err}") from None
+
+    # ------------------------------------------------------------------ callers
+    def run(self, key: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` computed in a batch with other callers' inputs for ``key``.
+
+        Calls with the same ``key`` must pass the same model. Raises what the forward
+        raised, ``BusyError`` when the queue is full or no answer came within
+        ``timeout_s``, and ``PreconditionError`` once ``stop()`` was called."""
+        call = _Call(model, x)
+        with self._cond:
+            if self._stopping:
+                raise PreconditionError("the receiver is shutting down; predict elsewhere")
+            if self._queued_images + len(x) > self.max_queued_images:
+                raise BusyError(f"the receiver has {self._queued_images} images queued to "
+                                f"predict (at most {self.max_queued_images}); retry shortly")
+            self._queues.setdefault(key, deque()).append(call)
+            self._queued_images += len(x)
+            self._start_workers()
+            self._cond.notify()
+        try:
+            return call.future.result(self.timeout_s)
+        except FutureTimeout:
+            if call.future.cancel():  # still queued: take it out of the count
+                with self._cond:
+                    self._drop(key, call)
+            raise BusyError(f"no prediction within {self.timeout_s:.0f} s; the receiver "
+                            "is overloaded, retry later") from None
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new calls, finish the queued ones, and join the workers."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ workers
+    def _start_workers(self) -> None:
+        """Workers start with the first call (a sender's node never starts any)."""
+        while len(self._threads) < self.workers:
+            t = threading.Thread(target=self._work, daemon=True,
+                                 name=f"pnc-predict-{len(self._threads)}")
+            self._threads.append(t)
+            t.start()
+
+    def _drop(self, key: str, call: _Call) -> None:
+        queue = self._queues.get(key)
+        if queue is not None and call in queue:
+            queue.remove(call)
+            self._queued_images -= len(call.x)
+            if not queue:
+                del self._queues[key]
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._forward(batch)
+
+    def _take(self) -> list[_Call] | None:
+        """Every queued call of the key whose oldest call waited longest (whole calls, up
+        to ``max_images``; always at least one); None once stopping and drained."""
+        with self._cond:
+            while True:
+                free = [k for k in self._queues if k not in self._busy]
+                if free:
+                    break
+                if self._stopping and not self._queues:
+                    return None
+                self._cond.wait()
+            key = min(free, key=lambda k: self._queues[k][0].queued_at)
+            queue = self._queues[key]
+            if self.max_wait_s > 0 and not self._stopping:
+                # wait for the batch to fill, at most max_wait_s after its first call
+                self._busy.add(key)
+                until = queue[0].queued_at + self.max_wait_s
+                while (sum(len(c.x) for c in queue) < self.max_images
+                       and (left := until - time.monotonic()) > 0 and not self._stopping):
+                    self._cond.wait(left)
+                self._busy.discard(key)
+            batch: list[_Call] = []
+            n = 0
+            while queue and (not batch or n + len(queue[0].x) <= self.max_images):
+                call = queue.popleft()
+                self._queued_images -= len(call.x)
+                if call.future.set_running_or_notify_cancel():  # False: its caller gave up
+                    batch.append(call)
+                    n += len(call.x)
+            if not queue:
+                del self._queues[key]
+            if self._queues:
+                self._cond.notify()  # more work: wake another worker
+            return batch
+
+    def _model_for(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the forward runs: the model's channels-last copy, made on first use."""
+        if not self.channels_last:
+            return model
+        with self._fast_lock:
+            fast = self._fast.get(model)
+            if fast is None:
+                fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                self._fast[model] = fast
+            return fast
+
+    def _forward(self, batch: list[_Call]) -> None:
+        """One forward for the batch; each caller gets its rows, or the batch's error."""
+        if not batch:
+            return
+        try:
+            x = batch[0].x if len(batch) == 1 else torch.cat([c.x for c in batch])
+            model = self._model_for(batch[0].model)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad():
+                out = model(x).contiguous()
+            if len(out) != len(x):
+                raise PreconditionError(f"the model returned {len(out)} rows for {len(x)} "
+                                        "inputs; it cannot be batched")
+        except BaseException as err:  # noqa: BLE001 - every caller of the batch gets it
+            for c in batch:
+                c.future.set_exception(err)
+            if not isinstance(err, Exception):
+                raise
+            return
+        i = 0
+        for c in batch:
+            c.future.set_result(out[i : i + len(c.x)])
+            i += len(c.x)
