@@ -39,6 +39,11 @@ from pnc_net.serve.retry import retry
 T = TypeVar("T")
 
 log = logging.getLogger("pnc.client")
+# An attempt's deadline allows for the bytes it has left at this rate (512 kbit/s), plus
+# timeout_s. A slower link still finishes: an attempt cut off by its deadline after
+# moving bytes does not count against max_attempts, and the next resumes.
+MIN_RATE_BYTES_S = 64 << 10
+MIN_CHUNK_BYTES = 16 << 10  # the smallest chunk (or read window) stalls shrink to
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -118,7 +123,7 @@ class PncClient:
         return pid, self.write_blob("packages", data)
 
     def write_blob(self, kind: str, data: bytes, on_chunk=None,
-                   max_unacked: int | None = 0) -> int:
+                   max_unacked: int | None = 0, chunk_bytes: int = CHUNK_BYTES) -> int:
         """Resumable upload; returns the payload bytes sent (re-sent chunks included).
 
         ``max_unacked`` bounds the bytes handed to gRPC beyond the server's committed
@@ -126,49 +131,84 @@ class PncClient:
         broken stream re-sends at most the one chunk in flight, at some cost in
         throughput for multi-MiB blobs (a package is one chunk, so it costs nothing);
         None streams unpaced, and HTTP/2 flow control may then hold several MiB in
-        flight that a restarted server never received."""
+        flight that a restarted server never received.
+
+        Slow and lossy links: each attempt resumes from the committed size and has a
+        deadline for the bytes it still has to send at ``MIN_RATE_BYTES_S``; an attempt
+        that got more bytes committed does not count against ``max_attempts``, which
+        bounds consecutive attempts without progress. When the link breaks a stream and
+        the break lost as much as the attempt got through, the chunk size (from
+        ``chunk_bytes``) shrinks (see ``_smaller``, down to ``MIN_CHUNK_BYTES``): a link
+        that breaks every few hundred KB never carries a whole 1 MiB chunk. The client
+        remembers the size for its later reads and writes."""
         sha, size = sha256_bytes(data), len(data)
         name = f"{kind}/{sha}/{size}"
-        deadline = max(self.timeout_s, size / 20e6)
         resent = [0]  # payload bytes of attempts that failed
+        committed = [0]  # the most the server is known to have committed
+        chunk = [max(MIN_CHUNK_BYTES, min(chunk_bytes, CHUNK_BYTES,
+                                          getattr(self, "_link_chunk", CHUNK_BYTES)))]
+
+        def seen(n: int) -> None:
+            committed[0] = max(committed[0], n)
+
+        def query(timeout: float) -> tpb.QueryWriteStatusResponse:
+            status = self.bytestream.QueryWriteStatus(
+                tpb.QueryWriteStatusRequest(resource_name=name), timeout=timeout,
+                metadata=self.metadata)
+            seen(size if status.complete else int(status.committed_size))
+            return status
 
         def attempt() -> int:
             counter, failed = [0], threading.Event()
+            status = query(self.timeout_s)
+            if status.complete:
+                self.last_write = tpb.WriteResponse(committed_size=size,
+                                                    state=self._state(kind, sha))
+                return resent[0]
+            offset, step = int(status.committed_size), chunk[0]
+            pace = None if max_unacked is None else (
+                lambda target: self._wait_committed(name, target, failed, step, seen))
             try:
-                status = self.bytestream.QueryWriteStatus(
-                    tpb.QueryWriteStatusRequest(resource_name=name), timeout=self.timeout_s,
-                    metadata=self.metadata)
-                if status.complete:
-                    self.last_write = tpb.WriteResponse(committed_size=size,
-                                                        state=self._state(kind, sha))
-                    return resent[0]
-                offset = int(status.committed_size)
-                pace = None if max_unacked is None else (
-                    lambda target: self._wait_committed(name, target, failed))
                 self.last_write = self.bytestream.Write(
-                    _chunks(name, data, offset, counter, on_chunk, pace, max_unacked or 0),
-                    timeout=deadline, metadata=self.metadata)
-                return resent[0] + counter[0]
-            except grpc.RpcError:
+                    _chunks(name, data, offset, counter, on_chunk, pace, max_unacked or 0,
+                            step),
+                    timeout=_deadline(self.timeout_s, size - offset), metadata=self.metadata)
+            except grpc.RpcError as err:
                 failed.set()  # a pacing wait still polling stops handing out chunks
                 resent[0] += counter[0]
+                try:  # what got through, so a stream that moved is not held against us
+                    query(min(self.timeout_s, 5.0))
+                except grpc.RpcError:
+                    pass
+                if _link_broke(err):
+                    chunk[0] = _smaller(step, max(0, committed[0] - offset), counter[0])
+                    self._link_chunk = chunk[0]
                 raise
+            seen(size)
+            return resent[0] + counter[0]
 
-        return self._retrying(attempt)
+        return self._retrying(attempt, progress=lambda: committed[0])
 
-    def _retrying(self, fn: Callable[[], T]) -> T:
-        """``fn`` under the client's retry policy; a final gRPC error as a pnc error."""
+    def _retrying(self, fn: Callable[[], T], progress: Callable[[], int] | None = None) -> T:
+        """``fn`` under the client's retry policy; a final gRPC error as a pnc error.
+
+        With ``progress`` (bytes committed or read so far), ``max_attempts`` bounds the
+        consecutive attempts that moved nothing, not all attempts (see ``retry``)."""
         try:
-            return retry(fn, attempts=self.max_attempts, retryable=_retryable)
+            return retry(fn, attempts=self.max_attempts, retryable=_retryable,
+                         progress=progress)
         except grpc.RpcError as err:
             raise remote_error(self.address, err) from None
 
-    def _wait_committed(self, name: str, target: int, failed: threading.Event) -> bool:
+    def _wait_committed(self, name: str, target: int, failed: threading.Event,
+                        chunk: int = CHUNK_BYTES,
+                        seen: Callable[[int], None] | None = None) -> bool:
         """Block until the server has committed ``target`` bytes of ``name``. False once the
         stream has failed, so no further chunk is handed to a dead stream (a chunk counted
-        as sent then really was in flight); True, pacing given up, after ``timeout_s``."""
+        as sent then really was in flight); True, pacing given up, after ``timeout_s`` plus
+        one ``chunk`` at ``MIN_RATE_BYTES_S``. ``seen(n)`` hears each committed size."""
         pause = 0.0002
-        end = time.monotonic() + self.timeout_s
+        end = time.monotonic() + _deadline(self.timeout_s, chunk)
         while not failed.is_set():
             if time.monotonic() >= end:
                 return True
@@ -178,6 +218,8 @@ class PncClient:
                     metadata=self.metadata)
             except grpc.RpcError:
                 st = None  # the server is gone; its stream fails on its own, which sets failed
+            if st is not None and seen is not None and not st.complete:
+                seen(int(st.committed_size))
             if st is not None and (st.complete or st.committed_size >= target):
                 return True
             failed.wait(pause)
@@ -191,19 +233,42 @@ class PncClient:
 
     # ------------------------------------------------------------------ reads
     def read_blob(self, kind: str, sha256: str, size: int | None = None) -> bytes:
-        """Read a blob by digest, resuming after a broken stream, verifying the digest."""
+        """Read a blob by digest, resuming after a broken stream, verifying the digest.
+
+        Each attempt resumes from the bytes already arrived, with a deadline for the
+        rest at ``MIN_RATE_BYTES_S``; attempts that brought bytes do not count against
+        ``max_attempts``. When the link breaks the stream and the message lost was as
+        large as what the attempt brought, the rest is read in smaller windows
+        (``read_limit``, see ``_smaller``), as a write on this client would send."""
         name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
         buf = bytearray()
         digest = hashlib.sha256()  # hashed as it arrives, overlapping the transfer
+        learned = getattr(self, "_link_chunk", CHUNK_BYTES)  # what this link carried before
+        window = [0 if learned >= CHUNK_BYTES else learned]  # 0: the rest in one Read
 
         def attempt() -> None:  # resumes from what already arrived
-            for resp in self.bytestream.Read(
-                    tpb.ReadRequest(resource_name=name, read_offset=len(buf)),
-                    timeout=max(self.timeout_s, (size or 0) / 20e6), metadata=self.metadata):
-                buf.extend(resp.data)
-                digest.update(resp.data)
+            start = len(buf)
+            try:
+                while True:
+                    limit, got = window[0], 0
+                    rest = limit or max(0, (size or 0) - len(buf))
+                    for resp in self.bytestream.Read(
+                            tpb.ReadRequest(resource_name=name, read_offset=len(buf),
+                                            read_limit=limit),
+                            timeout=_deadline(self.timeout_s, rest), metadata=self.metadata):
+                        buf.extend(resp.data)
+                        digest.update(resp.data)
+                        got += len(resp.data)
+                    if not limit or got < limit or (size is not None and len(buf) >= size):
+                        return
+            except grpc.RpcError as err:
+                if _link_broke(err):  # at most one message (a window, or a chunk) was lost
+                    step = window[0] or CHUNK_BYTES
+                    window[0] = _smaller(step, len(buf) - start, len(buf) - start + step)
+                    self._link_chunk = window[0]
+                raise
 
-        self._retrying(attempt)
+        self._retrying(attempt, progress=lambda: len(buf))
         data = bytes(buf)
         if digest.hexdigest() != sha256:
             raise IntegrityError(f"{self.address}: blob {sha256[:16]} arrived with a different "
@@ -286,11 +351,37 @@ class MirrorFetcher:
 
 
 def _retryable(err: BaseException) -> bool:
+    """Whether a failed call is worth another attempt (the server or the link, not us)."""
     return isinstance(err, grpc.RpcError) and err.code() in RETRYABLE
 
 
+def _link_broke(err: BaseException) -> bool:
+    """Whether a stream failed the way a broken or too slow link fails it."""
+    return isinstance(err, grpc.RpcError) and err.code() in (
+        grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _smaller(step: int, moved: int, handed: int) -> int:
+    """The chunk size after a stream of ``step``-byte chunks broke having moved ``moved``
+    bytes of the ``handed`` it was given: kept while a break loses less than an attempt
+    gets through; halved otherwise; quartered when nothing got through at all."""
+    lost = handed - moved
+    if lost <= 0 or lost < moved:
+        return step
+    return max(MIN_CHUNK_BYTES, step // (4 if moved == 0 else 2))
+
+
+def _deadline(timeout_s: float, remaining: int) -> float:
+    """An attempt's deadline: ``timeout_s`` plus ``remaining`` bytes at the floor rate."""
+    return timeout_s + remaining / MIN_RATE_BYTES_S
+
+
 def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=None,
-            pace=None, max_unacked: int = 0) -> Iterator[tpb.WriteRequest]:
+            pace=None, max_unacked: int = 0,
+            chunk_bytes: int = CHUNK_BYTES) -> Iterator[tpb.WriteRequest]:
+    """The Write requests for ``data`` from ``offset``, ``chunk_bytes`` each; ``counter``
+    adds up the payload handed out, ``pace(target)`` (False: stop) waits for the server to
+    commit up to ``max_unacked`` bytes behind the chunk about to go."""
     view = memoryview(data)
     start = offset
     first = True
@@ -298,7 +389,7 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
         yield tpb.WriteRequest(resource_name=name, write_offset=offset, finish_write=True)
         return
     while offset < len(data):
-        piece = view[offset: offset + CHUNK_BYTES]
+        piece = view[offset: offset + chunk_bytes]
         end = offset + len(piece)
         req = tpb.WriteRequest(write_offset=offset, finish_write=end == len(data),
                                data=bytes(piece))

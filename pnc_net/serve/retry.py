@@ -2,8 +2,12 @@
 
 ``retry(fn, attempts=..., retryable=...)`` runs ``fn`` until it returns, raises
 an error that is not retryable, or runs out of attempts (then the last error is
-raised). ``Backoff`` is the delay schedule; the sender's pushers, which retry
-forever, iterate it themselves.
+raised). With ``progress=`` (a count that grows as the work gets done, such as the
+bytes a server has committed), an attempt that advanced it is not held against the
+budget: ``attempts`` then bounds *consecutive attempts without progress*, and the
+backoff starts over, so a slow or often-broken link that keeps moving is never given
+up on, while one that is stuck still fails after ``attempts`` tries. ``Backoff`` is
+the delay schedule; the sender's pushers, which retry forever, iterate it themselves.
 """
 
 from __future__ import annotations
@@ -36,14 +40,29 @@ class Backoff:
 
 
 def retry(fn: Callable[[], T], *, attempts: int, retryable: Callable[[BaseException], bool],
-          backoff: Backoff = Backoff(), sleep: Callable[[float], None] = time.sleep) -> T:
-    """``fn()``, tried up to ``attempts`` times while it raises a ``retryable`` error."""
+          backoff: Backoff = Backoff(), sleep: Callable[[float], None] = time.sleep,
+          progress: Callable[[], int] | None = None) -> T:
+    """``fn()``, tried while it raises a ``retryable`` error, up to ``attempts`` times in a row
+    without progress.
+
+    ``progress()`` is read before the first attempt and after each failure; a failed
+    attempt that raised it resets the count of attempts and the backoff. Without
+    ``progress`` every attempt counts (``attempts`` in all)."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
     delays = backoff.delays()
-    for attempt in range(1, attempts + 1):
+    mark = progress() if progress is not None else 0
+    stalled = 0  # consecutive failed attempts without progress
+    while True:
         try:
             return fn()
         except Exception as err:
-            if attempt == attempts or not retryable(err):
+            now = progress() if progress is not None else mark
+            advanced = now > mark
+            if advanced:
+                mark, stalled, delays = now, 0, backoff.delays()
+            else:
+                stalled += 1
+            if stalled >= attempts or not retryable(err):
                 raise
             sleep(next(delays))
-    raise ValueError(f"attempts must be >= 1, got {attempts}")
