@@ -114,6 +114,7 @@ def to_proto(package: Package, dtype: str = "fp16",
         msg.fingerprint.CopyFrom(pb.Fingerprint(
             probe_seed=fp.probe_seed, probe_count=fp.probe_count, tolerance=fp.tolerance,
             probabilities=tensor_to_proto("probabilities", fp.probabilities, "fp32")))
+    codec.check_limits(msg)  # never write what a receiver would refuse to read
     return msg
 
 

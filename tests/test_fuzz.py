@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             counts[f"NON-PROJECT {type(err).__name__}"] += 1
             print(f"case {i}: {type(err).__name__}: {err}", file=sys.stderr)
             traceback.print_exc(limit=3)
+        if (i + 1) % 10_000 == 0:
+            print(f"{i + 1} cases: {dict(counts)}", flush=True)
     for outcome, n in sorted(counts.items()):
         print(f"{n:8d}  {outcome}")
     return 1 if any(k.startswith("NON-PROJECT") for k in counts) else 0
