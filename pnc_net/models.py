@@ -10,7 +10,7 @@ Per-filter masks act on *mask units*: the output channels of each plain conv
 block, and the middle channels of each residual block (a residual stream's
 channels are shared by every block that adds to it, so they are not pruned).
 A ``ChannelGate`` after each unit multiplies its channels by a gate vector
-during localization; ``prune`` physically removes dropped channels.
+during localization; ``pruned_tail`` physically removes dropped channels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Parameter-tuning baselines for the benchmark (``docs/method.md``, Baselines).
+"""Parameter-tuning baselines for the benchmark (``docs/benchmarks.md``, "The methods").
 
 Every baseline sees exactly the cloning data PNC sees (same draw, same budget
 ``k`` per cloned class and ``k_t`` per target class, target-class samples
