@@ -144,6 +144,18 @@ class PackageStore:
         recs = [self.record(i) for i in self.ids()]
         return sorted(recs, key=lambda r: (r.received_unix_s, r.id))
 
+    def note_delivery(self, pid: str, receiver: str, state: str, reason: str = "") -> None:
+        """A sender's record of what ``receiver`` answered for this package: ``delivered``
+        (or the receiver's state) or ``refused`` with the reason, shown by ``pnc status``."""
+        with self._lock:
+            record = self.record(pid)
+            record.metadata.setdefault("push", {})[receiver] = {
+                "state": state, "reason": reason[:500], "unix_s": round(time.time(), 3)}
+            refused = {r: v["reason"] for r, v in record.metadata["push"].items()
+                       if v["state"] in ("refused", "failed")}
+            record.detail = "; ".join(f"{r} refused it: {why}" for r, why in refused.items())
+            self.save_record(record)
+
     def remove(self, pid: str) -> None:
         """Forget a package: its record and its bytes."""
         pid = check_digest(pid)
