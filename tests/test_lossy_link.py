@@ -66,3 +66,30 @@ def test_blob_survives_resets_both_ways(receiver):
           f"read {down_s:.1f} s ({stats['resets'] - up_resets} resets); {stats}")
     assert stats["resets"] - up_resets >= 2, stats
     assert stats["bytes_up"] >= len(data) and stats["bytes_down"] >= len(data)
+
+
+def test_retry_counts_only_attempts_without_progress():
+    """Failures that moved the count do not use up the budget; a stuck run still fails."""
+    from pnc_net.serve.retry import retry
+
+    done, calls = [0], [0]
+
+    def moving() -> str:  # fails 9 times, each after one more unit of work
+        calls[0] += 1
+        if calls[0] < 10:
+            done[0] += 1
+            raise TimeoutError("link broke")
+        return "ok"
+
+    assert retry(moving, attempts=2, retryable=lambda e: True, sleep=lambda s: None,
+                 progress=lambda: done[0]) == "ok"
+    stuck = [0]
+
+    def never() -> None:
+        stuck[0] += 1
+        raise TimeoutError("stuck")
+
+    with pytest.raises(TimeoutError):
+        retry(never, attempts=3, retryable=lambda e: True, sleep=lambda s: None,
+              progress=lambda: 0)
+    assert stuck[0] == 3
