@@ -207,8 +207,12 @@ def test_receiver_batches_concurrent_clients(tmp_path, zoo_dir, default_clone, m
         with PncClient(addr) as c:
             pid, _ = c.send_package(wire.encode(default_clone.package))
         xs = [mnist.x_test[8 * i : 8 * i + 8].numpy() for i in range(16)]
+        from pnc_net.rebuild import build_superbody
+        from pnc_net.zoo import Zoo
+
+        package = wire.decode(wire.encode(default_clone.package))  # what the receiver decodes
+        sb = build_superbody(Zoo(zoo_dir), package).eval()
         with torch.no_grad():
-            sb = default_clone.superbody.eval()
             want = [sb(torch.from_numpy(x)) for x in xs]
 
         def one(i: int):
@@ -220,7 +224,7 @@ def test_receiver_batches_concurrent_clients(tmp_path, zoo_dir, default_clone, m
             assert not isinstance(resps, Exception), resps
             for r in resps:
                 probs = torch.tensor([list(p.probabilities) for p in r.predictions])
-                assert torch.allclose(probs, w, atol=1e-5)
+                assert torch.allclose(probs, w, atol=1e-6)
                 assert [p.label for p in r.predictions] == [r.label_names[i]
                                                             for i in w.argmax(1).tolist()]
     finally:
