@@ -18,7 +18,7 @@ import time
 import torch
 
 from pnc_net import wire
-from pnc_net.clone import CloneConfig, clone
+from pnc_net.cloning import CloneConfig, clone
 from pnc_net.data import load_mnist
 from pnc_net.zoo import Zoo
 from pnc_net.zoo_train import build_default_zoo

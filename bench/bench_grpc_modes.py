@@ -21,7 +21,11 @@ from concurrent import futures
 import grpc
 
 OPTS = [("grpc.max_send_message_length", 4 << 20), ("grpc.max_receive_message_length", 4 << 20)]
-ident = lambda b: b
+
+
+def ident(b: bytes) -> bytes:
+    return b
+
 
 
 def sync_server():

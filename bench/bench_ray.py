@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from pnc_net.clone import (
+from pnc_net.cloning import (
     CloneConfig,
     clone,
     localize_module,

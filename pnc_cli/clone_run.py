@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pnc_cli.common import RAY_LOCAL, err_console, split_labels
-from pnc_net.clone import CloneConfig, CloneResult, SourceSpec, clone, run_sequential
+from pnc_net.cloning import CloneConfig, CloneResult, SourceSpec, clone, run_sequential
 from pnc_net.data import Dataset, load_dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig

@@ -26,7 +26,7 @@ def demo_cmd(
     target exactly, and send the package to a receiver on loopback that answers predictions."""
     from pnc_cli.clone_run import ray_runner, run_clone
     from pnc_net import wire
-    from pnc_net.clone import CloneConfig
+    from pnc_net.cloning import CloneConfig
     from pnc_net.data import load_dataset
     from pnc_net.zoo import Zoo
     from pnc_net.zoo_train import build_default_zoo

@@ -31,10 +31,10 @@ _API = {
     "Dataset": "pnc_net.data",
     "load_mnist": "pnc_net.data",
     "load_dataset": "pnc_net.data",
-    "CloneConfig": "pnc_net.clone",
-    "SourceSpec": "pnc_net.clone",
-    "CloneResult": "pnc_net.clone",
-    "clone": "pnc_net.clone",
+    "CloneConfig": "pnc_net.cloning",
+    "SourceSpec": "pnc_net.cloning",
+    "CloneResult": "pnc_net.cloning",
+    "clone": "pnc_net.cloning",
     "Superbody": "pnc_net.superbody",
     "Branch": "pnc_net.superbody",
     "Package": "pnc_net.package",
@@ -51,7 +51,7 @@ __all__ = [  # the same names as _API (tests/test_api.py checks it), spelled out
 ]
 
 if TYPE_CHECKING:
-    from pnc_net.clone import CloneConfig, CloneResult, SourceSpec, clone
+    from pnc_net.cloning import CloneConfig, CloneResult, SourceSpec, clone
     from pnc_net.data import Dataset, load_dataset, load_mnist
     from pnc_net.metrics import clone_metrics
     from pnc_net.package import Package

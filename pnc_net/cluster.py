@@ -1,7 +1,7 @@
 """Cloning on a Ray cluster: ``CloneWorker`` actors and a runner for ``clone(...)``.
 
 Ray is a thin shell here (``docs/cluster.md``; xgboost_ray's layout): the job
-logic is ``pnc_net.clone``'s steps; ``CloneWorker`` is a plain class that runs
+logic is ``pnc_net.cloning``'s steps; ``CloneWorker`` is a plain class that runs
 one step for one module and can be used without Ray; the ``@ray.remote``
 wrapper is a few lines, with its resources from ``ClusterConfig`` through
 ``.options()``. The driver ``ray.put``s each zoo model's weights once and every
@@ -34,7 +34,7 @@ from typing import Any, Self
 import torch
 from safetensors.torch import save as save_safetensors
 
-from pnc_net.clone import (
+from pnc_net.cloning import (
     CloneConfig,
     CloneJob,
     ModuleJob,

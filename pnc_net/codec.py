@@ -73,6 +73,7 @@ def array_to_proto(name: str, arr: np.ndarray, dtype: str = "fp32",
     if dtype == "int8":
         per_row = format_version >= 2 and arr.ndim >= 2
         scales = _int8_scales(arr, per_row)
+        div: np.ndarray | np.float32
         if per_row:
             msg.scales.extend(scales.tolist())
             div = scales.reshape(-1, *([1] * (arr.ndim - 1)))

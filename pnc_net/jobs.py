@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from pnc_net import wire
-from pnc_net.clone import CloneConfig, CloneResult, SourceSpec, clone
+from pnc_net.cloning import CloneConfig, CloneResult, SourceSpec, clone
 from pnc_net.cluster import make_ray_runner
 from pnc_net.data import Dataset, load_dataset
 from pnc_net.errors import ExitCode, InvalidInputError, NotFoundError, PncError, PreconditionError

@@ -1,7 +1,7 @@
 """Position search: which ``(R, S)`` pair to insert at (``docs/method.md`` step 3).
 
 Candidates are independent, which is why ``pnc_net.cluster`` can spread them
-over Ray actors; ``pnc_net.clone.run_sequential`` trains them in process. This
+over Ray actors; ``pnc_net.cloning.run_sequential`` trains them in process. This
 module chooses the candidates and picks the winner, the same way for both.
 """
 

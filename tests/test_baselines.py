@@ -20,7 +20,7 @@ from pnc_net.bench.baselines import (
     task_data,
     widened,
 )
-from pnc_net.clone import CloneConfig, SourceSpec, plan
+from pnc_net.cloning import CloneConfig, SourceSpec, plan
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics
 from pnc_net.zoo import state_digest

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pnc_net import wire
-from pnc_net.clone import CloneConfig, SourceSpec, clone
+from pnc_net.cloning import CloneConfig, SourceSpec, clone
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.metrics import detach_is_exact
 from pnc_net.rebuild import build_superbody, fingerprint_error, verify

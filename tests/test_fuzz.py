@@ -267,7 +267,7 @@ def test_base_package_verifies(base, fuzz_zoo):
 def _base_package(path: str | None, zoo: Zoo) -> pb.Package:
     if path:
         return wire.to_proto(wire.decode(Path(path).read_bytes()))
-    from pnc_net.clone import CloneConfig, clone
+    from pnc_net.cloning import CloneConfig, clone
     from pnc_net.data import load_mnist
 
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,

@@ -17,7 +17,7 @@ from ray_fixtures import ray_cluster  # noqa: F401 - the shared session cluster
 
 from pnc_cli.daemons import spawn_daemon
 from pnc_net import wire
-from pnc_net.clone import CloneConfig, clone
+from pnc_net.cloning import CloneConfig, clone
 from pnc_net.cluster import ClusterConfig, RayRunner, WorkerResources
 from pnc_net.errors import InvalidInputError, NotFoundError, PncError, PreconditionError
 from pnc_net.insert import InsertConfig
@@ -242,7 +242,7 @@ def test_publishing_to_a_sender_that_is_not_there_fails_before_any_work():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_localization_of_several_sources_on_workers_matches_in_process(runner, zoo, mnist):
-    from pnc_net.clone import SourceSpec, localize_module, plan, prepare_module
+    from pnc_net.cloning import SourceSpec, localize_module, plan, prepare_module
 
     cfg = CloneConfig("mnist-cnn-0to4", (SourceSpec("mnist-cnn-5to9", ("5",)),
                                          SourceSpec("mnist-resnet-5to9", ("6",))),

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import zstandard
 from torch import nn
 
-from pnc_net.clone import CloneConfig, _take
+from pnc_net.cloning import CloneConfig, _take
 from pnc_net.data import Dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics
@@ -126,7 +126,7 @@ class BaselineResult:
 
 
 def task_data(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> TaskData:
-    """Draw the very samples ``pnc_net.clone.plan`` draws for ``cfg``."""
+    """Draw the very samples ``pnc_net.cloning.plan`` draws for ``cfg``."""
     target, t_man = zoo.load(cfg.target)
     k, kt, seed = cfg.per_class, cfg.target_per_class, cfg.seed
     xs, ys, xv, yv, sources, refs, labels = [], [], [], [], [], [], list(t_man.label_names)

@@ -41,7 +41,7 @@ from pnc_net.bench.baselines import (
     task_data,
 )
 from pnc_net.bench.transmission import sim_of, transmission_of
-from pnc_net.clone import CloneConfig, SourceSpec, clone
+from pnc_net.cloning import CloneConfig, SourceSpec, clone
 from pnc_net.data import load_mnist
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig

@@ -53,7 +53,7 @@ def trainable_parameters(sb: Superbody) -> list[torch.nn.Parameter]:
     for p in sb.parameters():
         p.requires_grad_(False)
     params = []
-    for branch in sb.branches:
+    for branch in sb.attached():
         for part in (branch.adapter, branch.gate):
             for p in part.parameters():
                 p.requires_grad_(True)
@@ -64,7 +64,7 @@ def trainable_parameters(sb: Superbody) -> list[torch.nn.Parameter]:
 def zoo_digests(sb: Superbody) -> dict[str, str]:
     """Digests of every zoo network inside the superbody (target and each branch's source)."""
     out = {"target": state_digest(sb.target)}
-    for i, branch in enumerate(sb.branches):
+    for i, branch in enumerate(sb.attached()):
         out[f"branch{i}.source_blocks"] = state_digest(branch.blocks)
         out[f"branch{i}.source_head"] = state_digest(branch.head)
     return out
@@ -89,7 +89,7 @@ def repair(sb: Superbody, fingerprint: Fingerprint, input_shape: tuple[int, ...]
     target_probs = fingerprint.probabilities.float()
     gen = torch.Generator().manual_seed(cfg.seed)
     sb.eval()  # zoo parts stay in eval mode: their batch-norm statistics never move
-    for branch in sb.branches:
+    for branch in sb.attached():
         branch.adapter.train()
         branch.gate.train()
     for _ in range(cfg.steps):
