@@ -128,6 +128,9 @@ class Package:
     created_unix_s: float = 0.0
     format_version: int = 1
     writer_version: str = ""
+    name: str = ""  # the publisher's name for it ("" for an unnamed package)
+    version: int = 0  # 1.. with a name: a receiver refuses a lower version of a name it holds
+    signer: str | None = None  # key id of the signature it carried when decoded (unchecked)
 
     def zoo_refs(self) -> list[ZooRef]:
         """The target and every source: what a node must hold to rebuild."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pnc_net import __version__, codec
+from pnc_net import __version__, codec, signing
 from pnc_net._proto import package_pb2 as pb
 from pnc_net.codec import (  # noqa: F401 - part of this module's interface
     FORMAT_VERSION,
@@ -100,7 +100,9 @@ def to_proto(package: Package, dtype: str = "fp16",
     msg = pb.Package(format_version=format_version, writer_version=__version__,
                      target=_ref_to_proto(package.target), label_names=list(package.label_names),
                      created_unix_s=package.created_unix_s,
-                     report_json=json.dumps(package.report, sort_keys=True, default=float))
+                     report_json=json.dumps(package.report, sort_keys=True, default=float),
+                     name=package.name, version=package.version)  # never a signature: see sign
+    signing.check_identity(msg)
     for m in package.modules:
         msg.modules.append(pb.ClonedModule(
             source=_ref_to_proto(m.source), cloned_classes=list(m.cloned_classes),
@@ -165,6 +167,7 @@ def from_proto(msg: pb.Package) -> Package:
     """A validated ``Package`` from a message (limits re-checked: callers may skip parse)."""
     codec.check_version(msg.format_version)
     codec.check_limits(msg)
+    signing.check_identity(msg)
     if not msg.modules or len(msg.modules) > MAX_MODULES:
         raise InvalidInputError(f"package holds {len(msg.modules)} cloned modules "
                                 f"(1..{MAX_MODULES} allowed)")
@@ -182,7 +185,10 @@ def from_proto(msg: pb.Package) -> Package:
     return Package(target=_ref_from_proto(msg.target, "target"), modules=modules,
                    label_names=labels, fingerprint=fingerprint,
                    report=_json(msg.report_json, "report"), created_unix_s=msg.created_unix_s,
-                   format_version=msg.format_version, writer_version=msg.writer_version)
+                   format_version=msg.format_version, writer_version=msg.writer_version,
+                   name=msg.name, version=int(msg.version),
+                   signer=signing.key_id(msg.signature.public_key) if msg.HasField("signature")
+                   else None)
 
 
 def _fingerprint_from_proto(msg: pb.Fingerprint, n_labels: int) -> Fingerprint:

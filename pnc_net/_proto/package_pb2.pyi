@@ -87,7 +87,7 @@ class Fingerprint(_message.Message):
     def __init__(self, probe_seed: _Optional[int] = ..., probe_count: _Optional[int] = ..., probabilities: _Optional[_Union[Tensor, _Mapping]] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class Package(_message.Message):
-    __slots__ = ("format_version", "writer_version", "target", "modules", "label_names", "fingerprint", "created_unix_s", "report_json")
+    __slots__ = ("format_version", "writer_version", "target", "modules", "label_names", "fingerprint", "created_unix_s", "report_json", "name", "version", "signature")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     WRITER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,9 @@ class Package(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     writer_version: str
     target: ZooRef
@@ -104,4 +107,15 @@ class Package(_message.Message):
     fingerprint: Fingerprint
     created_unix_s: float
     report_json: str
-    def __init__(self, format_version: _Optional[int] = ..., writer_version: _Optional[str] = ..., target: _Optional[_Union[ZooRef, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ClonedModule, _Mapping]]] = ..., label_names: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., created_unix_s: _Optional[float] = ..., report_json: _Optional[str] = ...) -> None: ...
+    name: str
+    version: int
+    signature: Signature
+    def __init__(self, format_version: _Optional[int] = ..., writer_version: _Optional[str] = ..., target: _Optional[_Union[ZooRef, _Mapping]] = ..., modules: _Optional[_Iterable[_Union[ClonedModule, _Mapping]]] = ..., label_names: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[_Union[Fingerprint, _Mapping]] = ..., created_unix_s: _Optional[float] = ..., report_json: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., signature: _Optional[_Union[Signature, _Mapping]] = ...) -> None: ...
+
+class Signature(_message.Message):
+    __slots__ = ("public_key", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
