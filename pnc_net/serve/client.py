@@ -96,6 +96,7 @@ class PncClient:
         self.packages = tgrpc.PackagesStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.last_write: tpb.WriteResponse | None = None
+        self._link_chunk = CHUNK_BYTES  # shrinks on a link that breaks streams (write_blob)
 
     def __enter__(self) -> Self:
         return self
@@ -146,7 +147,7 @@ class PncClient:
         resent = [0]  # payload bytes of attempts that failed
         committed = [0]  # the most the server is known to have committed
         chunk = [max(MIN_CHUNK_BYTES, min(chunk_bytes, CHUNK_BYTES,
-                                          getattr(self, "_link_chunk", CHUNK_BYTES)))]
+                                          self._link_chunk))]
 
         def seen(n: int) -> None:
             committed[0] = max(committed[0], n)
@@ -243,7 +244,7 @@ class PncClient:
         name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
         buf = bytearray()
         digest = hashlib.sha256()  # hashed as it arrives, overlapping the transfer
-        learned = getattr(self, "_link_chunk", CHUNK_BYTES)  # what this link carried before
+        learned = self._link_chunk  # what this link carried before
         window = [0 if learned >= CHUNK_BYTES else learned]  # 0: the rest in one Read
 
         def attempt() -> None:  # resumes from what already arrived
