@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from pnc_cli import bench, core, demo, jobs, net
+from pnc_cli import bench, core, demo, jobs, keys, net
 from pnc_cli.common import run_guarded
 
 app = typer.Typer(
@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for module in (core, demo, net, jobs, bench):
+for module in (core, demo, net, jobs, bench, keys):
     module.register(app)
 
 

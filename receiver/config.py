@@ -24,6 +24,8 @@ FLAGS = (
     Flag("torch_threads", "--torch-threads", "torch threads per process [1].", type=int),
     Flag("max_tolerance", "--max-tolerance", "The largest fingerprint error this receiver "
          f"accepts; a package may ask for less [{MAX_FINGERPRINT_TOLERANCE}].", type=float),
+    Flag("trust", "--trust", "Accept only packages signed by these ed25519 keys: .pub files "
+         "or hex keys, comma separated or repeated (docs/security.md).", repeat=True),
     *COMMON_FLAGS,
 )
 
@@ -41,6 +43,7 @@ class ReceiverConfig(ServerSettings):
     peer_token: str | None = None  # token for mirrors and the sender (default: token)
     torch_threads: int = 1  # per process: calls run in parallel on the thread pool instead
     max_tolerance: float = MAX_FINGERPRINT_TOLERANCE  # a package may ask for less, not more
+    trust: tuple[str, ...] = ()  # trusted publisher keys, as hex (given as .pub files or hex)
 
     SECTION = "receiver"
     DESCRIPTION = "Accept packages, rebuild and verify superbodies, serve Predict and Read."
@@ -60,6 +63,13 @@ class ReceiverConfig(ServerSettings):
             raise InvalidInputError("--torch-threads must be 1..256")
         if not 0 <= self.max_tolerance <= 1:
             raise InvalidInputError("--max-tolerance must be within [0, 1]")
+        from pnc_net.signing import parse_trust
+
+        object.__setattr__(self, "trust", tuple(k.hex() for k in parse_trust(self.trust)))
+
+    def trusted_keys(self) -> tuple[bytes, ...]:
+        """The raw public keys ``--trust`` names (empty: unsigned packages are accepted)."""
+        return tuple(bytes.fromhex(k) for k in self.trust)
 
     def client_kwargs(self) -> dict:
         """How the receiver connects to its mirrors and its sender."""

@@ -8,6 +8,11 @@ shapes (``IncompatibleError``), and check the fingerprint. Any of those
 failures stores nothing. A package that rebuilds but misses its fingerprint is
 repaired when repair data is configured, otherwise stored as ``failed`` with
 the reason, so ``pnc status`` can show it.
+
+Trust and rollback (``docs/security.md``): a node given ``trust`` keys refuses, before
+decoding its tensors, a package not signed by one of them (``PermissionDeniedError``); a
+receiver refuses a lower version of a package name it holds, and the same name and
+version with other bytes (``PermissionDeniedError``, "rollback"). Both store nothing.
 """
 
 from __future__ import annotations
@@ -15,14 +20,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from pnc_net import wire
-from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError, PreconditionError
+from pnc_net import signing, wire
+from pnc_net.errors import (
+    IncompatibleError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+)
 from pnc_net.fsutil import sha256_bytes
 from pnc_net.rebuild import (
     MAX_FINGERPRINT_TOLERANCE,
@@ -62,7 +74,8 @@ class Node:
 
     def __init__(self, role: str, store: PackageStore, zoo: Zoo | None,
                  fetch_model: ModelFetcher | None = None, repair_data: Path | None = None,
-                 metrics=None, max_tolerance: float = MAX_FINGERPRINT_TOLERANCE) -> None:
+                 metrics=None, max_tolerance: float = MAX_FINGERPRINT_TOLERANCE,
+                 trust: Iterable[bytes] = ()) -> None:
         if role not in ("sender", "receiver"):
             raise InvalidInputError(f"unknown role {role!r}")
         if role == "receiver" and zoo is None:
@@ -71,6 +84,11 @@ class Node:
         self.repair_set = _load_repair_data(repair_data) if repair_data else None
         self.metrics = metrics
         self.max_tolerance = max_tolerance  # the receiver decides what counts as verified
+        self.trust = tuple(bytes(k) for k in trust)  # raw ed25519 keys; () accepts unsigned
+        self._versions = _held_versions(store) if role == "receiver" else {}
+        if self.trust:
+            log.info("accepting only packages signed by %s",
+                     ", ".join(signing.key_id(k) for k in self.trust))
         self._cache: dict[str, Loaded] = {}
         self._lock = threading.Lock()
         self.warm = threading.Event()
@@ -105,6 +123,7 @@ class Node:
     def accept(self, data: bytes) -> PackageRecord:
         """Store ``data`` as a package (verifying it on a receiver); the stored record."""
         t0 = time.perf_counter()
+        signer = self._check_trust(data)  # before the tensors are decoded; nothing stored
         package = wire.decode(data)
         pid = sha256_bytes(data)
         decode_s = time.perf_counter() - t0
@@ -114,8 +133,12 @@ class Node:
             if self.role == "sender":
                 self.store.put(data, "stored", package=package)
                 return self._count(self.store.record(pid))
+            self._check_rollback(package, pid)
             self.ensure_zoo(package)
             record = record_for(pid, data, package, "received")
+            if package.name:
+                record.metadata.update(name=package.name, version=package.version,
+                                       signer=signer)
             t1 = time.perf_counter()
             sb = build_superbody(self._zoo(), package)  # IncompatibleError: nothing stored
             _, _, shape = load_ref(self._zoo(), package.target)
@@ -128,9 +151,39 @@ class Node:
             self.store.put(data, record.state, record)
             if record.state != "failed":
                 self._cache[pid] = Loaded(sb, tuple(shape))
+                if package.name:
+                    self._versions[package.name] = (package.version, pid)
             log.info("package %s %s (fingerprint error %s)", pid[:12], record.state,
                      record.fingerprint_error)
             return self._count(record)
+
+    def _check_trust(self, data: bytes) -> str | None:
+        """The signer's key id when this node trusts keys and one of them signed ``data``;
+        ``PermissionDeniedError`` for an unsigned or otherwise signed package. None when
+        no key is trusted (then unsigned packages are accepted, signatures unchecked)."""
+        if not self.trust:
+            return None
+        found = signing.verify(data, self.trust)
+        log.info("package signed by trusted key %s (%s v%d)", found.key_id, found.name,
+                 found.version)
+        return found.key_id
+
+    def _check_rollback(self, package, pid: str) -> None:
+        """Refuse a lower version of a name this receiver holds, or the version it holds
+        with other bytes (``PermissionDeniedError``); unnamed packages are not versioned."""
+        held = self._versions.get(package.name) if package.name else None
+        if held is None:
+            return
+        version, held_id = held
+        if package.version < version:
+            raise PermissionDeniedError(
+                f"rollback refused: this receiver holds {package.name!r} version {version} "
+                f"(package {held_id[:12]}); version {package.version} is older")
+        if package.version == version and pid != held_id:
+            raise PermissionDeniedError(
+                f"rollback refused: this receiver holds {package.name!r} version {version} as "
+                f"package {held_id[:12]}; package {pid[:12]} claims the same version with "
+                "other bytes (publish a higher version)")
 
     def _check(self, sb: Superbody, package, shape, record: PackageRecord) -> None:
         """Fingerprint check, then repair if needed and possible; fills ``record``."""
@@ -275,6 +328,19 @@ class Node:
     def _observe(self, what: str, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.observe(what, seconds)
+
+
+def _held_versions(store: PackageStore) -> dict[str, tuple[int, str]]:
+    """Package name -> ``(highest version, its id)`` over the store's records that did not
+    fail (a failed package is not held: a lower version may replace it)."""
+    held: dict[str, tuple[int, str]] = {}
+    for record in store.list():
+        name, version = record.metadata.get("name"), record.metadata.get("version")
+        if record.state == "failed" or not isinstance(name, str) or not isinstance(version, int):
+            continue
+        if name not in held or version > held[name][0]:
+            held[name] = (version, record.id)
+    return held
 
 
 def _load_repair_data(path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
