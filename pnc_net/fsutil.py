@@ -8,8 +8,12 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
-    """Write ``data`` so that ``path`` either holds all of it or is untouched."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644,
+                       exclusive: bool = False) -> Path:
+    """Write ``data`` so that ``path`` either holds all of it or is untouched.
+
+    ``exclusive``: never replace an existing file (``FileExistsError``, atomically: the
+    temp file is hard-linked to ``path``); the mode is set before the name appears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -19,7 +23,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

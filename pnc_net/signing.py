@@ -19,8 +19,6 @@ key id the first 16 hex digits of its sha256.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from google.protobuf.message import DecodeError
 from pnc_net import codec
 from pnc_net._proto import package_pb2 as pb
 from pnc_net.errors import InvalidInputError, NotFoundError, PermissionDeniedError
+from pnc_net.fsutil import atomic_write_bytes
 
 SIGNATURE_DOMAIN = b"pnc-package-signature-v1\0"
 SIGNATURE_FIELD = 11  # Package.signature
@@ -106,21 +105,11 @@ def write_key_pair(directory: str | Path, name: str) -> tuple[Path, Path, str]:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Write a file that must not exist yet: a temp file (0600 from the start), fsync, then
-    a hard link to the final name (which fails, atomically, if the name exists)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write a file that must not exist yet (keys are never overwritten)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise InvalidInputError(f"{path} exists; keys are never overwritten") from None
-    finally:
-        os.unlink(tmp)
+        atomic_write_bytes(path, data, mode, exclusive=True)
+    except FileExistsError:
+        raise InvalidInputError(f"{path} exists; keys are never overwritten") from None
 
 
 def load_private_key(path: str | Path) -> Any:

@@ -25,7 +25,13 @@ FLAGS = (
     Flag("max_tolerance", "--max-tolerance", "The largest fingerprint error this receiver "
          f"accepts; a package may ask for less [{MAX_FINGERPRINT_TOLERANCE}].", type=float),
     Flag("trust", "--trust", "Accept only packages signed by these ed25519 keys: .pub files "
-         "or hex keys, comma separated or repeated (docs/security.md).", repeat=True),
+         "or hex keys, comma separated or repeated (docs/security.md).", repeat=True,
+         env="PNC_TRUST"),
+    Flag("predict_batch", "--predict-batch", "Predict: at most this many images of queued "
+         "requests in one forward; 0 turns batching off [64].", type=int,
+         env="PNC_PREDICT_BATCH"),
+    Flag("predict_workers", "--predict-workers", "Predict: forward threads; 0 = one per core "
+         "(at most 4) [0].", type=int, env="PNC_PREDICT_WORKERS"),
     *COMMON_FLAGS,
 )
 
@@ -43,6 +49,8 @@ class ReceiverConfig(ServerSettings):
     peer_token: str | None = None  # token for mirrors and the sender (default: token)
     torch_threads: int = 1  # per process: calls run in parallel on the thread pool instead
     max_tolerance: float = MAX_FINGERPRINT_TOLERANCE  # a package may ask for less, not more
+    predict_batch: int = 64  # images per batched forward (64: fastest per image on CPU)
+    predict_workers: int = 0
     trust: tuple[str, ...] = ()  # trusted publisher keys, as hex (given as .pub files or hex)
 
     SECTION = "receiver"
@@ -61,6 +69,8 @@ class ReceiverConfig(ServerSettings):
             raise InvalidInputError(f"--repair-data {self.repair_data} is not a file")
         if not 1 <= self.torch_threads <= 256:
             raise InvalidInputError("--torch-threads must be 1..256")
+        if self.predict_batch < 0 or self.predict_workers < 0:
+            raise InvalidInputError("--predict-batch and --predict-workers must be >= 0")
         if not 0 <= self.max_tolerance <= 1:
             raise InvalidInputError("--max-tolerance must be within [0, 1]")
         from pnc_net.signing import parse_trust

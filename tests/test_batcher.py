@@ -179,15 +179,13 @@ def test_max_wait_fills_a_batch():
     assert len(model.sizes) < 10
 
 
-def test_from_env():
-    assert MicroBatcher.from_env({"PNC_PREDICT_BATCHING": "0"}) is None
-    b = MicroBatcher.from_env({"PNC_PREDICT_WORKERS": "3", "PNC_PREDICT_MAX_IMAGES": "16",
-                               "PNC_PREDICT_MAX_WAIT_MS": "2"})
-    assert b is not None and (b.workers, b.max_images, b.max_wait_s) == (3, 16, 0.002)
-    assert b.channels_last and not MicroBatcher.from_env({"PNC_PREDICT_CHANNELS_LAST": "0"}
-                                                         ).channels_last
+def test_from_settings():
+    assert MicroBatcher.from_settings(0) is None
+    b = MicroBatcher.from_settings(16, workers=3)
+    assert b is not None and (b.workers, b.max_images, b.max_wait_s) == (3, 16, 0.0)
+    assert b.channels_last
     with pytest.raises(InvalidInputError):
-        MicroBatcher.from_env({"PNC_PREDICT_WORKERS": "many"})
+        MicroBatcher.from_settings(-1)
     with pytest.raises(InvalidInputError):
         MicroBatcher(max_images=0)
 

@@ -24,10 +24,9 @@ it will time out on. A forward that raises fails every call of that batch with t
 same error. ``stop()`` refuses new calls, lets the workers finish what is queued and
 joins them; the workers are daemon threads, so a process never hangs on them.
 
-``MicroBatcher.from_env()`` is what a ``Node`` uses: ``PNC_PREDICT_BATCHING=0`` turns
-batching off (one forward per request, as before), and ``PNC_PREDICT_WORKERS``,
-``PNC_PREDICT_MAX_IMAGES``, ``PNC_PREDICT_MAX_WAIT_MS`` and ``PNC_PREDICT_CHANNELS_LAST``
-(0: run the served model as it is) tune it, for benchmarks.
+A receiver builds one from its flags (``MicroBatcher.from_settings``):
+``--predict-batch N`` images at most per forward (0 turns batching off: one forward
+per request, as before) and ``--predict-workers`` (0: one per core, at most 4).
 """
 
 from __future__ import annotations
@@ -88,18 +87,12 @@ class MicroBatcher:
         self._stopping = False
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Self | None:
-        """The batcher the environment asks for; None when ``PNC_PREDICT_BATCHING=0``."""
-        env = dict(os.environ if env is None else env)
-        if env.get("PNC_PREDICT_BATCHING", "1").strip().lower() in ("0", "false", "no", "off"):
-            return None
-        try:
-            return cls(workers=int(env.get("PNC_PREDICT_WORKERS", 0)) or None,
-                       max_images=int(env.get("PNC_PREDICT_MAX_IMAGES", 64)),
-                       max_wait_s=float(env.get("PNC_PREDICT_MAX_WAIT_MS", 0)) / 1e3,
-                       channels_last=env.get("PNC_PREDICT_CHANNELS_LAST", "1").strip() != "0")
-        except ValueError as err:
-            raise InvalidInputError(f"PNC_PREDICT_* setting: {err}") from None
+    def from_settings(cls, batch_images: int, workers: int = 0) -> Self | None:
+        """The batcher a receiver's ``--predict-batch`` and ``--predict-workers`` ask for;
+        None (one forward per request) when ``batch_images`` is 0."""
+        if batch_images < 0 or workers < 0:
+            raise InvalidInputError("--predict-batch and --predict-workers must be >= 0")
+        return cls(workers=workers or None, max_images=batch_images) if batch_images else None
 
     # ------------------------------------------------------------------ callers
     def run(self, key: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

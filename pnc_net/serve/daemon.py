@@ -137,10 +137,19 @@ def parse_flags(prog: str, description: str, table: Sequence[Flag],
     config = args.pop("config")
     for f in table:
         if args[f.field] is None and f.env and os.environ.get(f.env):
-            args[f.field] = f.type(os.environ[f.env])
+            value = _typed(f, os.environ[f.env])
+            args[f.field] = [value] if f.repeat else value  # one value, never its letters
         if f.repeat:
             args[f.field] = tuple(args[f.field] or ())
     return args, config
+
+
+def _typed(flag: Flag, text: str) -> Any:
+    """An environment variable's text as the flag's type, or a one-line error."""
+    try:
+        return flag.type(text)
+    except ValueError:
+        raise InvalidInputError(f"${flag.env}={text[:80]!r} is not valid for {flag.flag}") from None
 
 
 def load_settings(cls: type[D], section: str, flags: dict, config: Path | None,

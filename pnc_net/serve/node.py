@@ -43,6 +43,7 @@ from pnc_net.rebuild import (
     fingerprint_error,
     load_ref,
 )
+from pnc_net.serve.batcher import MicroBatcher
 from pnc_net.serve.repair import RepairConfig, repair
 from pnc_net.serve.store import PackageRecord, PackageStore, check_digest, record_for
 from pnc_net.superbody import Superbody
@@ -75,7 +76,7 @@ class Node:
     def __init__(self, role: str, store: PackageStore, zoo: Zoo | None,
                  fetch_model: ModelFetcher | None = None, repair_data: Path | None = None,
                  metrics=None, max_tolerance: float = MAX_FINGERPRINT_TOLERANCE,
-                 trust: Iterable[bytes] = ()) -> None:
+                 trust: Iterable[bytes] = (), batcher: MicroBatcher | None = None) -> None:
         if role not in ("sender", "receiver"):
             raise InvalidInputError(f"unknown role {role!r}")
         if role == "receiver" and zoo is None:
@@ -96,8 +97,7 @@ class Node:
             threading.Thread(target=self._warm_up, daemon=True, name="zoo-warm-up").start()
         else:
             self.warm.set()
-        from pnc_net.serve.batcher import MicroBatcher  # Predict calls of all clients, batched
-        self.batcher = MicroBatcher.from_env() if role == "receiver" else None
+        self.batcher = batcher  # Predict calls of all clients, batched (None: one by one)
 
     def _warm_up(self) -> None:
         """Load (digest-checked) every zoo model once at start, so the first package a
@@ -309,7 +309,7 @@ class Node:
         if tuple(x.shape[1:]) != loaded.input_shape:
             raise IncompatibleError(f"inputs have shape {tuple(x.shape[1:])}; this package's "
                                     f"models take {loaded.input_shape}")
-        if self.batcher is None:  # PNC_PREDICT_BATCHING=0: one forward per request
+        if self.batcher is None:  # --predict-batch 0: one forward per request
             with torch.no_grad():
                 return pid, loaded.superbody, loaded.superbody(x.float())
         return pid, loaded.superbody, self.batcher.run(pid, loaded.superbody, x.float())
