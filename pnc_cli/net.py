@@ -163,9 +163,24 @@ def status_cmd(src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT
         return
     console.print(f"{src}: {caps.role} pnc {caps.pnc_version}, health {health}, "
                   f"{len(packages)} packages", highlight=False, soft_wrap=True)
-    console.print(table(("id", "bytes", "state", "target", "labels", "fp error", "detail"), [
-        (p.id[:12], f"{p.size_bytes:,}", p.state, p.target, ",".join(p.label_names),
-         f"{p.fingerprint_error:.4f}", p.detail) for p in packages]))
+    console.print(table(("id", "name", "bytes", "state", "target", "labels", "fp error",
+                         "detail"), [
+        (p.id[:12], _published_as(p.metadata_json), f"{p.size_bytes:,}", p.state, p.target,
+         ",".join(p.label_names), f"{p.fingerprint_error:.4f}", p.detail) for p in packages]))
+
+
+def _published_as(metadata_json: str) -> str:
+    """``name vN (signer key id)`` of a named package, ``-`` for an unnamed one."""
+    import json
+
+    try:
+        meta = json.loads(metadata_json or "{}")
+    except ValueError:
+        return "-"
+    if not isinstance(meta, dict) or not meta.get("name"):
+        return "-"
+    signer = f" ({meta['signer']})" if meta.get("signer") else ""
+    return f"{meta['name']} v{meta.get('version', '?')}{signer}"
 
 
 def register(app: typer.Typer) -> None:
