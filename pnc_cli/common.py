@@ -113,5 +113,14 @@ def fill_optional_values(args: Sequence[str], values: dict[str, str]) -> list[st
 
 
 def print_json(obj: Any) -> None:
+    """One JSON object on one line of stdout (what ``--json`` prints)."""
     sys.stdout.write(json.dumps(obj, indent=None, sort_keys=True, default=float) + "\n")
     sys.stdout.flush()
+
+
+def show_result(info: dict, line: str, json_out: bool) -> None:
+    """A command's result: ``info`` as JSON with ``--json``, else ``line`` for people."""
+    if json_out:
+        print_json(info)
+    else:
+        console.print(line, highlight=False, soft_wrap=True)

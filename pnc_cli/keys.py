@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from pnc_cli.common import JsonOpt, console, print_json
+from pnc_cli.common import JsonOpt, show_result
 from pnc_net.errors import NotFoundError
 
 keys_app = typer.Typer(help="Publisher keys (ed25519) for signed packages.",
@@ -40,11 +40,8 @@ def keys_generate(
     key_path, pub_path, kid = write_key_pair(directory, name)
     info = {"key_id": kid, "private_key": str(key_path), "public_key": str(pub_path),
             "public_key_hex": pub_path.read_text().strip()}
-    if json_out:
-        print_json(info)
-    else:
-        console.print(f"key {kid}  private {key_path} (keep it secret)  public {pub_path}",
-                      highlight=False, soft_wrap=True)
+    show_result(info, f"key {kid}  private {key_path} (keep it secret)  public {pub_path}",
+                json_out)
 
 
 def sign_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
@@ -70,11 +67,8 @@ def sign_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
     info = {"id": sha256_bytes(signed), "previous_id": sha256_bytes(data), "out": str(dest),
             "name": name, "version": version, "key_id": found.key_id,
             "bytes": len(signed)}
-    if json_out:
-        print_json(info)
-    else:
-        console.print(f"{info['id']}  {name} v{version}  signed by {info['key_id']}  -> {dest}",
-                      highlight=False, soft_wrap=True)
+    show_result(info, f"{info['id']}  {name} v{version}  signed by {info['key_id']}  -> {dest}",
+                json_out)
 
 
 def verify_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
@@ -96,12 +90,9 @@ def verify_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file
             raise PermissionDeniedError(f"package {package} is unsigned")
     info = {"id": sha256_bytes(data), "key_id": found.key_id, "name": found.name,
             "version": found.version, "trusted": bool(keys)}
-    if json_out:
-        print_json(info)
-    else:
-        console.print(f"{info['id'][:16]}  {found.name} v{found.version}  signed by "
-                      f"{found.key_id}" + ("  (trusted)" if keys else "  (no --trust given)"),
-                      highlight=False, soft_wrap=True)
+    show_result(info, f"{info['id'][:16]}  {found.name} v{found.version}  signed by "
+                f"{found.key_id}" + ("  (trusted)" if keys else "  (no --trust given)"),
+                json_out)
 
 
 def register(app: typer.Typer) -> None:
