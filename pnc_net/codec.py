@@ -98,7 +98,7 @@ def array_from_proto(msg: pb.Tensor) -> np.ndarray:
                                 f"as {np_dtype.name} needs {expected}")
     arr = np.frombuffer(msg.data, dtype=np_dtype).astype(np.float32).reshape(shape)
     if msg.dtype == pb.INT8:
-        arr = arr * _scale_of(msg, shape)
+        arr = np.asarray(arr * _scale_of(msg, shape), dtype=np.float32)  # 0-d stays an array
     elif msg.scales:
         raise InvalidInputError(f"tensor {msg.name!r} carries int8 scales but is not int8")
     if not np.isfinite(arr).all():

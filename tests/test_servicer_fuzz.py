@@ -8,6 +8,8 @@ proper status (INVALID_ARGUMENT, NOT_FOUND, ...) and the daemon keeps serving.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from google.protobuf.descriptor import FieldDescriptor as F
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +22,7 @@ from pnc_net.serve.client import PncClient
 
 pytestmark = [pytest.mark.grpc, pytest.mark.slow]
 BAD_CODES = {"INTERNAL", "UNKNOWN"}
-CASES_PER_METHOD = 250
+CASES_PER_METHOD = int(os.environ.get("PNC_FUZZ_CASES", 250))  # more: PNC_FUZZ_CASES=5000
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +132,7 @@ def test_no_request_gets_internal(live, method):
     seen: dict[str, int] = {}
 
     @settings(max_examples=CASES_PER_METHOD, deadline=None, database=None,
+              derandomize=bool(os.environ.get("CI")),  # CI: the same cases every run
               suppress_health_check=list(HealthCheck))
     @given(values=requests)
     def check(values):

@@ -324,3 +324,10 @@ def test_generated_code_is_current():
     from pnc_net import protogen
 
     assert protogen.main(["--check"]) == 0
+
+
+def test_a_zero_dimensional_int8_tensor_decodes_to_a_tensor():
+    """Found by the servicer fuzz: a scalar int8 tensor came back as a numpy scalar, and
+    ``torch.from_numpy`` raised TypeError (INTERNAL) instead of a tensor or a pnc error."""
+    t = wire.tensor_from_proto(pb.Tensor(dtype=pb.INT8, data=b"\x02", scale=0.5))
+    assert t.shape == () and float(t) == 1.0
