@@ -130,6 +130,7 @@ def parse_flags(prog: str, description: str, table: Sequence[Flag],
     for f in table:
         env = f" (or ${f.env})" if f.env else ""
         parser.add_argument(f.flag, dest=f.field, type=f.type, help=f.help + env,
+                            metavar=f.flag.removeprefix("--").replace("-", "_").upper(),
                             action="append" if f.repeat else "store")
     parser.add_argument("--config", type=Path, help="TOML file; its table for this daemon "
                         "fills the options not given.")
