@@ -28,6 +28,7 @@ from pnc_net.errors import InvalidInputError, ResourceExhaustedError
 from pnc_net.serve.channel import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("pnc.limits")
+MAX_PREDICT_IMAGES = 1024  # the most images one Predict may carry (also Node.predict's guard)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Limits:
     upload_min_total_s: float = 120.0  # total deadline of an upload: at least this ...
     upload_min_rate_bytes_s: float = 32_000.0  # ... or its size at this rate (~256 kbit/s)
     part_ttl_s: float = 24 * 3600.0  # uploads/*.part untouched this long are removed
-    predict_max_images: int = 1024
+    predict_max_images: int = MAX_PREDICT_IMAGES
     predict_max_bytes: int = MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:

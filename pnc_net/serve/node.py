@@ -44,13 +44,13 @@ from pnc_net.rebuild import (
     load_ref,
 )
 from pnc_net.serve.batcher import MicroBatcher
+from pnc_net.serve.limits import MAX_PREDICT_IMAGES
 from pnc_net.serve.repair import RepairConfig, repair
 from pnc_net.serve.store import PackageRecord, PackageStore, check_digest, record_for
 from pnc_net.superbody import Superbody
 from pnc_net.zoo import Manifest, Zoo
 
 log = logging.getLogger("pnc.node")
-MAX_PREDICT_INPUTS = 1024
 
 
 class ModelFetcher(Protocol):
@@ -303,8 +303,8 @@ class Node:
     def predict(self, id_or_prefix: str, x: torch.Tensor) -> tuple[str, Superbody, torch.Tensor]:
         """Probabilities of the package's superbody for ``x`` (N, C, H, W), checked first."""
         pid, loaded = self.loaded(id_or_prefix)
-        if x.ndim != 4 or not 0 < len(x) <= MAX_PREDICT_INPUTS:
-            raise InvalidInputError(f"inputs must be (N, C, H, W) with 1..{MAX_PREDICT_INPUTS} "
+        if x.ndim != 4 or not 0 < len(x) <= MAX_PREDICT_IMAGES:
+            raise InvalidInputError(f"inputs must be (N, C, H, W) with 1..{MAX_PREDICT_IMAGES} "
                                     f"images; got shape {tuple(x.shape)}")
         if tuple(x.shape[1:]) != loaded.input_shape:
             raise IncompatibleError(f"inputs have shape {tuple(x.shape[1:])}; this package's "
