@@ -141,7 +141,12 @@ def parse(data: bytes) -> pb.Package:
     """The package message from its bytes, or ``InvalidInputError``: exactly one valid zstd
     frame and nothing after it, within ``MAX_PACKAGE_BYTES``, a valid message, a format
     version this pnc reads, every declared size within the limits (``check_limits``)."""
-    raw, msg = decompress(data), pb.Package()
+    return parse_message(decompress(data))
+
+
+def parse_message(raw: bytes) -> pb.Package:
+    """The checked message from the frame's content (``parse`` without the frame)."""
+    msg = pb.Package()
     try:
         msg.ParseFromString(raw)
     except (DecodeError, RuntimeError, ValueError) as err:

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
 from pnc_net import codec
 from pnc_net._proto import package_pb2 as pb
 from pnc_net.errors import InvalidInputError, NotFoundError, PermissionDeniedError
@@ -192,13 +190,8 @@ def check_identity(msg: pb.Package) -> None:
 def open_package(data: bytes) -> tuple[bytes, pb.Package]:
     """``(message bytes, checked message)`` of a package (``codec.parse``'s checks plus
     ``check_identity``)."""
-    raw, msg = codec.decompress(data), pb.Package()
-    try:
-        msg.ParseFromString(raw)
-    except (DecodeError, RuntimeError, ValueError) as err:
-        raise InvalidInputError(f"package is not a valid pnc message ({err})") from None
-    codec.check_version(msg.format_version)
-    codec.check_limits(msg)
+    raw = codec.decompress(data)
+    msg = codec.parse_message(raw)
     check_identity(msg)
     return raw, msg
 
