@@ -36,7 +36,12 @@ zoo_app = typer.Typer(help="Build, list and verify the local model zoo.", no_arg
 
 
 @zoo_app.command("build")
-def zoo_build(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
+def zoo_build(
+    seed: Annotated[int, typer.Option(
+        help="Training seed. Another seed gives another zoo with the same model names "
+             "(build it into another --zoo) to check that a result holds across zoos.")] = 0,
+    zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
+) -> None:
     """Train the default MNIST zoo (CNN and ResNet, digits 0-4 and 5-9). Idempotent."""
     import torch
 
@@ -46,7 +51,7 @@ def zoo_build(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     zoo = Zoo(zoo_dir)
-    built = build_default_zoo(zoo, load_dataset(None), progress=not json_out)
+    built = build_default_zoo(zoo, load_dataset(None), progress=not json_out, seed=seed)
     if json_out:
         print_json([{"name": m.name, "sha256": m.sha256, "built": new} for m, new in built])
         return
