@@ -32,6 +32,9 @@ FLAGS = (
          env="PNC_PREDICT_BATCH"),
     Flag("predict_workers", "--predict-workers", "Predict: forward threads; 0 = one per core "
          "(at most 4) [0].", type=int, env="PNC_PREDICT_WORKERS"),
+    Flag("predict_engine", "--predict-engine", "Predict: jit (the superbody traced, frozen "
+         "and checked against eager within the fingerprint tolerance at load; eager if the "
+         "check fails) or eager [jit].", env="PNC_PREDICT_ENGINE"),
     *COMMON_FLAGS,
 )
 
@@ -51,6 +54,7 @@ class ReceiverConfig(ServerSettings):
     max_tolerance: float = MAX_FINGERPRINT_TOLERANCE  # a package may ask for less, not more
     predict_batch: int = 32  # images per batched forward (bench/bench_predict.py: 32 beat 16, 64)
     predict_workers: int = 0
+    predict_engine: str = "jit"  # pnc_net/serve/fastpath.py: jit (checked at load) or eager
     trust: tuple[str, ...] = ()  # trusted publisher keys, as hex (given as .pub files or hex)
 
     SECTION = "receiver"
@@ -71,6 +75,8 @@ class ReceiverConfig(ServerSettings):
             raise InvalidInputError("--torch-threads must be 1..256")
         if self.predict_batch < 0 or self.predict_workers < 0:
             raise InvalidInputError("--predict-batch and --predict-workers must be >= 0")
+        if self.predict_engine not in ("jit", "eager"):  # fastpath.ENGINES (no torch here)
+            raise InvalidInputError(f"--predict-engine {self.predict_engine!r}: use jit or eager")
         if not 0 <= self.max_tolerance <= 1:
             raise InvalidInputError("--max-tolerance must be within [0, 1]")
         from pnc_net.signing import parse_trust

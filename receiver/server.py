@@ -23,7 +23,8 @@ def create_server(cfg: ReceiverConfig) -> tuple[Daemon, int]:
     fetcher = MirrorFetcher(cfg.mirrors, cfg.client_kwargs())
     node = Node("receiver", PackageStore(cfg.store), Zoo(cfg.zoo), fetcher, cfg.repair_data,
                 metrics, max_tolerance=cfg.max_tolerance, trust=cfg.trusted_keys(),
-                batcher=MicroBatcher.from_settings(cfg.predict_batch, cfg.predict_workers))
+                batcher=MicroBatcher.from_settings(cfg.predict_batch, cfg.predict_workers),
+                predict_engine=cfg.predict_engine)
     daemon = build_server(node, cfg.listen, cfg.tokens(), cfg.tls(), cfg.limits())
     if cfg.metrics_port is not None:
         log.info("metrics", extra={"port": metrics.start(cfg.metrics_port)})

@@ -11,12 +11,12 @@ caller its own rows. There is no waiting for a batch to fill by default
 the next free worker takes them all, so a lone client pays no extra latency and a
 busy receiver batches by itself.
 
-The forward runs on a copy of the model in channels-last memory layout (made once per
-model and kept while the model lives): on CPU its convolutions and max-pooling are
-faster than in the default NCHW layout (``bench/results/predict_throughput.json``).
-The served model itself is never changed. Rows are the same as an unbatched forward
-up to float rounding (the layers, batch norm included in eval mode, treat each sample
-on its own; only the kernels' summation order differs with the batch size and layout).
+What runs is the callable the caller passes: a receiver's ``Node`` passes the package's
+``fastpath.Forward`` (the compiled superbody, or its eager channels-last copy; see
+``pnc_net/serve/fastpath.py``), run under ``torch.inference_mode()``. Rows are the same
+as an unbatched forward up to float rounding (the layers, batch norm included in eval
+mode, treat each sample on its own; only the kernels' summation order differs with the
+batch size).
 
 The queue is bounded (``max_queued_images``): past it a call is refused with
 ``BusyError`` (gRPC ABORTED, which clients may retry) instead of waiting behind work
@@ -31,13 +31,12 @@ per request, as before) and ``--predict-workers`` (0: one per core, at most 4).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ log = logging.getLogger("pnc.batcher")
 class _Call:
     """One queued request: its inputs and the future its caller waits on."""
 
-    model: torch.nn.Module
+    model: Callable[[torch.Tensor], torch.Tensor]
     x: torch.Tensor
     queued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
@@ -65,7 +64,7 @@ class MicroBatcher:
 
     def __init__(self, *, workers: int | None = None, max_images: int = 64,
                  max_wait_s: float = 0.0, max_queued_images: int = 8192,
-                 timeout_s: float = 60.0, channels_last: bool = True) -> None:
+                 timeout_s: float = 60.0) -> None:
         # 64 images: the fastest batch per image of the default superbody on CPU; larger
         # batches fall out of cache and get slower per image (bench/bench_predict.py).
         workers = workers or min(4, os.cpu_count() or 1)
@@ -75,10 +74,6 @@ class MicroBatcher:
             raise InvalidInputError("max_wait_s must be >= 0 and timeout_s > 0")
         self.workers, self.max_images, self.max_wait_s = workers, max_images, max_wait_s
         self.max_queued_images, self.timeout_s = max_queued_images, timeout_s
-        self.channels_last = channels_last
-        self._fast: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = (
-            weakref.WeakKeyDictionary())  # served model -> its channels-last copy
-        self._fast_lock = threading.Lock()
         self._cond = threading.Condition()
         self._queues: dict[str, deque[_Call]] = {}  # per key, oldest first
         self._queued_images = 0
@@ -95,7 +90,8 @@ class MicroBatcher:
         return cls(workers=workers or None, max_images=batch_images) if batch_images else None
 
     # ------------------------------------------------------------------ callers
-    def run(self, key: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def run(self, key: str, model: Callable[[torch.Tensor], torch.Tensor],
+            x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` computed in a batch with other callers' inputs for ``key``.
 
         Calls with the same ``key`` must pass the same model. Raises what the forward
@@ -195,28 +191,14 @@ class MicroBatcher:
                 self._cond.notify()  # more work: wake another worker
             return batch
 
-    def _model_for(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What the forward runs: the model's channels-last copy, made on first use."""
-        if not self.channels_last:
-            return model
-        with self._fast_lock:
-            fast = self._fast.get(model)
-            if fast is None:
-                fast = copy.deepcopy(model).to(memory_format=torch.channels_last)
-                self._fast[model] = fast
-            return fast
-
     def _forward(self, batch: list[_Call]) -> None:
         """One forward for the batch; each caller gets its rows, or the batch's error."""
         if not batch:
             return
         try:
             x = batch[0].x if len(batch) == 1 else torch.cat([c.x for c in batch])
-            model = self._model_for(batch[0].model)
-            if self.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad():
-                out = model(x).contiguous()
+            with torch.inference_mode():
+                out = batch[0].model(x).contiguous()
             if len(out) != len(x):
                 raise PreconditionError(f"the model returned {len(out)} rows for {len(x)} "
                                         "inputs; it cannot be batched")

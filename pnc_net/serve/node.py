@@ -36,13 +36,17 @@ from pnc_net.errors import (
     PreconditionError,
 )
 from pnc_net.fsutil import sha256_bytes
+from pnc_net.package import probe_batch
 from pnc_net.rebuild import (
     MAX_FINGERPRINT_TOLERANCE,
+    PROBE_COUNT,
+    PROBE_SEED,
     accepted_tolerance,
     build_superbody,
     fingerprint_error,
     load_ref,
 )
+from pnc_net.serve import fastpath
 from pnc_net.serve.batcher import MicroBatcher
 from pnc_net.serve.limits import MAX_PREDICT_IMAGES
 from pnc_net.serve.repair import RepairConfig, repair
@@ -64,10 +68,13 @@ class ModelFetcher(Protocol):
 
 @dataclass(frozen=True)
 class Loaded:
-    """A verified package's superbody and the input shape its models take."""
+    """A verified package's superbody, the input shape its models take, and the forward
+    Predict runs (``fastpath.prepare``: compiled and checked against the superbody, or
+    eager)."""
 
     superbody: Superbody
     input_shape: tuple[int, ...]
+    forward: fastpath.Forward
 
 
 class Node:
@@ -76,7 +83,8 @@ class Node:
     def __init__(self, role: str, store: PackageStore, zoo: Zoo | None,
                  fetch_model: ModelFetcher | None = None, repair_data: Path | None = None,
                  metrics=None, max_tolerance: float = MAX_FINGERPRINT_TOLERANCE,
-                 trust: Iterable[bytes] = (), batcher: MicroBatcher | None = None) -> None:
+                 trust: Iterable[bytes] = (), batcher: MicroBatcher | None = None,
+                 predict_engine: str = fastpath.DEFAULT_ENGINE) -> None:
         if role not in ("sender", "receiver"):
             raise InvalidInputError(f"unknown role {role!r}")
         if role == "receiver" and zoo is None:
@@ -91,6 +99,9 @@ class Node:
             log.info("accepting only packages signed by %s",
                      ", ".join(signing.key_id(k) for k in self.trust))
         self._cache: dict[str, Loaded] = {}
+        # Predict's id or prefix -> package id; cleared when a package is stored (a prefix
+        # may then be ambiguous), checked with one stat per call (a package may be removed)
+        self._resolved: dict[str, str] = {}
         self._lock = threading.Lock()
         self.warm = threading.Event()
         if zoo is not None:
@@ -98,6 +109,7 @@ class Node:
         else:
             self.warm.set()
         self.batcher = batcher  # Predict calls of all clients, batched (None: one by one)
+        self.predict_engine = fastpath.check_engine(predict_engine)  # jit or eager
 
     def _warm_up(self) -> None:
         """Load (digest-checked) every zoo model once at start, so the first package a
@@ -149,8 +161,9 @@ class Node:
                                             "rebuild": round(t2 - t1, 5),
                                             "verify": round(time.perf_counter() - t2, 5)}
             self.store.put(data, record.state, record)
+            self._resolved.clear()
             if record.state != "failed":
-                self._cache[pid] = Loaded(sb, tuple(shape))
+                self._cache[pid] = self._loaded(pid, sb, tuple(shape), package)
                 if package.name:
                     self._versions[package.name] = (package.version, pid)
             log.info("package %s %s (fingerprint error %s)", pid[:12], record.state,
@@ -285,7 +298,12 @@ class Node:
     # ------------------------------------------------------------------ predict
     def loaded(self, id_or_prefix: str) -> tuple[str, Loaded]:
         """The package's superbody, rebuilt once (the package is decoded once, then cached)."""
-        pid = self.store.resolve(id_or_prefix)
+        pid = self._resolved.get(id_or_prefix)
+        if pid is None or not self.store.has_package(pid):  # one stat, not a listing
+            pid = self.store.resolve(id_or_prefix)
+            if len(self._resolved) >= 1024:
+                self._resolved.clear()
+            self._resolved[id_or_prefix] = pid
         if pid in self._cache:
             return pid, self._cache[pid]
         record = self.store.record(pid)
@@ -295,24 +313,35 @@ class Node:
         package = wire.decode(self.store.get(pid))
         self.ensure_zoo(package)
         with self._lock:
-            sb = build_superbody(zoo, package)
-            shape = tuple(zoo.resolve(package.target.sha256).input_shape)
-            self._cache[pid] = Loaded(sb, shape)
+            if pid not in self._cache:
+                sb = build_superbody(zoo, package)
+                shape = tuple(zoo.resolve(package.target.sha256).input_shape)
+                self._cache[pid] = self._loaded(pid, sb, shape, package)
         return pid, self._cache[pid]
 
+    def _loaded(self, pid: str, sb: Superbody, shape: tuple[int, ...], package) -> Loaded:
+        """The cache entry of a verified package: its superbody and the forward Predict
+        runs, checked against the superbody on the package's fingerprint probes within
+        the tolerance the package was verified with (``fastpath.prepare``)."""
+        fp = package.fingerprint
+        if fp is not None:
+            seed, count, tol = fp.probe_seed, fp.probe_count, accepted_tolerance(
+                fp, self.max_tolerance)
+        else:  # not verifiable, so never loaded as verified; checked all the same
+            seed, count, tol = PROBE_SEED, PROBE_COUNT, self.max_tolerance
+        forward = fastpath.prepare(sb, shape, probe_batch(seed, count, shape), tol,
+                                   self.predict_engine, name=f"package {pid[:12]}")
+        return Loaded(sb, shape, forward)
+
     def predict(self, id_or_prefix: str, x: torch.Tensor) -> tuple[str, Superbody, torch.Tensor]:
-        """Probabilities of the package's superbody for ``x`` (N, C, H, W), checked first."""
+        """Probabilities of the package's superbody for ``x``: one image of the models'
+        input shape ``(C, H, W)`` (or ``(H, W)`` for one channel), or a batch
+        ``(N, C, H, W)`` (``as_batch``)."""
         pid, loaded = self.loaded(id_or_prefix)
-        if x.ndim != 4 or not 0 < len(x) <= MAX_PREDICT_IMAGES:
-            raise InvalidInputError(f"inputs must be (N, C, H, W) with 1..{MAX_PREDICT_IMAGES} "
-                                    f"images; got shape {tuple(x.shape)}")
-        if tuple(x.shape[1:]) != loaded.input_shape:
-            raise IncompatibleError(f"inputs have shape {tuple(x.shape[1:])}; this package's "
-                                    f"models take {loaded.input_shape}")
+        x = as_batch(x, loaded.input_shape).float()
         if self.batcher is None:  # --predict-batch 0: one forward per request
-            with torch.no_grad():
-                return pid, loaded.superbody, loaded.superbody(x.float())
-        return pid, loaded.superbody, self.batcher.run(pid, loaded.superbody, x.float())
+            return pid, loaded.superbody, loaded.forward(x)
+        return pid, loaded.superbody, self.batcher.run(pid, loaded.forward, x)
 
     # ------------------------------------------------------------------ metrics
     def stats_bytes(self, direction: str, n: int) -> None:
@@ -328,6 +357,27 @@ class Node:
     def _observe(self, what: str, seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.observe(what, seconds)
+
+
+def as_batch(x: torch.Tensor, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """``x`` as a batch ``(N, C, H, W)`` for models that take ``input_shape`` ``(C, H, W)``:
+    a batch as it is, one image ``(C, H, W)`` as a batch of one, and for one-channel
+    models one ``(H, W)`` image as a batch of one. Anything else (a ``(3, 32, 32)`` sent
+    to a one-channel model is not three grayscale images) is ``InvalidInputError``
+    naming the shapes accepted; so is a batch of 0 or more than ``MAX_PREDICT_IMAGES``."""
+    shape, want = tuple(x.shape), tuple(input_shape)
+    if shape == want:
+        x = x.unsqueeze(0)
+    elif len(want) == 3 and want[0] == 1 and shape == want[1:]:
+        x = x.reshape(1, *want)
+    elif not (len(shape) == len(want) + 1 and shape[1:] == want):
+        one = f"{want}" + (f" or {want[1:]}" if len(want) == 3 and want[0] == 1 else "")
+        raise IncompatibleError(
+            f"inputs of shape {shape}: this package's models take one image of shape {one} "
+            f"or a batch (N, {', '.join(map(str, want))})")
+    if not 0 < len(x) <= MAX_PREDICT_IMAGES:
+        raise InvalidInputError(f"a batch of {len(x)} images; send 1..{MAX_PREDICT_IMAGES}")
+    return x
 
 
 def _held_versions(store: PackageStore) -> dict[str, tuple[int, str]]:

@@ -203,12 +203,13 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
         if not bool(probs.isfinite().all()):
             raise InvalidInputError("these inputs drive the superbody to NaN or infinite outputs; "
                                     "send images scaled to [0, 1] (or 0..255 as uint8)")
-        conf, idx = probs.max(1)
         names = list(sb.label_names)
-        preds = [tpb.Prediction(label=names[i], probability=float(c), probabilities=p.tolist())
-                 for i, c, p in zip(idx.tolist(), conf, probs)]
+        preds = []
+        for row in probs.tolist():  # plain floats: a third of the time of per-row tensors
+            best = max(row)
+            preds.append(tpb.Prediction(label=names[row.index(best)], probability=best,
+                                        probabilities=row))
         return tpb.PredictResponse(package_id=pid, label_names=names, predictions=preds)
-
 
     def _check_predict_size(self, inputs) -> None:
         """The Predict batch limits, in bytes and in images, before anything is decoded."""
