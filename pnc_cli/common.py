@@ -27,6 +27,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for
 
 #: The metrics ``pnc clone``, ``pnc eval`` and ``pnc demo`` report, in this order.
 METRIC_KEYS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")
+#: The gap decomposition (``pnc_net.metrics.gap_decomposition``) reported beside them.
+GAP_KEYS = ("routing_error_old", "routing_error_new", "branch_error_new", "oracle_acc_old",
+            "oracle_acc_new")
 #: What a bare ``--ray`` (no address) means: start a local cluster or join $RAY_ADDRESS.
 RAY_LOCAL = "local"
 

@@ -7,6 +7,8 @@ the edge client must not pay seconds of torch import).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +17,7 @@ import typer
 from rich.table import Table
 
 from pnc_cli.common import (
+    GAP_KEYS,
     METRIC_KEYS,
     RAY_LOCAL,
     JsonOpt,
@@ -29,7 +32,8 @@ from pnc_net.errors import ExitCode, IncompatibleError, InvalidInputError
 DataOpt = Annotated[Path | None, typer.Option(
     "--data", help="An .npz with x_train,y_train,x_test,y_test (default: embedded MNIST).")]
 
-zoo_app = typer.Typer(help="Build, list and verify the local model zoo.", no_args_is_help=True)
+zoo_app = typer.Typer(help="Build, import, list, export and verify the local model zoo.",
+                      no_args_is_help=True)
 
 
 # ----------------------------------------------------------------------------- zoo
@@ -93,8 +97,6 @@ def zoo_list(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
     zoo = Zoo(zoo_dir)
     manifests = zoo.manifests()
     if json_out:
-        import dataclasses
-
         print_json([dataclasses.asdict(m) for m in manifests])
         return
     table = Table(title=f"zoo at {zoo.root}")
@@ -102,8 +104,103 @@ def zoo_list(zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
         table.add_column(col)
     for m in manifests:
         table.add_row(m.name, m.sha256[:12], m.arch, ",".join(m.label_names),
-                      f"{m.num_params:,}", f"{m.test_accuracy:.3f}")
+                      f"{m.num_params:,}",
+                      "-" if m.test_accuracy is None else f"{m.test_accuracy:.3f}")
     console.print(table if manifests else f"the zoo at {zoo.root} is empty; run `pnc zoo build`")
+
+
+def parse_floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """``--mean 0.5,0.5,0.5`` as floats (None when the flag is not given)."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"{flag} {text!r}: give comma-separated numbers, "
+                                "one per channel, e.g. 0.5,0.5,0.5") from None
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """``--input 3x32x32`` as ``(3, 32, 32)``."""
+    try:
+        return tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InvalidInputError(f"--input {text!r}: give channels x height x width, "
+                                "e.g. 3x32x32") from None
+
+
+def parse_arch_args(text: str | None) -> dict:
+    """``--arch-args '{"image_size": 32}'`` as a dict."""
+    if text is None:
+        return {}
+    try:
+        args = json.loads(text)
+    except ValueError as err:
+        raise InvalidInputError(f"--arch-args is not JSON: {err}") from None
+    if not isinstance(args, dict):
+        raise InvalidInputError("--arch-args must be a JSON object, e.g. '{\"image_size\": 32}'")
+    return args
+
+
+@zoo_app.command("add")
+def zoo_add(
+    arch: Annotated[str, typer.Option(
+        "--arch", help="cnn, resnet, torchvision:NAME (e.g. torchvision:resnet18) or timm:NAME.")],
+    weights: Annotated[Path, typer.Option(
+        "--weights", help="The checkpoint: a state_dict as .pth (loaded weights-only) or "
+                          ".safetensors.")],
+    labels: Annotated[str, typer.Option(
+        "--labels", help="One label per output of the head, in order, e.g. cat,dog,bird.")],
+    input_shape: Annotated[str, typer.Option(
+        "--input", help="Input size CxHxW, e.g. 3x32x32.", metavar="CxHxW")],
+    mean: Annotated[str | None, typer.Option(
+        "--mean", help="Per-channel mean of the preprocessing, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option(
+        "--std", help="Per-channel std of the preprocessing, e.g. 0.229,0.224,0.225.")] = None,
+    name: Annotated[str | None, typer.Option(
+        "--name", help="Model name (a label; default: the file's stem).")] = None,
+    arch_args: Annotated[str | None, typer.Option(
+        "--arch-args", help="More constructor arguments as JSON, e.g. '{\"image_size\": 32}'.",
+        metavar="JSON")] = None,
+    expect_sha256: Annotated[str | None, typer.Option(
+        "--sha256", help="Refuse the file unless its sha256 starts with this hex (the "
+                         "publisher's digest; torch.hub puts 8+ digits in file names).",
+        metavar="HEX")] = None,
+    zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Import an ordinary checkpoint (any torchvision or timm classifier) into the zoo."""
+    from pnc_net.zoo import Zoo
+
+    label_names = tuple(c.strip() for c in labels.split(","))
+    manifest, new = Zoo(zoo_dir).add_checkpoint(
+        weights, arch, label_names, parse_input_shape(input_shape),
+        mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), name=name,
+        arch_args=parse_arch_args(arch_args), expect_sha256=expect_sha256)
+    if json_out:
+        print_json({"id": manifest.sha256, "added": new, **dataclasses.asdict(manifest)})
+        return
+    console.print(f"{'added' if new else 'present'} {manifest.name} {manifest.sha256[:12]} "
+                  f"({manifest.arch}, {manifest.num_params:,} params, tensors "
+                  f"{manifest.tensors_sha256[:12]})", highlight=False, soft_wrap=True)
+
+
+@zoo_app.command("export")
+def zoo_export(
+    model: Annotated[str, typer.Argument(help="Zoo model: name, sha256 or a unique prefix.")],
+    out: Annotated[Path, typer.Option("--out", help="The .safetensors file to write.")],
+    zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
+) -> None:
+    """Write a zoo model's weights as a plain state_dict (.safetensors)."""
+    from pnc_net.zoo import Zoo
+
+    manifest, path = Zoo(zoo_dir).export(model, out)
+    if json_out:
+        print_json({"name": manifest.name, "id": manifest.sha256, "sha256": manifest.sha256,
+                    "tensors_sha256": manifest.tensors_sha256, "arch": manifest.arch,
+                    "out": str(path), "size_bytes": manifest.size_bytes})
+        return
+    console.print(f"wrote {path} ({manifest.size_bytes:,} bytes): {manifest.name} "
+                  f"{manifest.sha256[:12]}, {manifest.arch}", highlight=False, soft_wrap=True)
 
 
 @zoo_app.command("verify")
@@ -141,7 +238,8 @@ def summary(result, package_bytes: int, out: Path | None, seconds: float) -> dic
     return {"package": str(out) if out else None, "package_bytes": package_bytes,
             "superbody_bytes": m["superbody_bytes"],
             "position": positions[0] if len(positions) == 1 else positions,
-            **{k: m.get(k) for k in METRIC_KEYS}, "seconds": seconds}
+            **{k: m.get(k) for k in METRIC_KEYS}, "gap": {k: m.get(k) for k in GAP_KEYS},
+            "seconds": seconds}
 
 
 def clone_cmd(
@@ -178,7 +276,7 @@ def clone_cmd(
         print_json(info)
         return
     console.print(metrics_table(f"cloned into {result.package.target.name}", {
-        k: info[k] for k in METRIC_KEYS}, {"position R:S": info["position"],
+        k: info[k] for k in METRIC_KEYS}, {**info["gap"], "position R:S": info["position"],
         "package_bytes": nbytes, "superbody_bytes": info["superbody_bytes"],
         "seconds": round(info["seconds"], 1)}))
     console.print(f"wrote {out} ({nbytes:,} bytes, id {pid[:16]})")
@@ -224,13 +322,14 @@ def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
     info = {"package": str(package), "package_bytes": len(raw),
             "superbody_bytes": metrics["superbody_bytes"],
             "position": positions[0] if len(positions) == 1 else positions,
-            **{k: metrics.get(k) for k in METRIC_KEYS}, "detach_exact": exact,
+            **{k: metrics.get(k) for k in METRIC_KEYS},
+            "gap": {k: metrics.get(k) for k in GAP_KEYS}, "detach_exact": exact,
             "fingerprint_error": fp_err, "seconds": time.perf_counter() - started}
     if json_out:
         print_json(info)
     else:
         console.print(metrics_table(f"{package.name}", {k: info[k] for k in METRIC_KEYS},
-                                    {"detach_exact": exact, "fingerprint_error": f"{fp_err:.2e}",
+                                    {**info["gap"], "detach_exact": exact, "fingerprint_error": f"{fp_err:.2e}",
                                      "package_bytes": len(raw)}))
 
 

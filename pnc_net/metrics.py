@@ -77,7 +77,58 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
             correct += int((predict_logits(model, xs).argmax(1) == src_idx).sum())
             total += len(ys)
         out["source_acc_new"] = correct / max(total, 1)
+    if isinstance(superbody, Superbody) and superbody.attached():
+        out.update(gap_decomposition(superbody, data))
     return out
+
+
+def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
+                      ) -> dict[str, float]:
+    """Where a superbody loses against the two networks it is made of.
+
+    An *oracle gate* knows the true class set: it sends a target-class input to
+    the target and a cloned-class input to the branch that holds its class. Its
+    ``oracle_acc_old`` is the target's own accuracy and its ``oracle_acc_new``
+    the branches' accuracy on their own labels: the superbody's ceiling. The
+    real gate's errors split exactly in two (``docs/method.md``, gap decomposition):
+
+    - ``routing_error_old``: target-class inputs predicted as a cloned label
+      (``1 - locality``: every other target-class answer equals the target's);
+    - ``routing_error_new``: cloned-class inputs predicted outside their own
+      branch's labels (the gate kept them in the target, or another branch won);
+    - ``branch_error_new``: cloned-class inputs that reached their branch but got
+      its other label, so ``routing_error_new + branch_error_new = 1 - acc_new``.
+    """
+    names = superbody.label_names
+    n_t = len(superbody.target_labels)
+    branches = superbody.attached()
+    starts = torch.tensor([n_t + sum(len(b.label_names) for b in branches[:i])
+                           for i in range(len(branches))])
+    x_old, y_old = _samples_of(data, superbody.target_labels, split)
+    x_new, y_new = _samples_of(data, names[n_t:], split)
+    truth = torch.tensor([names.index(n) for n in y_new], dtype=torch.long)
+    owner = torch.bucketize(truth, starts, right=True) - 1  # the branch holding each class
+    with torch.no_grad():
+        pred_old = predict_logits(superbody, x_old).argmax(1)
+        t_old = predict_logits(superbody.target, x_old).argmax(1)
+        parts = superbody.parts(x_new)
+    pred_new = superbody.fuse(parts).argmax(1)
+    oracle_new = torch.empty_like(truth)  # each input's own branch decides among its labels
+    in_own = torch.zeros_like(truth, dtype=torch.bool)
+    for i, b in enumerate(branches):
+        rows = owner == i
+        own = starts[i] + torch.arange(len(b.label_names))
+        oracle_new[rows] = parts["z_s"][i][rows][:, b.cloned_index].argmax(1) + starts[i]
+        in_own[rows] = torch.isin(pred_new[rows], own)
+    n_new = max(len(truth), 1)
+    y_old_idx = torch.tensor([names.index(n) for n in y_old], dtype=torch.long)
+    return {
+        "routing_error_old": float((pred_old >= n_t).float().mean()),
+        "routing_error_new": float((~in_own).sum()) / n_new,
+        "branch_error_new": float((in_own & (pred_new != truth)).sum()) / n_new,
+        "oracle_acc_old": float((t_old == y_old_idx).float().mean()),
+        "oracle_acc_new": float((oracle_new == truth).sum()) / n_new,
+    }
 
 
 def penultimate(model: ZooNet, x: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,8 @@ class FusionGate(nn.Module):
 class Branch(nn.Module):
     """One cloned module, physically pruned: adapter, kept source filters, source head."""
 
+    cloned_index: torch.Tensor  # a buffer: the cloned classes' rows of the source head
+
     def __init__(self, position_r: int, position_s: int, adapter: Adapter,
                  blocks: nn.ModuleList, head: Head, cloned_classes: tuple[int, ...],
                  gate: FusionGate, label_names: tuple[str, ...]) -> None:

@@ -111,6 +111,9 @@ def test_two_sources_at_once_each_branch_removable(zoo, mnist):
     rebuilt.detach(0)
     assert rebuilt.label_names == ("0", "1", "2", "3", "4", "8")
     assert detach_is_exact(rebuilt, fresh(zoo, "mnist-cnn-0to4"), mnist.x_test[:100])
+    m = result.report["metrics"]  # the decomposition holds with two branches too
+    assert m["routing_error_new"] + m["branch_error_new"] == pytest.approx(1 - m["acc_new"],
+                                                                           abs=1e-6), m
 
 
 @pytest.mark.parametrize("cfg_kwargs, message", [
@@ -149,3 +152,28 @@ def test_candidates_and_positions():
 def test_fingerprint_error_is_zero_for_the_same_superbody(default_clone):
     fp = default_clone.package.fingerprint
     assert fingerprint_error(default_clone.superbody, fp, (1, 28, 28)) == 0.0
+
+
+def test_gap_decomposition_adds_up(default_clone):
+    m = default_clone.report["metrics"]
+    assert m["routing_error_old"] == pytest.approx(1 - m["locality"], abs=1e-6), m
+    assert m["routing_error_new"] + m["branch_error_new"] == pytest.approx(
+        1 - m["acc_new"], abs=1e-6), m
+    assert m["oracle_acc_old"] == pytest.approx(m["target_acc_old"]), m
+    assert m["oracle_acc_new"] >= 1 - m["branch_error_new"] - m["routing_error_new"] - 1e-6, m
+
+
+def test_an_oracle_gate_reproduces_the_target_on_its_classes(default_clone, mnist):
+    from pnc_net.metrics import gap_decomposition
+
+    sb = default_clone.superbody
+    x, y = mnist.split("test")
+    x_old = x[y < 5][:200]
+    with torch.no_grad():
+        parts = sb.parts(x_old)
+        parts["gates"] = [torch.zeros_like(g) for g in parts["gates"]]  # the oracle: closed
+        closed = sb.fuse(parts)
+        target = sb.target(x_old).softmax(1)
+    assert torch.equal(closed[:, :5], target) and not closed[:, 5:].any()
+    gap = gap_decomposition(sb, mnist)
+    assert 0 <= gap["routing_error_new"] <= 1 and 0 <= gap["branch_error_new"] <= 1
