@@ -7,13 +7,30 @@ clients live in ``--procs`` separate processes (a few threads each), so the GIL 
 client process does not cap the load and the clients look like separate edge devices;
 ``--procs 0`` runs them as threads of this process instead. Reports requests/s,
 images/s, p50/p99 latency and errors counted by status, and writes JSON (``--out``).
-
-    python bench/bench_predict.py --zoo /tmp/pnc/zoo --package /tmp/pnc/p56.pnc \\
-        --label batched --out bench/results/predict_throughput.json
+The clients run on the same cores as the receiver (on 2 cores they take about a third
+of the CPU), so the figure is that of the whole machine.
 
 Each run is stored under its ``--label`` in the JSON (other labels are kept), with the
 load average before it, the commit and the settings, so a baseline measured on older
-code stays next to later runs.
+code stays next to later runs. ``--forward-only`` measures the forward alone instead
+(no gRPC, no clients): microseconds per image of each Predict engine at each batch size.
+
+To rerun the figures of bench/results/predict_throughput.json on idle cores (check
+that ``uptime`` shows a load average well under 1 first; the package is the one
+``pnc clone --zoo ZOO --target mnist-cnn-0to4 --source mnist-cnn-5to9 --classes 5,6
+--per-class 20 --positions 3:3 --out /tmp/pnc/p56.pnc`` writes):
+
+    export OMP_NUM_THREADS=1
+    python bench/bench_predict.py --zoo ZOO --package /tmp/pnc/p56.pnc \\
+        --engine jit --label idle_jit --note "2 idle cores"
+    python bench/bench_predict.py --zoo ZOO --package /tmp/pnc/p56.pnc \\
+        --engine eager --label idle_eager --note "2 idle cores"
+    python bench/bench_predict.py --zoo ZOO --package /tmp/pnc/p56.pnc --forward-only \\
+        --label idle_forward
+
+The receiver runs with its defaults (``--predict-batch 64``, ``--predict-workers`` one
+per core, ``--torch-threads 1``) unless ``--engine``, ``--predict-batch`` or ``--env``
+say otherwise.
 """
 
 from __future__ import annotations
@@ -120,12 +137,13 @@ def _proc_main(addr: str, package: str, xs: list[np.ndarray], ready_q, go, share
 
 
 def run_clients(addr: str, package: str, x: np.ndarray, clients: int, procs: int,
-                seconds: float) -> tuple[list[float], Counter]:
-    """All clients, started together once every one has made its warm-up call."""
+                seconds: float, window: list[float] | None = None,
+                ) -> tuple[list[float], Counter]:
+    """All clients, started together once every one has made its warm-up call;
+    ``window`` (if given) gets the ``[start, stop]`` of the measured time."""
     xs = [np.roll(x, i, axis=0) for i in range(clients)]  # each client its own row order
+    window = window if window is not None else [0.0, 0.0]
     if procs <= 0:
-        window = [0.0, 0.0]
-
         def on_ready() -> None:
             window[:] = [time.time() + 0.5, time.time() + 0.5 + seconds]
 
@@ -143,6 +161,7 @@ def run_clients(addr: str, package: str, x: np.ndarray, clients: int, procs: int
         ready_q.get(timeout=300)
     t = time.time() + 0.5
     shared[0], shared[1] = t, t + seconds
+    window[:] = [t, t + seconds]
     go.set()
     lat: list[float] = []
     errors: Counter[str] = Counter()
@@ -153,6 +172,51 @@ def run_clients(addr: str, package: str, x: np.ndarray, clients: int, procs: int
     for p in ps:
         p.join(10)
     return lat, errors
+
+
+class CpuMeter:
+    """CPU seconds a process and the whole machine used, sampled every 0.25 s (Linux
+    ``/proc``), so a run can report what the receiver itself spent per request: on cores
+    shared with other work that is steadier than requests per second."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.samples = pid, []  # (time, process cpu s, machine busy cpu s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> tuple[float, float, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            cpu = [int(v) for v in f.readline().split()[1:]]
+        busy = sum(cpu) - cpu[3] - cpu[4]  # all but idle and iowait
+        return time.time(), (int(fields[11]) + int(fields[12])) / tick, busy / tick
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                self.samples.append(self._read())
+            except OSError:
+                return
+
+    def __enter__(self) -> CpuMeter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def within(self, start: float, stop: float) -> dict:
+        """CPU cores used on average between ``start`` and ``stop`` by the process and by
+        the machine (every process, other work included)."""
+        inside = [s for s in self.samples if start <= s[0] <= stop]
+        if len(inside) < 2:
+            return {}
+        (t0, p0, m0), (t1, p1, m1) = inside[0], inside[-1]
+        return {"receiver_cores": round((p1 - p0) / (t1 - t0), 2),
+                "machine_busy_cores": round((m1 - m0) / (t1 - t0), 2)}
 
 
 def summary(lat: list[float], errors: Counter, seconds: float) -> dict:
@@ -167,6 +231,48 @@ def summary(lat: list[float], errors: Counter, seconds: float) -> dict:
             "errors": sum(errors.values()), "errors_by_status": dict(errors)}
 
 
+def forward_only(zoo: Path, package: Path, batches: list[int], rounds: int,
+                 seconds_per_cell: float = 0.3) -> dict:
+    """Per-image forward time (us) of each engine at each batch size on one torch thread,
+    in this process: no gRPC, no clients. The engines are measured in turns, ``rounds``
+    times over, and the best round of each cell is reported (the least disturbed by
+    other processes on shared cores); ``speedup`` is eager / jit at each batch."""
+    import torch
+
+    from pnc_net import wire
+    from pnc_net.package import probe_batch
+    from pnc_net.rebuild import accepted_tolerance, build_superbody
+    from pnc_net.serve import fastpath
+    from pnc_net.zoo import Zoo
+
+    torch.set_num_threads(1)
+    pkg = wire.decode(package.read_bytes())
+    sb = build_superbody(Zoo(zoo), pkg)
+    shape = tuple(Zoo(zoo).resolve(pkg.target.sha256).input_shape)
+    fp = pkg.fingerprint
+    assert fp is not None
+    probes = probe_batch(fp.probe_seed, fp.probe_count, shape)
+    forwards = {e: fastpath.prepare(sb, shape, probes, accepted_tolerance(fp), e)
+                for e in fastpath.ENGINES}
+    x_all = torch.from_numpy(digits(max(batches)))
+    best: dict[str, dict[int, float]] = {e: {} for e in forwards}
+    for _ in range(rounds):
+        for b in batches:
+            x = x_all[:b]
+            for e, f in forwards.items():
+                f(x)  # warm (a new batch size is profiled once by TorchScript)
+                n, t0 = 0, time.perf_counter()
+                while (dt := time.perf_counter() - t0) < seconds_per_cell or n < 3:
+                    f(x)
+                    n += 1
+                us = dt / n / b * 1e6
+                best[e][b] = round(min(best[e].get(b, us), us), 1)
+    return {"us_per_image": best, "engines": {e: f.engine for e, f in forwards.items()},
+            "max_diff_jit_vs_eager": forwards["jit"].max_diff,
+            "speedup": {b: round(best["eager"][b] / best["jit"][b], 2) for b in batches},
+            "rounds": rounds, "torch_threads": 1}
+
+
 def commit() -> str:
     """HEAD, with ``+dirty`` when the files the receiver runs differ from it."""
     def git(*args: str) -> str:
@@ -178,7 +284,8 @@ def commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, default=os.environ.get("PNC_TEST_ZOO", "/tmp/pnc/zoo"))
     ap.add_argument("--package", type=Path, default=Path("/tmp/pnc/p56.pnc"))
     ap.add_argument("--address", help="use this running receiver instead of starting one")
@@ -187,12 +294,32 @@ def main(argv: list[str] | None = None) -> dict:
                     help="client processes (0: client threads in this process) [5]")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--torch-threads", type=int, default=None)
+    ap.add_argument("--engine", choices=("jit", "eager"),
+                    help="the receiver's --predict-engine (via $PNC_PREDICT_ENGINE) [its "
+                    "default: jit]")
+    ap.add_argument("--predict-batch", type=int,
+                    help="the receiver's --predict-batch (via $PNC_PREDICT_BATCH) [its "
+                    "default: 64]")
     ap.add_argument("--env", action="append", default=[],
                     help="KEY=VALUE for the receiver's environment (repeatable)")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="time the forward of each engine in this process instead (no "
+                    "receiver, no clients)")
+    ap.add_argument("--batches", default="8,16,32,64",
+                    help="batch sizes of --forward-only [8,16,32,64]")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of --forward-only; the best of each cell is kept [5]")
     ap.add_argument("--label", default="run", help="key of this run in the JSON [run]")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/predict_throughput.json")
     ap.add_argument("--note", default="")
     a = ap.parse_args(argv)
+    if a.engine:
+        a.env.append(f"PNC_PREDICT_ENGINE={a.engine}")
+    if a.predict_batch is not None:
+        a.env.append(f"PNC_PREDICT_BATCH={a.predict_batch}")
+    if a.forward_only:
+        return _store(a, {**forward_only(a.zoo, a.package, [int(b) for b in a.batches.split(",")],
+                                         a.rounds), **_context(os.getloadavg(), a)})
 
     from pnc_cli.daemons import spawn_daemon, stop_daemon
     from pnc_net.serve.client import PncClient
@@ -215,18 +342,41 @@ def main(argv: list[str] | None = None) -> dict:
         load = os.getloadavg()
         print(f"receiver {addr}, package {pid[:12]} ({state}); load average {load}",
               file=sys.stderr)
-        lat, errors = run_clients(addr, pid[:16], digits(), a.clients, a.procs, a.seconds)
+        window = [0.0, 0.0]
+        cpu: dict = {}
+        if proc is not None:
+            with CpuMeter(proc.pid) as meter:
+                lat, errors = run_clients(addr, pid[:16], digits(), a.clients, a.procs,
+                                          a.seconds, window)
+            cpu = meter.within(*window)
+        else:
+            lat, errors = run_clients(addr, pid[:16], digits(), a.clients, a.procs, a.seconds)
         if proc is not None and proc.poll() is not None:
             errors["RECEIVER_DIED"] += 1
     finally:
         if proc is not None:
             stop_daemon(proc)
         tmp.cleanup()
-    result = {**summary(lat, errors, a.seconds), "clients": a.clients, "client_procs": a.procs,
+    result = summary(lat, errors, a.seconds)
+    if cpu and result["requests_per_s"]:
+        cpu["receiver_cpu_ms_per_request"] = round(
+            cpu["receiver_cores"] * 1e3 / result["requests_per_s"], 3)
+    result = {**result, **cpu, "clients": a.clients,
+              "client_procs": a.procs,
               "seconds": a.seconds, "images_per_request": BATCH,
               "torch_threads": a.torch_threads or 1, "receiver_env": a.env,
-              "loadavg_before": [round(v, 2) for v in load], "cpus": os.cpu_count(),
-              "commit": commit(), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "note": a.note}
+              **_context(load, a)}
+    return _store(a, result)
+
+
+def _context(load: tuple[float, ...], a: argparse.Namespace) -> dict:
+    """Where and when: load average before the run, cores, commit, time, note."""
+    return {"loadavg_before": [round(v, 2) for v in load], "cpus": os.cpu_count(),
+            "commit": commit(), "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "note": a.note}
+
+
+def _store(a: argparse.Namespace, result: dict) -> dict:
+    """Print the run and keep it under its label in ``--out`` (other labels stay)."""
     print(json.dumps(result, indent=1))
     old = json.loads(a.out.read_text()) if a.out.exists() else {}
     old[a.label] = result
