@@ -30,7 +30,7 @@ from pnc_cli.common import (
 from pnc_net.errors import ExitCode, IncompatibleError, InvalidInputError
 
 DataOpt = Annotated[Path | None, typer.Option(
-    "--data", help="An .npz with x_train,y_train,x_test,y_test (default: embedded MNIST).")]
+    "--data", help="An .npz, an ImageFolder or a CIFAR batches folder (default: embedded MNIST).")]
 
 zoo_app = typer.Typer(help="Build, import, list, export and verify the local model zoo.",
                       no_args_is_help=True)
