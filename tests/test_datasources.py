@@ -258,6 +258,16 @@ def test_cifar_batches(tmp_path, protocol):
     assert data.y_test.tolist() == test[b"labels"]
 
 
+def test_cifar_batch_pickled_by_numpy_1(tmp_path):
+    # The real CIFAR-10 files name numpy 1's module paths (numpy.core.multiarray).
+    root = _cifar(tmp_path / "c")
+    raw = (root / "test_batch").read_bytes()
+    assert b"cnumpy._core.multiarray\n" in raw
+    (root / "test_batch").write_bytes(raw.replace(b"cnumpy._core.multiarray\n",
+                                                  b"cnumpy.core.multiarray\n"))
+    assert len(load_dataset(root).x_test) == 4
+
+
 def test_cifar_without_meta_numbers_the_labels(tmp_path):
     root = _cifar(tmp_path / "c", names=(b"a", b"b"))
     (root / "batches.meta").unlink()
