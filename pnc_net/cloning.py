@@ -156,7 +156,8 @@ def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: Clon
             x_old = torch.cat([x_old, synthetic])
         else:
             x_old, xv_old = synthetic[0::2], synthetic[1::2]
-    return CloneData(x_new, y_new, torch.cat([x_old, x_oth]), xv_new, yv_new, xv_old)
+    return CloneData(x_new, y_new, torch.cat([x_old, x_oth]), xv_new, yv_new, xv_old,
+                     real_val_old=bool(kt))
 
 
 def check_input_shapes(target: Manifest, source: Manifest, data: Dataset) -> None:

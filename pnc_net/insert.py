@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pnc_net.localize import LocalizeConfig, localized_samples
 from pnc_net.models import ZooNet
-from pnc_net.superbody import Branch, Superbody, build_branch
+from pnc_net.superbody import NO_ENERGY_VETO, Branch, Superbody, build_branch
 from pnc_net.training import batches, predict_logits, random_shift
 
 
@@ -40,6 +40,11 @@ class InsertConfig:
     gate_lr: float = 1e-2
     negative_hide_prob: float = 0.7  # occlusion that destroys class evidence
     lsq_samples: int = 256
+    # the gate's energy veto (superbody.FusionGate): quantiles of the target's logsumexp
+    # on cloned samples tried as ``energy_max``, chosen on validation with real target
+    # samples (None = no veto); without any, the fixed one below (docs/method.md, router)
+    veto_quantiles: tuple[float | None, ...] = (None, 0.98, 0.95, 0.9)
+    veto_quantile_without_target_data: float | None = 0.95
 
 
 @dataclass
@@ -56,6 +61,7 @@ class CloneData:
     x_val_new: torch.Tensor
     y_val_new: torch.Tensor
     x_val_old: torch.Tensor
+    real_val_old: bool = True  # False: x_val_old are inverted stand-ins (k_t = 0)
 
 
 @dataclass
@@ -186,6 +192,33 @@ def score_branch(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
     return out
 
 
+def calibrate_energy_veto(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
+                          data: CloneData, prep: Prepared, cfg: InsertConfig,
+                          ) -> dict[str, float]:
+    """Set the gate's ``energy_max`` and return the validation score it gives.
+
+    The candidates are quantiles of the target's logsumexp on the cloned *training*
+    samples (a quantile q lets a fraction q of them through). With real target-class
+    validation samples the best validation score wins (ties keep the looser veto);
+    without, validation locality would be measured on stand-ins whose energy is
+    that of cloned digits, so it cannot judge a veto and the fixed quantile is used.
+    """
+    with torch.no_grad():
+        lse = predict_logits(target, prep.x[prep.y >= 0]).logsumexp(1)
+    options = cfg.veto_quantiles if data.real_val_old else (cfg.veto_quantile_without_target_data,)
+    best: dict[str, float] | None = None
+    for q in options:
+        tau = NO_ENERGY_VETO if q is None else float(torch.quantile(lse, q).half())
+        branch.gate.energy_max.fill_(tau)  # fp16-exact, so an fp16 package keeps the same veto
+        score = {**score_branch(target, target_labels, branch, data, prep),
+                 "energy_quantile": 1.0 if q is None else q, "energy_max": tau}
+        if best is None or score["score"] > best["score"]:
+            best = score
+    assert best is not None, "veto_quantiles is empty"
+    branch.gate.energy_max.fill_(best["energy_max"])
+    return best
+
+
 def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, ...],
                      input_shape: tuple[int, ...], position: tuple[int, int],
                      masks: dict[str, torch.Tensor], cloned: tuple[int, ...],
@@ -200,4 +233,4 @@ def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, .
     idx = torch.tensor(cloned, dtype=torch.long)
     train_adapter(target, source, branch, keep, prep, idx, cfg, gen)
     train_gate(target, branch, prep, cfg, gen)
-    return branch, score_branch(target, target_labels, branch, data, prep)
+    return branch, calibrate_energy_veto(target, target_labels, branch, data, prep, cfg)

@@ -80,16 +80,20 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
                           settings.gate_hidden, len(target_labels))
     state = {**{f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()},
              **{f"gate.{k}": v for k, v in branch.gate.state_dict().items()}}
-    if set(state) != set(module.tensors):
+    tensors = dict(module.tensors)
+    tensors.setdefault("gate.energy_max", branch.gate.energy_max)  # older packages: no veto
+    if set(state) != set(tensors):
         raise IncompatibleError(
             f"package tensors {sorted(module.tensors)} do not match the branch's {sorted(state)}")
-    for name, value in module.tensors.items():
+    for name, value in tensors.items():
         if tuple(value.shape) != tuple(state[name].shape):
             raise IncompatibleError(
                 f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(state[name].shape)}")
-    branch.adapter.load_state_dict({k[8:]: v.float() for k, v in module.tensors.items()
+    if not torch.isfinite(tensors["gate.energy_max"]).all():
+        raise IncompatibleError("tensor gate.energy_max is not finite; the package is corrupt")
+    branch.adapter.load_state_dict({k[8:]: v.float() for k, v in tensors.items()
                                     if k.startswith("adapter.")})
-    branch.gate.load_state_dict({k[5:]: v.float() for k, v in module.tensors.items()
+    branch.gate.load_state_dict({k[5:]: v.float() for k, v in tensors.items()
                                  if k.startswith("gate.")})
     return branch.eval()
 

@@ -76,21 +76,40 @@ def gate_features(z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> to
     return torch.cat([z_t, z_s, *stats, f_b], dim=1)
 
 
+#: ``FusionGate.energy_max`` when no veto was calibrated: no logsumexp of real logits reaches it.
+NO_ENERGY_VETO = 1e4
+
+
 class FusionGate(nn.Module):
-    """``g(x) in [0, 1]``: a small MLP over ``gate_features``."""
+    """``g(x) in [0, 1]``: a small MLP over ``gate_features``, vetoed where the target
+    is sure of itself.
+
+    The veto: the gate stays shut when the target's logits have a logsumexp (the
+    negative of its *energy*, Liu et al. 2020) above ``energy_max``. A network's
+    energy is low on inputs like its training data and high elsewhere, and here it
+    is calibrated on the cloned-class samples alone: ``energy_max`` is a quantile of
+    the target's logsumexp on them (``insert.calibrate_energy_veto``). Without
+    target data the MLP learns "closed" only from inverted stand-ins, whose target
+    logsumexp (about 3) is that of cloned digits, not of real target digits (6.5 to
+    8.5), so it cannot learn this rule itself (``docs/method.md``, the router).
+    """
+
+    energy_max: torch.Tensor  # (1,) buffer, travels in the package as ``gate.energy_max``
 
     def __init__(self, n_target: int, n_source: int, n_features: int, hidden: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_target + n_source + 6 + n_features, hidden),
                                  nn.ReLU(), nn.Linear(hidden, 1))
+        self.register_buffer("energy_max", torch.tensor([NO_ENERGY_VETO]))
 
     def logit(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
-        """The gate before its sigmoid, ``(b,)``: what the gate's BCE training works on."""
+        """The MLP before its sigmoid, ``(b,)``: what the gate's BCE training works on."""
         return self.net(gate_features(z_t, z_s, f_b)).squeeze(1)  # (b,)
 
     def forward(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
         """``g(x)`` per input, ``(b,)``: how much the branch's head is trusted."""
-        return torch.sigmoid(self.logit(z_t, z_s, f_b))
+        allowed = (z_t.logsumexp(1) <= self.energy_max).to(z_t.dtype)
+        return torch.sigmoid(self.logit(z_t, z_s, f_b)) * allowed
 
 
 class Branch(nn.Module):

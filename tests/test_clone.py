@@ -177,3 +177,20 @@ def test_an_oracle_gate_reproduces_the_target_on_its_classes(default_clone, mnis
     assert torch.equal(closed[:, :5], target) and not closed[:, 5:].any()
     gap = gap_decomposition(sb, mnist)
     assert 0 <= gap["routing_error_new"] <= 1 and 0 <= gap["branch_error_new"] <= 1
+
+
+def test_without_target_data_locality_holds_on_a_zoo_from_another_seed(tmp_path, mnist):
+    """The article's setting on a zoo no test tuned for: the gate's energy veto keeps
+    real target digits in the target although its negatives are only inverted stand-ins."""
+    from pnc_net.zoo_train import default_specs, train_zoo_model
+
+    other = Zoo(tmp_path / "zoo-seed-1")
+    for spec in default_specs(seed=1)[:2]:  # the two CNNs
+        train_zoo_model(other, mnist, spec, progress=False)
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
+                             target_per_class=0, positions=((4, 4),))
+    result = clone(other, mnist, cfg)
+    m = result.report["metrics"]
+    assert m["locality"] > 0.95, m
+    assert m["acc_new"] > 0.7, m
+    assert result.report["search"][0][0]["energy_quantile"] < 1, result.report["search"]
