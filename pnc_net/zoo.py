@@ -9,6 +9,15 @@ A name such as ``mnist-cnn-0to4`` is a label; the sha256 of the weights file is
 the identity. Anywhere a model is named, its name, its sha256 or a unique
 prefix of the sha256 works. Loading always verifies the digest, and nothing in
 pnc ever writes to a stored model.
+
+Models come from pnc's own training (``Zoo.add``), from a peer (``Zoo.add_blob``)
+or from an ordinary checkpoint (``Zoo.add_checkpoint``: ``pnc zoo add``, any
+torchvision or timm classifier; ``docs/zoo.md``). The stored file is always the
+canonical safetensors of the tensors (``checkpoints.canonical_bytes``), so the
+id is the same on every node that imports the same weights for the same
+architecture. ``Zoo.load`` hands out pnc's ``ZooNet`` (what cloning needs) and
+refuses other architectures with an ``IncompatibleError``; ``Zoo.load_module``
+hands out any model as a plain ``nn.Module``.
 """
 
 from __future__ import annotations
@@ -22,11 +31,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
-from pnc_net.errors import IntegrityError, InvalidInputError, NotFoundError
+from pnc_net import checkpoints
+from pnc_net.errors import (
+    IncompatibleError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    PreconditionError,
+)
 from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
-from pnc_net.models import ZooNet, build_model
+from pnc_net.models import ZooNet
 
 MIN_PREFIX = 6
 
@@ -47,6 +62,12 @@ class Manifest:
     test_accuracy: float | None = None
     num_params: int = 0
     created: float = 0.0
+    # Preprocessing: per-channel mean and std, x' = (x - mean) / std on [0, 1] pixels;
+    # None = inputs are used as they are (pnc's own models).
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    tensors_sha256: str = ""  # checkpoints.tensors_digest of the weights ("" = not recorded)
+    origin: dict = field(default_factory=dict)  # an imported file: name, sha256, size, format
 
     def to_json(self) -> str:
         """The manifest as stored beside the weights (sorted keys: stable bytes)."""
@@ -58,7 +79,15 @@ class Manifest:
         raw = json.loads(text)
         raw["input_shape"] = tuple(raw["input_shape"])
         raw["label_names"] = tuple(raw["label_names"])
+        for key in ("mean", "std"):
+            if raw.get(key) is not None:
+                raw[key] = tuple(raw[key])
         return cls(**raw)
+
+    @property
+    def is_pnc(self) -> bool:
+        """True for pnc's own architectures (``ZooNet``: the ones cloning works on)."""
+        return checkpoints.is_pnc_arch(self.arch)
 
 
 def default_zoo_dir() -> Path:
@@ -72,7 +101,7 @@ class Zoo:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_zoo_dir()
         self.models_dir = self.root / "models"
-        self._cache: dict[str, ZooNet] = {}
+        self._cache: dict[str, torch.nn.Module] = {}
 
     def __repr__(self) -> str:
         return f"Zoo({str(self.root)!r})"
@@ -139,14 +168,30 @@ class Zoo:
         return data
 
     def load(self, ref: str) -> tuple[ZooNet, Manifest]:
-        """A frozen, eval-mode model (verified by digest) and its manifest.
+        """A frozen, eval-mode pnc model (verified by digest) and its manifest.
 
         Models are cached per zoo instance; callers get the same frozen module,
         which is safe because nothing in pnc writes to zoo weights.
+
+        Raises:
+            IncompatibleError: the model is not one of pnc's architectures (a torchvision
+                or timm import): cloning cannot use it yet; ``load_module`` can load it.
+        """
+        manifest = self.resolve(ref)
+        refuse_unclonable(manifest)
+        model, _ = self.load_module(manifest.sha256)
+        assert isinstance(model, ZooNet)  # every pnc architecture builds a ZooNet
+        return model, manifest
+
+    def load_module(self, ref: str) -> tuple[torch.nn.Module, Manifest]:
+        """Any zoo model as a frozen, eval-mode ``nn.Module`` (verified by digest).
+
+        A torchvision or timm import is the plain module its builder makes (with the
+        manifest's ``arch_args``); a pnc model is its ``ZooNet``.
         """
         manifest = self.resolve(ref)
         if manifest.sha256 not in self._cache:
-            model = model_from_weights(manifest, self.read_weights(manifest))
+            model = module_from_weights(manifest, self.read_weights(manifest))
             self._cache[manifest.sha256] = model
         return self._cache[manifest.sha256], manifest
 
@@ -154,13 +199,87 @@ class Zoo:
     def add(self, model: ZooNet, manifest_fields: dict) -> Manifest:
         """Store a trained model (weights read-only) and return its manifest."""
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        data = save_safetensors(state, metadata={"arch": manifest_fields["arch"]})
+        data = checkpoints.canonical_bytes(state, manifest_fields["arch"])
         manifest = Manifest(
             sha256=sha256_bytes(data), size_bytes=len(data), created=time.time(),
-            num_params=sum(p.numel() for p in model.parameters()), **manifest_fields,
+            num_params=sum(p.numel() for p in model.parameters()),
+            tensors_sha256=checkpoints.tensors_digest(state), **manifest_fields,
         )
         self.add_blob(manifest, data)
         return manifest
+
+    def add_checkpoint(self, path: str | Path, arch: str, labels: tuple[str, ...],
+                       input_shape: tuple[int, ...], mean: tuple[float, ...] | None = None,
+                       std: tuple[float, ...] | None = None, name: str | None = None,
+                       arch_args: dict | None = None, expect_sha256: str | None = None,
+                       ) -> tuple[Manifest, bool]:
+        """Import an ordinary checkpoint (``pnc zoo add``); returns (manifest, newly added).
+
+        Every check runs before anything is written (``docs/zoo.md``): the architecture
+        exists, the file parses without running code (and matches ``expect_sha256``, a
+        hex prefix of the published file's digest), its keys and shapes fit, its head
+        has one output per label, and the model runs on ``input_shape``. Importing the
+        same weights again with the same description adds nothing.
+
+        Raises:
+            InvalidInputError, IncompatibleError, NotFoundError, IntegrityError,
+            PreconditionError: one line each; the zoo is unchanged.
+        """
+        labels = tuple(labels)
+        check_description(labels, input_shape, mean, std)
+        checkpoints.check_arch(arch)  # a mistyped name costs nothing
+        ckpt = checkpoints.read_checkpoint(path)
+        if expect_sha256 is not None and not ckpt.origin["sha256"].startswith(
+                expect_sha256.lower()):
+            raise IntegrityError(
+                f"checkpoint {ckpt.origin['file']} has sha256 {ckpt.origin['sha256']}, not "
+                f"{expect_sha256}: the file is not the one published (or was damaged on the way)")
+        args = checkpoints.import_arch_args(arch, len(labels), ckpt.tensors, arch_args)
+        model = checkpoints.build_arch(arch, args)
+        checkpoints.check_fits(model, ckpt.tensors, arch, labels, ckpt.origin["file"])
+        model.load_state_dict(ckpt.tensors, strict=True)
+        checkpoints.check_runs(checkpoints.frozen(model), input_shape, len(labels), arch)
+        data = checkpoints.canonical_bytes(ckpt.tensors, arch)
+        manifest = Manifest(
+            name=name or Path(path).stem, sha256=sha256_bytes(data), size_bytes=len(data),
+            arch=arch, arch_args=args, input_shape=tuple(input_shape), label_names=labels,
+            dataset="", recipe={}, test_accuracy=None,
+            num_params=sum(p.numel() for p in model.parameters()), created=time.time(),
+            mean=mean, std=std, tensors_sha256=checkpoints.tensors_digest(ckpt.tensors),
+            origin=ckpt.origin,
+        )
+        if self.has(manifest.sha256):
+            return self._same_import(manifest), False
+        self._store(manifest, data)
+        return manifest, True
+
+    def _same_import(self, new: Manifest) -> Manifest:
+        """The stored manifest of weights imported again, if it describes them the same."""
+        old = self.resolve(new.sha256)
+        keys = ("name", "arch", "arch_args", "input_shape", "label_names", "mean", "std")
+        differ = [k for k in keys if getattr(old, k) != getattr(new, k)]
+        if differ:
+            raise InvalidInputError(
+                f"these weights are already in the zoo as {old.name} ({old.sha256[:12]}) with "
+                f"another {', '.join(differ)}; a zoo holds one manifest per weights file")
+        return old
+
+    def export(self, ref: str, out: str | Path) -> tuple[Manifest, Path]:
+        """Write a model's weights to ``out`` as a plain state_dict (``.safetensors``).
+
+        The file is the stored one, byte for byte (its sha256 is the model's id), after
+        its digest is checked; ``safetensors.torch.load_file(out)`` gives the state_dict.
+        """
+        out = Path(out)
+        if out.suffix.lower() not in checkpoints.SAFETENSORS_SUFFIXES:
+            raise InvalidInputError(
+                f"--out {out.name}: pnc exports .safetensors files (a plain state_dict)")
+        manifest = self.resolve(ref)
+        data = self.read_weights(manifest)
+        if out.resolve() == self.weights_path(manifest.sha256).resolve():
+            raise InvalidInputError(f"--out {out} is the zoo's own copy of {manifest.name}")
+        atomic_write_bytes(out, data)
+        return manifest, out
 
     def add_blob(self, manifest: Manifest, data: bytes) -> Manifest:
         """Store weights received from a peer, refusing bytes that do not match the manifest."""
@@ -170,7 +289,11 @@ class Zoo:
                 f"weights for {manifest.name} have digest {actual} ({len(data)} bytes); "
                 f"the manifest promises {manifest.sha256} ({manifest.size_bytes} bytes)"
             )
-        model_from_weights(manifest, data)  # refuse weights that do not fit the architecture
+        module_from_weights(manifest, data)  # refuse weights that do not fit the architecture
+        return self._store(manifest, data)
+
+    def _store(self, manifest: Manifest, data: bytes) -> Manifest:
+        """Write checked weights (read-only) and then the manifest, each atomically."""
         path = self.weights_path(manifest.sha256)
         if not path.exists():
             atomic_write_bytes(path, data, mode=0o444)
@@ -182,30 +305,75 @@ class Zoo:
         report: list[tuple[Manifest, str | None]] = []
         for m in self.manifests():
             try:
-                model_from_weights(m, self.read_weights(m))
+                module_from_weights(m, self.read_weights(m))
                 report.append((m, None))
-            except (IntegrityError, NotFoundError, InvalidInputError) as err:
+            except (IntegrityError, NotFoundError, InvalidInputError, PreconditionError) as err:
                 report.append((m, str(err)))
         return report
 
 
-def model_from_weights(manifest: Manifest, data: bytes) -> ZooNet:
-    """A frozen, eval-mode model of ``manifest``'s architecture holding ``data``'s weights.
+def check_description(labels: tuple[str, ...], input_shape: tuple[int, ...],
+                      mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    """Refuse labels, an input shape or a normalization that cannot describe a classifier."""
+    if len(labels) < 2 or len(set(labels)) != len(labels) or not all(labels):
+        raise InvalidInputError(
+            f"--labels {','.join(labels)!r}: a zoo model needs at least two distinct, "
+            "non-empty labels, one per output of its head")
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise InvalidInputError(
+            f"--input {'x'.join(map(str, input_shape))}: give channels x height x width, "
+            "e.g. 3x32x32")
+    for flag, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) != input_shape[0]:
+            raise InvalidInputError(
+                f"{flag} has {len(values)} value(s) but --input has {input_shape[0]} channel(s)")
+    if std is not None and min(std) <= 0:
+        raise InvalidInputError(f"--std {','.join(map(str, std))}: every std must be > 0")
+
+
+def refuse_unclonable(manifest: Manifest) -> None:
+    """Raise the one clear error for a model that pnc's cloning cannot use yet.
+
+    Raises:
+        IncompatibleError: ``manifest`` is a torchvision or timm import.
+    """
+    if not manifest.is_pnc:
+        raise IncompatibleError(
+            f"cloning {manifest.arch} is not supported yet; {manifest.name} "
+            f"({manifest.sha256[:12]}) is in the zoo (Zoo.load_module, `pnc zoo export`), but "
+            "targets and sources must be pnc's cnn or resnet until the architecture-agnostic "
+            "view lands (issue 10)")
+
+
+def module_from_weights(manifest: Manifest, data: bytes) -> torch.nn.Module:
+    """A frozen, eval-mode module of ``manifest``'s architecture holding ``data``'s weights.
 
     Raises:
         InvalidInputError: the bytes are not safetensors, or do not fit the architecture.
+        PreconditionError: the architecture needs a package that is not installed (timm).
     """
-    model = build_model(manifest.arch, **manifest.arch_args)
+    model = checkpoints.build_arch(manifest.arch, manifest.arch_args)
     try:
         state = load_safetensors(data)
         model.load_state_dict(state, strict=True)
     except Exception as err:  # noqa: BLE001 - safetensors/torch raise several types
         raise InvalidInputError(
-            f"weights of {manifest.name} do not fit architecture {manifest.arch}: {err}"
+            f"weights of {manifest.name} do not fit architecture {manifest.arch}: "
+            f"{checkpoints.one_line(err)}"
         ) from None
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    return checkpoints.frozen(model)
+
+
+def model_from_weights(manifest: Manifest, data: bytes) -> ZooNet:
+    """A frozen, eval-mode pnc model of ``manifest``'s architecture holding ``data``'s weights.
+
+    Raises:
+        IncompatibleError: not one of pnc's architectures (see ``refuse_unclonable``).
+        InvalidInputError: the bytes are not safetensors, or do not fit the architecture.
+    """
+    refuse_unclonable(manifest)
+    model = module_from_weights(manifest, data)
+    assert isinstance(model, ZooNet)  # every pnc architecture builds a ZooNet
     return model
 
 
