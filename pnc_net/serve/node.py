@@ -117,7 +117,7 @@ class Node:
         try:
             zoo = self._zoo()
             for m in zoo.manifests():
-                model, _ = zoo.load(m.sha256)
+                model, _ = zoo.load_module(m.sha256)  # imports too: any model warms
                 with torch.no_grad():
                     model(torch.zeros(1, *m.input_shape))
         except Exception as err:  # noqa: BLE001 - a broken model is reported when it is used
