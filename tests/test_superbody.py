@@ -13,7 +13,7 @@ import torch
 from pnc_net.errors import IncompatibleError
 from pnc_net.models import ZooNet
 from pnc_net.rebuild import build_superbody
-from pnc_net.superbody import Superbody
+from pnc_net.superbody import NO_ENERGY_VETO, Superbody
 from pnc_net.zoo import Zoo, model_from_weights, state_digest
 
 pytestmark = pytest.mark.slow  # every test here needs the shared clone
@@ -161,6 +161,7 @@ def test_gate_one_gives_the_source_head(sb, x_mix):
     last = sb.branches[0].gate.net[-1]
     last.weight.data.zero_()
     last.bias.data.fill_(1e4)
+    sb.branches[0].gate.energy_max.fill_(NO_ENERGY_VETO)  # no veto: g = 1 everywhere
     with torch.no_grad():
         parts = sb.parts(x_mix)
         p = sb(x_mix)
