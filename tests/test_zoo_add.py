@@ -20,6 +20,7 @@ import pytest
 import torch
 import torchvision
 from safetensors.torch import load_file, save_file
+from test_cli import assert_user_error  # one line on stderr, no traceback, the exit code
 
 from pnc_net.checkpoints import read_checkpoint, tensors_digest
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError
@@ -50,19 +51,6 @@ def pnc(*args: str | Path, zoo: Path, timeout: float = 300) -> subprocess.Comple
 def ok_json(res: subprocess.CompletedProcess) -> dict:
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
-
-
-def assert_user_error(res: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    """One line on stderr naming the problem, no traceback, the error's exit code."""
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in res.stderr, res.stderr
-    assert len(lines) == 1, f"expected one stderr line, got:\n{res.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
-    assert res.returncode == code, (res.returncode, lines[0])
-    assert res.stdout == ""
-    return lines[0]
 
 
 def listing(root: Path) -> dict[str, str]:
