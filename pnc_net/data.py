@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pnc_net import datasources
 from pnc_net.errors import InvalidInputError, NotFoundError
@@ -108,6 +109,31 @@ def load_mnist(seed: int = MNIST_SEED, split: tuple[int, int, int] = MNIST_SPLIT
     return Dataset(name="mnist", label_names=tuple(str(i) for i in range(10)), **tensors)
 
 
+def load_rgb_digits(seed: int = MNIST_SEED, split: tuple[int, int, int] = MNIST_SPLIT,
+                    colour_seed: int = 1) -> Dataset:
+    """The embedded digits as 3x32x32 colour images (``rgb-digits``): each digit padded to
+    32x32 and drawn in a seeded random colour on a seeded random background at least
+    0.5 apart, so colour says nothing about the class and a model must read the shape.
+    The second embedded set, for torchvision architectures that take RGB."""
+    gray = load_mnist(seed, split)
+    gen = torch.Generator().manual_seed(colour_seed)
+
+    def colour(x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (2, 2, 2, 2))  # (n, 1, 32, 32)
+        fg = torch.rand(len(x), 3, 1, 1, generator=gen)
+        bg = torch.rand(len(x), 3, 1, 1, generator=gen)
+        apart = (fg - bg).abs().amax(1, keepdim=True) < 0.5
+        bg = torch.where(apart, 1 - fg, bg)  # too close: the complementary colour
+        return (bg * (1 - x) + fg * x).contiguous()
+
+    return Dataset("rgb-digits", gray.label_names, colour(gray.x_train), gray.y_train,
+                   colour(gray.x_val), gray.y_val, colour(gray.x_test), gray.y_test)
+
+
+#: The embedded data sets, by the name ``--data`` takes.
+EMBEDDED = {"mnist": load_mnist, "rgb-digits": load_rgb_digits}
+
+
 # ----------------------------------------------------------------------------- user data
 
 
@@ -137,12 +163,15 @@ def _hold_out_validation(t: dict[str, torch.Tensor], fraction: float, seed: int)
 
 
 def load_dataset(path: str | Path | None, seed: int = 0) -> Dataset:
-    """The embedded MNIST digits when ``path`` is None, else a user's data by what the
+    """The embedded MNIST digits when ``path`` is None, an embedded set by name
+    (``mnist``, ``rgb-digits``), else a user's data by what the
     path is: a file is an ``.npz``; a directory with ``data_batch_*`` / ``test_batch``
     files is CIFAR-style batches; any other directory is an ``ImageFolder``. ``seed``
     draws the splits a source does not give (validation, or all three for an
     ImageFolder of class folders alone)."""
     if path is None:
         return load_mnist()
+    if str(path) in EMBEDDED and not Path(path).exists():
+        return EMBEDDED[str(path)]()
     source = datasources.read_source(Path(path), seed=seed)
     return load_npz(path, seed=seed) if source is None else dataset_from(source, seed=seed)

@@ -73,26 +73,29 @@ def localized_samples(x: torch.Tensor, cfg: LocalizeConfig, gen: torch.Generator
 
 def taylor_scores(source: ZooNet, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
                   cloned: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Per-filter importance for the cloned classes (``y`` indexes ``cloned``)."""
-    gates = source.mask_gates()
-    scores = {name: torch.zeros(g.width) for name, g in gates.items()}
-    for gate in gates.values():
-        gate.record = True
+    """Per-filter importance for the cloned classes (``y`` indexes ``cloned``).
+
+    A filter's first-order Taylor score on one sample is ``|d loss / d g|`` for a
+    gate ``g = 1`` on it, which is ``|sum_hw activation * gradient|`` where the
+    gate multiplies an activation, and sums over every place a coupled channel is
+    read where it multiplies several (``graphnet``).
+    """
+    widths = source.mask_widths()
+    scores = {name: torch.zeros(w) for name, w in widths.items()}
     try:
         for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].clone().requires_grad_(True)
+            xb = x[i : i + batch_size]
+            gates = {name: torch.ones(len(xb), w, requires_grad=True) for name, w in widths.items()}
+            source.set_gates(gates)
             logits = cloned_view(source(xb), cloned)  # (b, |Y_c| + 1)
             w = weights[i : i + batch_size]
             loss = (F.cross_entropy(logits, y[i : i + batch_size], reduction="none") * w).sum()
-            loss.backward()
-            for name, gate in gates.items():
-                a = gate.last  # recorded by this forward, its gradient retained
-                assert a is not None and a.grad is not None
-                contrib = (a * a.grad).sum(dim=(2, 3)).abs()  # (b, c)
-                scores[name] += contrib.sum(0).detach()
+            grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
+            for name, g in zip(gates, grads):
+                if g is not None:
+                    scores[name] += g.abs().sum(0)
     finally:
-        for gate in gates.values():
-            gate.record, gate.last = False, None
+        source.set_gates(None)
     return scores
 
 

@@ -28,24 +28,23 @@ from pnc_net.errors import InvalidInputError
 
 
 class ChannelGate(nn.Module):
-    """Multiplies channels by ``gate`` (None = identity); optionally records its output."""
+    """Multiplies channels by ``gate`` (None = identity).
+
+    ``gate`` is ``(c,)`` (one mask for the batch) or ``(b, c)`` (one per sample:
+    localization's Taylor scores are the gradients of a ``(b, c)`` gate of ones).
+    """
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width
         self.gate: torch.Tensor | None = None
-        self.record = False
-        self.last: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, c, h, w)
-        """``x`` times the gate; while recording, kept (with its gradient) for Taylor scores."""
-        if self.gate is not None:
-            x = x * self.gate.view(1, -1, 1, 1)
-        if self.record:
-            if x.requires_grad:
-                x.retain_grad()
-            self.last = x
-        return x
+        """``x`` times the gate, broadcast over the spatial dimensions."""
+        if self.gate is None:
+            return x
+        g = self.gate
+        return x * g.reshape(*g.shape, *([1] * (x.dim() - 2)))
 
 
 def _slice_bn(bn: nn.BatchNorm2d, keep: torch.Tensor) -> nn.BatchNorm2d:

@@ -102,6 +102,7 @@ class Zoo:
         self.root = Path(root) if root is not None else default_zoo_dir()
         self.models_dir = self.root / "models"
         self._cache: dict[str, torch.nn.Module] = {}
+        self._nets: dict[str, ZooNet] = {}
 
     def __repr__(self) -> str:
         return f"Zoo({str(self.root)!r})"
@@ -168,20 +169,22 @@ class Zoo:
         return data
 
     def load(self, ref: str) -> tuple[ZooNet, Manifest]:
-        """A frozen, eval-mode pnc model (verified by digest) and its manifest.
+        """A frozen, eval-mode model as cloning sees it (verified by digest) and its manifest.
 
-        Models are cached per zoo instance; callers get the same frozen module,
-        which is safe because nothing in pnc writes to zoo weights.
+        A pnc model is its ``ZooNet``; a torchvision or timm import is wrapped in a
+        ``GraphNet`` (block boundaries from its graph, mask units from its coupled
+        channels, the manifest's mean/std applied first). Models are cached per zoo
+        instance; callers get the same frozen module, which is safe because nothing
+        in pnc writes to zoo weights.
 
         Raises:
-            IncompatibleError: the model is not one of pnc's architectures (a torchvision
-                or timm import): cloning cannot use it yet; ``load_module`` can load it.
+            IncompatibleError: an import that cannot be traced or has no linear head.
         """
         manifest = self.resolve(ref)
-        refuse_unclonable(manifest)
-        model, _ = self.load_module(manifest.sha256)
-        assert isinstance(model, ZooNet)  # every pnc architecture builds a ZooNet
-        return model, manifest
+        if manifest.sha256 not in self._nets:
+            model, _ = self.load_module(manifest.sha256)
+            self._nets[manifest.sha256] = as_network(model, manifest)
+        return self._nets[manifest.sha256], manifest
 
     def load_module(self, ref: str) -> tuple[torch.nn.Module, Manifest]:
         """Any zoo model as a frozen, eval-mode ``nn.Module`` (verified by digest).
@@ -331,18 +334,13 @@ def check_description(labels: tuple[str, ...], input_shape: tuple[int, ...],
         raise InvalidInputError(f"--std {','.join(map(str, std))}: every std must be > 0")
 
 
-def refuse_unclonable(manifest: Manifest) -> None:
-    """Raise the one clear error for a model that pnc's cloning cannot use yet.
+def as_network(model: torch.nn.Module, manifest: Manifest) -> ZooNet:
+    """``model`` as cloning sees it: a pnc ``ZooNet`` as it is, any other in a ``GraphNet``."""
+    if isinstance(model, ZooNet):
+        return model
+    from pnc_net.graphnet import GraphNet  # torch.fx and Torch-Pruning: only for imports
 
-    Raises:
-        IncompatibleError: ``manifest`` is a torchvision or timm import.
-    """
-    if not manifest.is_pnc:
-        raise IncompatibleError(
-            f"cloning {manifest.arch} is not supported yet; {manifest.name} "
-            f"({manifest.sha256[:12]}) is in the zoo (Zoo.load_module, `pnc zoo export`), but "
-            "targets and sources must be pnc's cnn or resnet until the architecture-agnostic "
-            "view lands (issue 10)")
+    return GraphNet(model, manifest.input_shape, mean=manifest.mean, std=manifest.std)
 
 
 def module_from_weights(manifest: Manifest, data: bytes) -> torch.nn.Module:
@@ -365,16 +363,13 @@ def module_from_weights(manifest: Manifest, data: bytes) -> torch.nn.Module:
 
 
 def model_from_weights(manifest: Manifest, data: bytes) -> ZooNet:
-    """A frozen, eval-mode pnc model of ``manifest``'s architecture holding ``data``'s weights.
+    """``as_network`` of a frozen, eval-mode model holding ``data``'s weights.
 
     Raises:
-        IncompatibleError: not one of pnc's architectures (see ``refuse_unclonable``).
+        IncompatibleError: an import that cannot be traced or has no linear head.
         InvalidInputError: the bytes are not safetensors, or do not fit the architecture.
     """
-    refuse_unclonable(manifest)
-    model = module_from_weights(manifest, data)
-    assert isinstance(model, ZooNet)  # every pnc architecture builds a ZooNet
-    return model
+    return as_network(module_from_weights(manifest, data), manifest)
 
 
 def state_digest(model: torch.nn.Module) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,13 @@ from pnc_net.errors import (
     error_from_status,
 )
 from pnc_net.fsutil import sha256_bytes
-from pnc_net.serve.channel import CHANNEL_OPTIONS, CHUNK_BYTES, check_address
+from pnc_net.serve.channel import (
+    CHANNEL_OPTIONS,
+    CHUNK_BYTES,
+    MAX_BLOB_BYTES,
+    check_address,
+    check_digest,
+)
 from pnc_net.serve.retry import retry
 
 T = TypeVar("T")
@@ -95,6 +102,15 @@ class PncClient:
         self.bytestream = tgrpc.ByteStreamStub(self.channel)
         self.packages = tgrpc.PackagesStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        # Blob bytes travel without protobuf copies: Read answers arrive as the serialized
+        # message (``_read_payload`` takes the data out as a view) and Write requests are
+        # framed by hand (``_chunks``). The stubs above stay for everything else.
+        self._read_raw = self.channel.unary_stream(
+            "/pnc.v1.ByteStream/Read", request_serializer=tpb.ReadRequest.SerializeToString,
+            response_deserializer=None)
+        self._write_raw = self.channel.stream_unary(
+            "/pnc.v1.ByteStream/Write", request_serializer=None,
+            response_deserializer=tpb.WriteResponse.FromString)
         self.last_write: tpb.WriteResponse | None = None
         self._link_chunk = CHUNK_BYTES  # shrinks on a link that breaks streams (write_blob)
 
@@ -124,8 +140,13 @@ class PncClient:
         return pid, self.write_blob("packages", data)
 
     def write_blob(self, kind: str, data: bytes, on_chunk=None,
-                   max_unacked: int | None = 0, chunk_bytes: int = CHUNK_BYTES) -> int:
+                   max_unacked: int | None = 0, chunk_bytes: int = CHUNK_BYTES,
+                   sha256: str | None = None) -> int:
         """Resumable upload; returns the payload bytes sent (re-sent chunks included).
+
+        ``sha256``: the digest of ``data`` when the caller knows it (a zoo manifest names
+        its weights), which saves hashing ``data`` before the first byte goes; the server
+        hashes every byte either way and stores nothing whose digest differs.
 
         ``max_unacked`` bounds the bytes handed to gRPC beyond the server's committed
         size (polled with QueryWriteStatus before each chunk). The default 0 means a
@@ -142,7 +163,8 @@ class PncClient:
         ``chunk_bytes``) shrinks (see ``_smaller``, down to ``MIN_CHUNK_BYTES``): a link
         that breaks every few hundred KB never carries a whole 1 MiB chunk. The client
         remembers the size for its later reads and writes."""
-        sha, size = sha256_bytes(data), len(data)
+        sha = check_digest(sha256, what="blob digest") if sha256 else sha256_bytes(data)
+        size = len(data)
         name = f"{kind}/{sha}/{size}"
         resent = [0]  # payload bytes of attempts that failed
         committed = [0]  # the most the server is known to have committed
@@ -170,7 +192,7 @@ class PncClient:
             pace = None if max_unacked is None else (
                 lambda target: self._wait_committed(name, target, failed, step, seen))
             try:
-                self.last_write = self.bytestream.Write(
+                self.last_write = self._write_raw(
                     _chunks(name, data, offset, counter, on_chunk, pace, max_unacked or 0,
                             step),
                     timeout=_deadline(self.timeout_s, size - offset), metadata=self.metadata)
@@ -240,38 +262,58 @@ class PncClient:
         rest at ``MIN_RATE_BYTES_S``; attempts that brought bytes do not count against
         ``max_attempts``. When the link breaks the stream and the message lost was as
         large as what the attempt brought, the rest is read in smaller windows
-        (``read_limit``, see ``_smaller``), as a write on this client would send."""
+        (``read_limit``, see ``_smaller``), as a write on this client would send.
+
+        The bytes are hashed as they arrive (on a second thread once a blob is larger
+        than a few chunks, overlapping the transfer), kept as views of the messages
+        gRPC delivered and joined once at the end: one copy of the blob on this side.
+        A server that sends more than ``size`` (or ``MAX_BLOB_BYTES``) is refused at
+        the message that runs over, so memory stays bounded by what was asked for."""
         name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
-        buf = bytearray()
-        digest = hashlib.sha256()  # hashed as it arrives, overlapping the transfer
+        cap = MAX_BLOB_BYTES if size is None else size
+        parts: list[memoryview] = []
+        held = [0]  # bytes arrived so far (where the next attempt resumes)
+        digest = _Hasher()
         learned = self._link_chunk  # what this link carried before
         window = [0 if learned >= CHUNK_BYTES else learned]  # 0: the rest in one Read
 
         def attempt() -> None:  # resumes from what already arrived
-            start = len(buf)
+            start = held[0]
             try:
                 while True:
                     limit, got = window[0], 0
-                    rest = limit or max(0, (size or 0) - len(buf))
-                    for resp in self.bytestream.Read(
-                            tpb.ReadRequest(resource_name=name, read_offset=len(buf),
+                    rest = limit or max(0, (size or 0) - held[0])
+                    for raw in self._read_raw(
+                            tpb.ReadRequest(resource_name=name, read_offset=held[0],
                                             read_limit=limit),
                             timeout=_deadline(self.timeout_s, rest), metadata=self.metadata):
-                        buf.extend(resp.data)
-                        digest.update(resp.data)
-                        got += len(resp.data)
-                    if not limit or got < limit or (size is not None and len(buf) >= size):
+                        piece = _read_payload(raw)
+                        if held[0] + len(piece) > cap:
+                            raise IntegrityError(
+                                f"{self.address}: blob {sha256[:16]} runs past "
+                                f"{'its size' if size is not None else 'the blob limit'} "
+                                f"{cap} bytes; not saved")
+                        parts.append(piece)
+                        digest.update(piece)
+                        held[0] += len(piece)
+                        got += len(piece)
+                    if not limit or got < limit or (size is not None and held[0] >= size):
                         return
             except grpc.RpcError as err:
                 if _link_broke(err):  # at most one message (a window, or a chunk) was lost
                     step = window[0] or CHUNK_BYTES
-                    window[0] = _smaller(step, len(buf) - start, len(buf) - start + step)
+                    window[0] = _smaller(step, held[0] - start, held[0] - start + step)
                     self._link_chunk = window[0]
                 raise
 
-        self._retrying(attempt, progress=lambda: len(buf))
-        data = bytes(buf)
-        if digest.hexdigest() != sha256:
+        try:
+            self._retrying(attempt, progress=lambda: held[0])
+            data = b"".join(parts)  # while the hashing thread finishes the last chunks
+            del parts[:]
+            got_digest = digest.hexdigest()
+        finally:
+            digest.close()
+        if got_digest != sha256 or (size is not None and len(data) != size):
             raise IntegrityError(f"{self.address}: blob {sha256[:16]} arrived with a different "
                                  f"digest ({len(data)} bytes); not saved")
         return data
@@ -379,23 +421,24 @@ def _deadline(timeout_s: float, remaining: int) -> float:
 
 def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=None,
             pace=None, max_unacked: int = 0,
-            chunk_bytes: int = CHUNK_BYTES) -> Iterator[tpb.WriteRequest]:
-    """The Write requests for ``data`` from ``offset``, ``chunk_bytes`` each; ``counter``
-    adds up the payload handed out, ``pace(target)`` (False: stop) waits for the server to
-    commit up to ``max_unacked`` bytes behind the chunk about to go."""
+            chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The serialized Write requests for ``data`` from ``offset``, ``chunk_bytes`` each;
+    ``counter`` adds up the payload handed out, ``pace(target)`` (False: stop) waits for
+    the server to commit up to ``max_unacked`` bytes behind the chunk about to go.
+
+    Each request is framed by hand (``_write_request``): the bytes are copied once, from
+    ``data`` into the message, where a protobuf message would copy them three times."""
     view = memoryview(data)
     start = offset
     first = True
     if offset >= len(data):
-        yield tpb.WriteRequest(resource_name=name, write_offset=offset, finish_write=True)
+        yield _write_request(name, offset, True, view[0:0])
         return
     while offset < len(data):
         piece = view[offset: offset + chunk_bytes]
         end = offset + len(piece)
-        req = tpb.WriteRequest(write_offset=offset, finish_write=end == len(data),
-                               data=bytes(piece))
-        if first:
-            req.resource_name, first = name, False
+        req = _write_request(name if first else "", offset, end == len(data), piece)
+        first = False
         if pace is not None and offset - max_unacked > start and not pace(offset - max_unacked):
             return  # the stream failed: the caller resumes from the committed size or raises
         counter[0] += len(piece)
@@ -403,6 +446,86 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
             on_chunk(end)
         yield req
         offset = end
+
+
+_DATA_TAG = bytes([4 << 3 | 2])  # WriteRequest.data: field 4, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _write_request(name: str, offset: int, finish: bool, piece: memoryview) -> bytes:
+    """A serialized ``WriteRequest``: protobuf's encoding of the small fields, then the
+    data field appended (concatenated encodings are one message), ``piece`` copied once."""
+    head = tpb.WriteRequest(resource_name=name, write_offset=offset,
+                            finish_write=finish).SerializeToString()
+    if not len(piece):
+        return head
+    return b"".join((head, _DATA_TAG, _varint(len(piece)), piece))
+
+
+def _read_payload(raw: bytes) -> memoryview:
+    """The data of a serialized ``ReadResponse`` as a view, without copying it.
+
+    A pnc server's answer is exactly field 1 (tag ``0x0a``, a varint length, the bytes);
+    anything else (empty, other or repeated fields) goes through protobuf's parser."""
+    n, shift, i = 0, 0, 1
+    if len(raw) > 1 and raw[0] == 0x0A:
+        while i < len(raw) and i <= 10:
+            b = raw[i]
+            n |= (b & 0x7F) << shift
+            i += 1
+            if not b & 0x80:
+                if i + n == len(raw):
+                    return memoryview(raw)[i:]
+                break
+            shift += 7
+    return memoryview(tpb.ReadResponse.FromString(raw).data)
+
+
+class _Hasher:
+    """sha256 fed in order; past ``inline_bytes`` the hashing moves to a thread of its own
+    (hashlib releases the GIL), so it overlaps receiving. Small blobs never start one."""
+
+    def __init__(self, inline_bytes: int = 4 * CHUNK_BYTES) -> None:
+        self._h = hashlib.sha256()
+        self._inline = inline_bytes
+        self._queue: queue.SimpleQueue[memoryview | None] | None = None
+        self._thread: threading.Thread | None = None
+
+    def update(self, piece: memoryview) -> None:
+        if self._queue is None:
+            self._h.update(piece)
+            self._inline -= len(piece)
+            if self._inline <= 0:
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, name="pnc-sha256",
+                                                daemon=True)
+                self._thread.start()
+        else:
+            self._queue.put(piece)
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (piece := self._queue.get()) is not None:
+            self._h.update(piece)
+
+    def hexdigest(self) -> str:
+        """The digest of everything fed (waits for the thread)."""
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 __all__ = ["PncClient", "RemoteError", "remote_error"]

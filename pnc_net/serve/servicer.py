@@ -159,9 +159,10 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                 elif req.write_offset != expected:
                     raise InvalidInputError(f"write_offset {req.write_offset} where {expected} "
                                             "was expected")
-                expected = upload.append(req.data)
+                data = req.data  # each access of a bytes field copies it: once
+                expected = upload.append(data)
                 slot.progress()
-                self.node.stats_bytes("in", len(req.data))
+                self.node.stats_bytes("in", len(data))
                 if req.finish_write:
                     finished = True
                     break

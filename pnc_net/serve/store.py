@@ -195,63 +195,94 @@ class PackageStore:
         return Upload(self, kind, check_digest(sha256), int(size))
 
 
+WRITEBACK_BYTES = 8 << 20  # an upload asks the kernel to start writing back every 8 MiB
+
+
 class Upload:
     """A resumable write of one blob: appends to ``uploads/…part``; ``finish`` verifies the
-    digest and returns the bytes' path, or raises ``IntegrityError`` and deletes them."""
+    digest and returns the bytes' path, or raises ``IntegrityError`` and deletes them.
+
+    Each chunk is written straight to the unbuffered ``.part`` file and hashed as it
+    arrives: one pass over the bytes, nothing buffered. Every ``WRITEBACK_BYTES`` the
+    kernel is asked to start writing the new range to disk (``posix_fadvise``
+    ``DONTNEED`` starts writeback of dirty pages on Linux; the pages stay cached while
+    dirty), so the fsync in ``finish`` waits for the tail only, not the whole blob."""
 
     def __init__(self, store: PackageStore, kind: str, sha256: str, size: int) -> None:
         self.store, self.kind, self.sha256, self.size = store, kind, sha256, size
         self.path = store.uploads_dir / f"{kind}-{sha256}-{size}.part"
         self._hash: hashlib._Hash | None = None
         self._file: BinaryIO | None = None
+        self._offset = 0  # bytes in the .part file (the committed size)
+        self._flushed = 0  # where the last writeback request ended
 
     def committed_size(self) -> int:
         """Bytes of this upload already on disk (where a client resumes)."""
         return self.path.stat().st_size if self.path.exists() else 0
 
     def open(self, offset: int) -> None:
-        """Start appending at ``offset``, which must equal the committed size."""
+        """Start appending at ``offset``, which must equal the committed size. The bytes
+        already there are hashed again from disk, so a resumed upload is verified whole."""
         committed = self.committed_size()
         if offset != committed:
             raise InvalidInputError(f"write_offset {offset} does not match the committed size "
                                     f"{committed}; ask QueryWriteStatus and resume from there")
+        if committed > self.size:
+            raise InvalidInputError(f"the partial upload holds {committed} bytes, more than the "
+                                    f"declared size {self.size}")
         self._hash = hashlib.sha256()
         if committed:
             with open(self.path, "rb") as f:
                 while chunk := f.read(1 << 22):
                     self._hash.update(chunk)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held across append() calls
+        # unbuffered: each chunk goes to the kernel as it arrives, so the committed size
+        # QueryWriteStatus reports (the file's size) is what was written
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - held across appends
+        self._offset = self._flushed = committed
 
-    def append(self, data: bytes) -> int:
+    def append(self, data: bytes | memoryview) -> int:
         """Write one chunk (hashing it as it goes); the committed size after it."""
         assert self._file is not None and self._hash is not None
-        if self._file.tell() + len(data) > self.size:
+        n = len(data)
+        if self._offset + n > self.size:
             raise InvalidInputError(f"write runs past the declared size {self.size}")
-        self._file.write(data)
-        self._file.flush()  # the committed size QueryWriteStatus reports is on disk
-        self._hash.update(data)
-        return self._file.tell()
+        view, done = memoryview(data), 0
+        while done < n:  # a raw write may take less than it was given
+            wrote = self._file.write(view[done:])
+            if not wrote:
+                raise OSError(f"no progress writing {self.path}")
+            done += wrote
+        self._hash.update(view)
+        self._offset += n
+        if self._offset - self._flushed >= WRITEBACK_BYTES:
+            self._start_writeback()
+        return self._offset
+
+    def _start_writeback(self) -> None:
+        assert self._file is not None
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._file.fileno(), self._flushed, self._offset - self._flushed,
+                             os.POSIX_FADV_DONTNEED)
+        self._flushed = self._offset
 
     def close(self) -> None:
-        """Flush and close the ``.part`` file; what arrived stays for resumption."""
+        """Close the ``.part`` file; what arrived stays for resumption."""
         if self._file is not None:
-            self._file.flush()
             self._file.close()
             self._file = None
 
     def finish(self) -> Path:
         """Verify size and digest; on success the bytes are durable at the returned path."""
         assert self._file is not None and self._hash is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        got_size = self._file.tell()
-        self.close()
+        got_size = self._offset
         digest = self._hash.hexdigest()
         if got_size != self.size or digest != self.sha256:
             self.discard()
             raise InvalidInputError(
                 f"blob digest mismatch: received {got_size} bytes with sha256 {digest}, "
                 f"the resource name promised {self.size} bytes with {self.sha256}; nothing stored")
+        os.fsync(self._file.fileno())
+        self.close()
         return self.path
 
     def discard(self) -> None:

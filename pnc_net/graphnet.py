@@ -1,0 +1,467 @@
+"""Any torchvision or timm classifier as a ``ZooNet``: boundaries from its graph,
+mask units from Torch-Pruning's dependency groups.
+
+Cloning only asks a network for block boundaries (``forward_features`` /
+``forward_from``), mask units and a pruned copy of its tail (``models.ZooNet``).
+``GraphNet`` gives an arbitrary ``nn.Module`` that interface without per-model
+code (``docs/method.md``, real architectures):
+
+* **Boundaries** are *cut points* of the module's ``torch.fx`` graph: nodes where
+  exactly one tensor is live, so the rest of the network depends on that tensor
+  alone and the target can be tapped, and the source entered, there. Many cut
+  points sit inside a block (after a conv, before its BatchNorm), so a boundary
+  must also be where one module ends and the next begins at the shallowest
+  depth of the module tree that gives at least ``MIN_BOUNDARIES`` of them (the
+  8 BasicBlocks of a resnet18, the 13 ``features`` of a MobileNetV3, the
+  encoder layers of a ViT), and must not be followed by a pointwise op on it
+  (a conv's output before its BatchNorm and ReLU is not a feature).
+* **Mask units** are Torch-Pruning's groups of coupled channels (a residual
+  stream and every conv that reads or writes it; an expansion conv, its
+  depthwise conv, squeeze-excite and projection). A unit's mask multiplies its
+  channels *where they are consumed* (the inputs of the convs and linears of
+  the group), which is exactly what physically removing them does: pruned
+  outputs equal masked outputs. Groups with a cross-channel op that pruning
+  changes (LayerNorm, GroupNorm, attention, grouped convs) are left whole.
+* **Physical pruning** is Torch-Pruning's, on a private copy of the module.
+
+The segments share their modules with the module handed in; nothing here
+writes to its weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from pnc_net.errors import IncompatibleError
+from pnc_net.models import ChannelGate, FeatureInfo, Head, ZooNet
+
+#: A boundary set at the shallowest module depth that gives at least this many.
+MIN_BOUNDARIES = 8
+
+#: Ops that map each channel to itself: a cut point followed by one is not a boundary,
+#: and walking back through them from a boundary finds the unit that owns its channels.
+_POINTWISE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid,
+                      nn.SiLU, nn.GELU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
+                      nn.Dropout, nn.Identity)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_POINTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardswish, F.silu, F.gelu,
+                        torch.sigmoid, F.hardsigmoid, F.dropout, "relu", "relu_", "sigmoid"}
+_ELEMENTWISE_BINARY = {operator.add, operator.iadd, torch.add, operator.mul, torch.mul,
+                       "add", "add_", "mul", "mul_"}
+#: Cross-channel ops whose result changes when channels are removed rather than zeroed.
+_UNPRUNABLE = (nn.LayerNorm, nn.GroupNorm, nn.MultiheadAttention, nn.InstanceNorm2d,
+               nn.LocalResponseNorm)
+
+
+class ConsumerGate(nn.Module):
+    """Multiplies the input channels of one conv or linear by the gates of the mask
+    units that feed it (identity while no unit is gated)."""
+
+    def __init__(self, n_in: int, channel_dim: int,
+                 feeds: Sequence[tuple[ChannelGate, list[int], list[int]]]) -> None:
+        super().__init__()
+        self.n_in, self.channel_dim = n_in, channel_dim
+        self.units = [unit for unit, _, _ in feeds]  # plain list: not submodules
+        for i, (_, idx, root) in enumerate(feeds):
+            self.register_buffer(f"idx{i}", torch.tensor(idx, dtype=torch.long), persistent=False)
+            self.register_buffer(f"root{i}", torch.tensor(root, dtype=torch.long),
+                                 persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with each fed channel times its unit's gate (per sample for ``(b, c)`` gates)."""
+        active = [(i, u.gate) for i, u in enumerate(self.units) if u.gate is not None]
+        if not active:
+            return x
+        rows = max(g.reshape(-1, g.shape[-1]).shape[0] for _, g in active)
+        factor = torch.ones(rows, self.n_in, dtype=x.dtype, device=x.device)
+        for i, gate in active:
+            g = gate.reshape(-1, gate.shape[-1]).to(x.dtype)
+            factor = factor.index_copy(1, getattr(self, f"idx{i}"),
+                                       g[:, getattr(self, f"root{i}")].expand(rows, -1))
+        if self.channel_dim == 1:  # (b, c, h, w) or (b, c)
+            shape = (rows, self.n_in) + (1,) * (x.dim() - 2)
+        else:  # channels last: (b, ..., c)
+            shape = (rows,) + (1,) * (x.dim() - 2) + (self.n_in,)
+        return x * factor.view(shape)
+
+
+class GraphHead(Head):
+    """The part after the last boundary: ``features`` (pooling, flatten, any hidden
+    layers) up to the input of the final linear layer ``fc``."""
+
+    def __init__(self, features: nn.Module, fc: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.pool = features
+        self.fc = fc
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The penultimate features: the input of the final linear layer."""
+        out: torch.Tensor = self.pool(x)
+        return out
+
+
+@dataclass(frozen=True)
+class MaskUnit:
+    """One group of coupled channels: its root module and where its channels are read."""
+
+    name: str  # the root module's qualified name: the mask's name in a package
+    width: int
+    consumers: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...]  # (module, idx, root)
+    out_modules: tuple[str, ...]  # modules whose output channels are this unit's
+
+
+def trace(module: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    """The module's fx graph, with each node's output shape in ``meta["tensor_meta"]``."""
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as exc:  # fx raises TraceError, TypeError, ...: all mean "not traceable"
+        raise IncompatibleError(
+            f"{type(module).__name__} cannot be traced by torch.fx ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); pnc needs a traceable classifier") from None
+    ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
+    return gm
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def cut_points(graph: fx.Graph) -> list[fx.Node]:
+    """Nodes after which exactly one value (themselves) is still needed."""
+    nodes = list(graph.nodes)
+    last_use: dict[fx.Node, int] = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last_use[a] = i
+    live: set[fx.Node] = set()
+    cuts = []
+    for i, n in enumerate(nodes):
+        live = {m for m in live if last_use.get(m, -1) > i}
+        if n.op != "get_attr" and last_use.get(n, -1) > i:
+            live.add(n)
+        if live == {n} and n.op != "output":
+            cuts.append(n)
+    return cuts
+
+
+def _module_path(node: fx.Node, depth: int) -> str | None:
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if node.op == "call_module":
+        stack.append((node.target, None))
+    if len(stack) < depth:
+        return None
+    entry = stack[depth - 1]
+    return str(entry[0] if isinstance(entry, tuple) else entry)
+
+
+def _is_pointwise_on(node: fx.Node, user: fx.Node, gm: fx.GraphModule) -> bool:
+    if user.all_input_nodes != [node]:
+        return False
+    if user.op == "call_module":
+        return isinstance(gm.get_submodule(str(user.target)), _POINTWISE_MODULES)
+    return user.op in ("call_function", "call_method") and user.target in _POINTWISE_FUNCTIONS
+
+
+def _is_global_pool(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)),
+                          (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))
+    return node.op == "call_function" and node.target in (F.adaptive_avg_pool2d,
+                                                          F.adaptive_max_pool2d)
+
+
+def find_boundaries(gm: fx.GraphModule, final_fc: fx.Node) -> list[fx.Node]:
+    """Feature boundaries (4-d cut points before the head), chosen as the module docstring says."""
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    pools = [n for n in nodes[: order[final_fc]] if _is_global_pool(n, gm)]
+    stop = pools[-1] if pools else final_fc  # the head's pooling (not a squeeze-excite's)
+    cuts = [c for c in cut_points(gm.graph)
+            if c.op != "placeholder" and order[c] < order[stop]
+            and (s := _shape(c)) is not None and len(s) == 4]
+    cuts = [c for c in cuts if not _is_pointwise_on(c, nodes[order[c] + 1], gm)]
+    best: list[fx.Node] = []
+    for depth in range(1, 8):
+        chosen = [c for c in cuts
+                  if _module_path(c, depth) != _module_path(nodes[order[c] + 1], depth)]
+        best = chosen
+        if len(chosen) >= MIN_BOUNDARIES:
+            break
+    # the last 4-d cut point before the head is always a boundary: the head starts there
+    if cuts and (not best or best[-1] is not cuts[-1]):
+        best = [*best, cuts[-1]]
+    return best
+
+
+def _final_linear(gm: fx.GraphModule) -> fx.Node:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    node = out.args[0]
+    if (isinstance(node, fx.Node) and node.op == "call_module"
+            and isinstance(gm.get_submodule(str(node.target)), nn.Linear)):
+        return node
+    raise IncompatibleError("the model's output is not a final nn.Linear layer; pnc clones "
+                            "classifiers whose logits come from one linear head")
+
+
+def _segment(gm: fx.GraphModule, start: fx.Node | None, end: fx.Node) -> fx.GraphModule:
+    """The nodes after ``start`` (or the input) up to ``end``, as a module of one input."""
+    nodes = list(gm.graph.nodes)
+    i0 = 0 if start is None else nodes.index(start) + 1
+    i1 = nodes.index(end)
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    if start is None:
+        placeholder = next(n for n in nodes if n.op == "placeholder")
+        env[placeholder] = g.placeholder("x")
+        i0 = nodes.index(placeholder) + 1
+    else:
+        env[start] = g.placeholder("x")
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op != "get_attr":
+                raise IncompatibleError(f"graph node {a.name} crosses boundary {end.name}")
+            env[a] = g.node_copy(a)
+        return env[a]
+
+    for n in nodes[i0 : i1 + 1]:
+        if n.op in ("placeholder", "output"):
+            continue
+        for a in n.all_input_nodes:
+            lookup(a)
+        env[n] = g.node_copy(n, lookup)
+    g.output(env[end])
+    return fx.GraphModule(gm, g)
+
+
+def _traceable_copy(module: nn.Module) -> nn.Module:
+    copy_ = copy.deepcopy(module).eval()
+    for p in copy_.parameters():
+        p.requires_grad_(True)
+    return copy_
+
+
+def mask_units(module: nn.Module, input_shape: tuple[int, ...], final_fc_name: str,
+               ) -> list[MaskUnit]:
+    """Torch-Pruning's coupled-channel groups that can be masked exactly (module docstring)."""
+    import torch_pruning as tp  # imported here: only cloning real architectures needs it
+
+    module = _traceable_copy(module)  # Torch-Pruning follows autograd: frozen weights hide it
+    final_fc = module.get_submodule(final_fc_name)
+    graph = tp.DependencyGraph().build_dependency(module, example_inputs=torch.zeros(1, *input_shape))
+    names = {m: n for n, m in module.named_modules()}
+    units = []
+    for group in graph.get_all_groups(ignored_layers=[final_fc],
+                                      root_module_types=[nn.Conv2d, nn.Linear]):
+        items = list(group)
+        mods = [it.dep.target.module for it in items]
+        if any(isinstance(m, _UNPRUNABLE) for m in mods):
+            continue
+        if any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in mods):
+            continue
+        if any(m not in names for m in mods if isinstance(m, nn.Module) and
+               not type(m).__module__.startswith("torch_pruning")):
+            continue
+        root = items[0].dep.target.module
+        consumers, outs = [], []
+        for it in items:
+            m, fn = it.dep.target.module, getattr(it.dep.handler, "__name__", "")
+            if fn == "prune_in_channels" and isinstance(m, (nn.Conv2d, nn.Linear)):
+                if isinstance(m, nn.Conv2d) and m.groups > 1:
+                    continue  # depthwise: each channel maps to itself
+                consumers.append((names[m], tuple(int(i) for i in it.idxs),
+                                  tuple(int(i) for i in it.root_idxs)))
+            elif fn == "prune_out_channels" and m in names:
+                outs.append(names[m])
+        if root not in names or not consumers:
+            continue
+        units.append(MaskUnit(names[root], len(items[0].idxs), tuple(consumers), tuple(outs)))
+    return sorted(units, key=lambda u: u.name)
+
+
+class GraphNet(ZooNet):
+    """An arbitrary classifier behind ``ZooNet``'s interface (module docstring).
+
+    ``blocks`` are the fx segments between boundaries, ``head`` the rest; both
+    call the modules of ``module`` itself, so the target runs unchanged.
+    """
+
+    def __init__(self, module: nn.Module, input_shape: Sequence[int],
+                 boundaries: Sequence[str] | None = None, maskable: bool = True,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 ) -> None:
+        shape = tuple(int(s) for s in input_shape)
+        gm = trace(module, shape)
+        if mean is not None or std is not None:
+            _normalize_input(gm, mean or [0.0] * shape[0], std or [1.0] * shape[0])
+        fc_node = _final_linear(gm)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        if boundaries is None:
+            cuts = find_boundaries(gm, fc_node)
+        else:
+            missing = [b for b in boundaries if b not in by_name]
+            if missing:
+                raise IncompatibleError(f"graph has no nodes {missing}")
+            cuts = [by_name[b] for b in boundaries]
+        if not cuts:
+            raise IncompatibleError(f"{type(module).__name__} has no (b, c, h, w) feature "
+                                    "boundary before its head")
+        fc = gm.get_submodule(str(fc_node.target))
+        assert isinstance(fc, nn.Linear)  # _final_linear checked it
+        units = mask_units(module, shape, str(fc_node.target)) if maskable else []
+        gates = {u.name: ChannelGate(u.width) for u in units}
+        _insert_consumer_gates(gm, units, gates)
+        penultimate = fc_node.args[0]
+        assert isinstance(penultimate, fx.Node)
+        segments = [_segment(gm, a, b) for a, b in zip([None, *cuts[:-1]], cuts)]
+        head = GraphHead(_segment(gm, cuts[-1], penultimate), fc)
+        super().__init__([], head)
+        self.blocks = nn.ModuleList(segments)
+        self.input_shape = shape
+        self.normalization = (tuple(mean) if mean else None, tuple(std) if std else None)
+        self.boundary_names = tuple(c.name for c in cuts)
+        self.units = {u.name: u for u in units}
+        self._gates = gates  # plain dict: ChannelGates hold no weights, only the current gate
+        self.plain = [module]  # in a list: not a submodule (its weights are the segments')
+        self._owners = [None, *(_owner(gm, c, units) for c in cuts)]
+
+    def mask_gates(self) -> dict[str, ChannelGate]:
+        """Every mask unit by name (its root module's qualified name)."""
+        return dict(self._gates)
+
+    def feature_info(self, input_shape: tuple[int, ...]) -> list[FeatureInfo]:
+        """Channels, spatial size and owning mask unit at every boundary 0..L."""
+        with torch.no_grad():
+            h = torch.zeros(1, *input_shape)
+            infos = [FeatureInfo(0, h.shape[1], (h.shape[2], h.shape[3]), None)]
+            for i in range(self.num_blocks):
+                h = self.block(i)(h)
+                infos.append(FeatureInfo(i + 1, h.shape[1], (h.shape[2], h.shape[3]),
+                                         self._owners[i + 1]))
+        return infos
+
+    def pruned_tail(self, start: int, masks: dict[str, torch.Tensor],
+                    ) -> tuple[nn.ModuleList, Head, torch.Tensor | None]:
+        """Segments ``start..L-1`` and the head of a copy pruned by Torch-Pruning."""
+        pruned = prune_module(self.plain[0], self.input_shape, masks, self.units)
+        mean, std = self.normalization
+        net = GraphNet(pruned, self.input_shape, self.boundary_names, maskable=False,
+                       mean=mean, std=std)
+        keep = self._kept_channels(net, start, masks)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return nn.ModuleList(list(net.blocks)[start:]), net.head, keep
+
+
+    def _kept_channels(self, pruned: GraphNet, start: int, masks: dict[str, torch.Tensor],
+                       ) -> torch.Tensor | None:
+        """Which channels of boundary ``start`` survive pruning (None = all): the owning
+        unit's mask. Channels that several units own (a concatenation) are refused."""
+        channels = pruned.feature_info(self.input_shape)[start].channels
+        owner = self._owners[start]
+        if owner is not None and owner in masks and int(masks[owner].sum()) == channels:
+            return torch.nonzero(masks[owner]).flatten()
+        if channels == self.feature_info(self.input_shape)[start].channels:
+            return None
+        raise IncompatibleError(
+            f"boundary {start} ({self.boundary_names[start - 1]}) carries channels of several "
+            "mask units (a concatenation); choose another position for the source")
+
+
+def _normalize_input(gm: fx.GraphModule, mean: Sequence[float], std: Sequence[float]) -> None:
+    """``(x - mean) / std`` as the graph's first op: inputs stay ``[0, 1]`` pixels on every
+    data path, and the module sees what it was trained on (the manifest's preprocessing)."""
+    if len(mean) != len(std):
+        raise IncompatibleError(f"mean has {len(mean)} values but std has {len(std)}")
+    if any(float(s) <= 0 for s in std):
+        raise IncompatibleError(f"std {list(std)} must be positive")
+    gm.register_buffer("pnc_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+    gm.register_buffer("pnc_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    users = list(x.users)
+    with gm.graph.inserting_after(x):
+        m = gm.graph.get_attr("pnc_mean")
+    with gm.graph.inserting_after(m):
+        s = gm.graph.get_attr("pnc_std")
+    with gm.graph.inserting_after(s):
+        centred = gm.graph.call_function(operator.sub, (x, m))
+    with gm.graph.inserting_after(centred):
+        scaled = gm.graph.call_function(operator.truediv, (centred, s))
+    for u in users:
+        u.replace_input_with(x, scaled)
+    gm.recompile()
+
+
+def _insert_consumer_gates(gm: fx.GraphModule, units: Sequence[MaskUnit],
+                           gates: dict[str, ChannelGate]) -> None:
+    """A ``ConsumerGate`` before every call of a module that reads a unit's channels."""
+    feeds: dict[str, list[tuple[ChannelGate, list[int], list[int]]]] = {}
+    for u in units:
+        for name, idx, root in u.consumers:
+            feeds.setdefault(name, []).append((gates[u.name], list(idx), list(root)))
+    for k, node in enumerate([n for n in gm.graph.nodes
+                              if n.op == "call_module" and n.target in feeds]):
+        mod = gm.get_submodule(str(node.target))
+        n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+        shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        dim = 1 if isinstance(mod, nn.Conv2d) or (shape is not None and len(shape) == 2) else -1
+        gate_name = f"pnc_gate_{k}"
+        gm.add_submodule(gate_name, ConsumerGate(n_in, dim, feeds[str(node.target)]))
+        with gm.graph.inserting_before(node):
+            gated = gm.graph.call_module(gate_name, (node.args[0],))
+        node.args = (gated, *node.args[1:])
+    gm.recompile()
+
+
+def _owner(gm: fx.GraphModule, node: fx.Node, units: Sequence[MaskUnit]) -> str | None:
+    """The mask unit whose channels a boundary tensor carries (None: unmasked channels)."""
+    owner_of = {m: u.name for u in units for m in u.out_modules}
+    while True:
+        if node.op == "call_module":
+            target = str(node.target)
+            if target in owner_of:
+                return owner_of[target]
+            mod = gm.get_submodule(target)
+            if not isinstance(mod, (*_POINTWISE_MODULES, *_POOLS, ConsumerGate)):
+                return None
+        elif node.op in ("call_function", "call_method"):
+            if node.target not in _POINTWISE_FUNCTIONS | _ELEMENTWISE_BINARY | {F.max_pool2d}:
+                return None
+        else:
+            return None
+        args = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) == _shape(node)]
+        if not args:
+            args = [a for a in node.args if isinstance(a, fx.Node)]
+        if not args:
+            return None
+        node = args[0]
+
+
+def prune_module(module: nn.Module, input_shape: tuple[int, ...],
+                 masks: dict[str, torch.Tensor], units: dict[str, MaskUnit]) -> nn.Module:
+    """A copy of ``module`` with every unit's dropped channels physically removed."""
+    import torch_pruning as tp
+
+    copy_ = _traceable_copy(module)
+    graph = tp.DependencyGraph().build_dependency(copy_, example_inputs=torch.zeros(1, *input_shape))
+    for name, mask in masks.items():
+        if name not in units:
+            raise IncompatibleError(f"mask {name!r} names no mask unit of this model")
+        drop = torch.nonzero(~mask.bool()).flatten().tolist()
+        if not drop:
+            continue
+        root = copy_.get_submodule(name)
+        fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
+        graph.get_pruning_group(root, fn, idxs=drop).prune()
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    return copy_

@@ -1,0 +1,226 @@
+"""Real architectures through ``GraphNet``: boundaries, coupled masks, pruning, cloning.
+
+Random-init torchvision models at 32x32 (the loading code is real; pretrained weights
+cannot be downloaded here). Per family: boundaries found, the wrapped net computes the
+module's function, masked == pruned at several boundaries, and a clone between two
+imported models round-trips through a package, rebuilds, verifies and detaches exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pnc_net.errors import IncompatibleError, PreconditionError
+from pnc_net.graphnet import GraphNet
+from pnc_net.zoo import Zoo, state_digest
+
+SHAPE = (3, 32, 32)
+
+#: family -> (builder, at least this many boundaries, at least this many mask units)
+FAMILIES = {
+    "resnet-basic": (lambda: torchvision.models.resnet18(num_classes=5), 10, 12),
+    "resnet-bottleneck": (lambda: torchvision.models.resnet50(num_classes=5), 18, 30),
+    "mobilenet_v3": (lambda: torchvision.models.mobilenet_v3_small(num_classes=5), 12, 20),
+    "efficientnet": (lambda: torchvision.models.efficientnet_b0(num_classes=5), 8, 30),
+    "regnet": (lambda: torchvision.models.regnet_y_400mf(num_classes=5), 16, 15),
+    "vgg": (lambda: torchvision.models.vgg11_bn(num_classes=5), 12, 8),
+    "convnext": (lambda: torchvision.models.convnext_tiny(num_classes=5), 8, 10),
+}
+
+
+def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Eval mode, frozen, with BatchNorm statistics and affine terms that are not the
+    identity, so a wrong slice anywhere changes the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean = torch.randn(n, generator=gen) * 0.1
+            m.running_var = torch.rand(n, generator=gen) + 0.5
+            m.weight.data = torch.rand(n, generator=gen) + 0.5
+            m.bias.data = torch.randn(n, generator=gen) * 0.1
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def random_masks(net: GraphNet, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, width in net.mask_widths().items():
+        m = torch.rand(width, generator=gen) < 0.5
+        m[0], m[-1] = True, False  # never empty, never full
+        masks[name] = m
+    return masks
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    build, min_boundaries, min_units = FAMILIES[request.param]
+    module = randomized(build())
+    return request.param, module, GraphNet(module, SHAPE), min_boundaries, min_units
+
+
+def test_boundaries_and_units_are_found(family):
+    name, _, net, min_boundaries, min_units = family
+    assert net.num_blocks >= min_boundaries, (name, net.boundary_names)
+    assert len(net.mask_widths()) >= min_units, name
+    infos = net.feature_info(SHAPE)
+    assert len(infos) == net.num_blocks + 1 and infos[0].channels == 3
+    x = torch.rand(2, *SHAPE)
+    for info in infos[1:]:
+        h = net.forward_features(x, info.boundary)
+        assert h.shape[1:] == (info.channels, *info.spatial)
+        if info.masked_by is not None:
+            assert net.mask_widths()[info.masked_by] == info.channels
+
+
+def test_the_wrapped_net_is_the_module(family):
+    _, module, net, _, _ = family
+    x = torch.rand(3, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(net(x), module(x))
+        for r in (1, net.num_blocks // 2, net.num_blocks):
+            assert torch.equal(net.forward_from(net.forward_features(x, r), r), module(x))
+
+
+def test_pruned_tail_equals_masked_net(family):
+    name, module, net, _, _ = family
+    before = state_digest(module)
+    masks = random_masks(net, seed=1)
+    x = torch.rand(3, *SHAPE)
+    for s in sorted({net.num_blocks // 2, net.num_blocks - 1, net.num_blocks}):
+        with torch.no_grad():
+            h = net.forward_features(x, s)
+            net.set_gates({k: m.float() for k, m in masks.items()})
+            try:
+                masked = net.forward_from(h, s)
+            finally:
+                net.set_gates(None)
+            blocks, head, keep = net.pruned_tail(s, masks)
+            u = h if keep is None else h[:, keep]
+            for block in blocks:
+                u = block(u)
+            pruned = head(u)
+        scale = float(masked.abs().max())
+        assert torch.allclose(pruned, masked, atol=1e-5 * max(scale, 1.0)), (name, s)
+        smaller = sum(p.numel() for p in blocks.parameters())
+        full = sum(p.numel() for b in list(net.blocks)[s:] for p in b.parameters())
+        assert smaller < full or s == net.num_blocks, (name, s)
+    assert state_digest(module) == before  # the module handed in is never written
+
+
+def test_gates_of_ones_change_nothing_and_none_resets(family):
+    _, module, net, _, _ = family
+    x = torch.rand(2, *SHAPE)
+    with torch.no_grad():
+        ref = module(x)
+        net.set_gates({k: torch.ones(w) for k, w in net.mask_widths().items()})
+        ones = net(x)
+        net.set_gates(None)
+        again = net(x)
+    assert torch.allclose(ones, ref, atol=1e-5) and torch.equal(again, ref)
+
+
+def test_normalization_is_applied_first():
+    module = randomized(torchvision.models.resnet18(num_classes=3))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    net = GraphNet(module, SHAPE, mean=mean, std=std)
+    x = torch.rand(2, *SHAPE)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(net(x), module((x - m) / s), atol=1e-6)
+    with pytest.raises(IncompatibleError, match="must be positive"):
+        GraphNet(module, SHAPE, mean=mean, std=(0.2, 0.0, 0.3))
+
+
+def test_a_model_without_a_linear_head_is_refused_clearly():
+    squeeze = torchvision.models.squeezenet1_0(num_classes=3).eval()  # a conv classifier
+    with pytest.raises(IncompatibleError, match="not a final nn.Linear"):
+        GraphNet(squeeze, SHAPE)
+
+
+def test_a_token_model_is_refused_clearly():
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2,
+                                               num_heads=2, hidden_dim=32, mlp_dim=64,
+                                               num_classes=3).eval()
+    with pytest.raises(IncompatibleError, match=r"no \(b, c, h, w\) feature boundary"):
+        GraphNet(vit, SHAPE)
+
+
+def test_layernorm_groups_are_not_masked():
+    net = GraphNet(randomized(torchvision.models.convnext_tiny(num_classes=3)), SHAPE)
+    # the residual streams pass through LayerNorms: only the MLP hidden units are units
+    assert net.mask_widths() and all(".block." in name for name in net.mask_widths())
+
+
+# ----------------------------------------------------------------------------- cloning
+
+
+@pytest.fixture(scope="module")
+def imported_zoo(tmp_path_factory):
+    """A zoo with a resnet18 (0-4) and a mobilenet_v3_small (5-9, with mean/std), both
+    random-init, added through the user's path (`Zoo.add_checkpoint` of .pth files)."""
+    root = tmp_path_factory.mktemp("imported")
+    torch.manual_seed(0)
+    r18 = root / "r18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), r18)
+    mb = root / "mb.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(num_classes=5).state_dict(), mb)
+    zoo = Zoo(root / "zoo")
+    zoo.add_checkpoint(r18, "torchvision:resnet18", tuple("01234"), SHAPE, name="r18")
+    zoo.add_checkpoint(mb, "torchvision:mobilenet_v3_small", tuple("56789"), SHAPE, name="mb",
+                       mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return zoo
+
+
+@pytest.fixture(scope="module")
+def rgb_clone(imported_zoo):
+    from pnc_net.cloning import CloneConfig, clone
+    from pnc_net.data import load_rgb_digits
+    from pnc_net.insert import InsertConfig
+    from pnc_net.localize import LocalizeConfig
+
+    digests = {n: state_digest(imported_zoo.load_module(n)[0]) for n in ("r18", "mb")}
+    cfg = CloneConfig.single("r18", "mb", ("5", "6"), per_class=8, target_per_class=4,
+                             positions=((8, 10),), localize=LocalizeConfig(refine_steps=5),
+                             insert=InsertConfig(epochs=1, gate_steps=20))
+    return clone(imported_zoo, load_rgb_digits(), cfg), digests
+
+
+def test_clone_between_imported_models_round_trips(rgb_clone, imported_zoo, tmp_path):
+    from pnc_net import wire
+    from pnc_net.rebuild import verify
+
+    result, digests = rgb_clone
+    package = wire.decode(wire.encode(result.package))
+    sb, err = verify(Zoo(imported_zoo.root), package)  # a fresh zoo instance: a receiver
+    assert err <= package.fingerprint.tolerance
+    x = torch.rand(4, *SHAPE)
+    target, _ = Zoo(imported_zoo.root).load_module("r18")
+    with torch.no_grad():
+        assert sb(x).shape == (4, 7)
+        assert torch.equal(sb.detach()(x), target(x))  # the exact target comes back
+    for name, digest in digests.items():  # zoo weights are sacred
+        assert state_digest(imported_zoo.load_module(name)[0]) == digest
+
+
+def test_rebuild_refuses_a_wrong_source(rgb_clone, imported_zoo, tmp_path):
+    from pnc_net.rebuild import build_superbody
+
+    result, _ = rgb_clone
+    root = tmp_path / "other"
+    shutil.copytree(imported_zoo.root, root)
+    other = Zoo(root)
+    for manifest in other.manifests():
+        if manifest.name == "mb":
+            (root / "models" / f"{manifest.sha256}.json").unlink()
+    with pytest.raises(PreconditionError, match="is not in the zoo"):
+        build_superbody(other, result.package)
