@@ -243,6 +243,21 @@ def _segment(gm: fx.GraphModule, start: fx.Node | None, end: fx.Node) -> fx.Grap
     return fx.GraphModule(gm, g)
 
 
+def _dependency_graph(module: nn.Module, input_shape: tuple[int, ...]):  # -> tp.DependencyGraph
+    """Torch-Pruning's graph of ``module``: it records one forward through autograd, so
+    gradients are switched on even where a caller (a receiver's Predict) turned them off.
+    Its warning about parameters outside a layer (ConvNeXt's layer scales, a ViT's class
+    token) is silenced: their groups hold a LayerNorm or attention and are not masked."""
+    import warnings
+
+    import torch_pruning as tp
+
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unwrapped parameters")
+        return tp.DependencyGraph().build_dependency(
+            module, example_inputs=torch.zeros(1, *input_shape))
+
+
 def _traceable_copy(module: nn.Module) -> nn.Module:
     copy_ = copy.deepcopy(module).eval()
     for p in copy_.parameters():
@@ -253,11 +268,10 @@ def _traceable_copy(module: nn.Module) -> nn.Module:
 def mask_units(module: nn.Module, input_shape: tuple[int, ...], final_fc_name: str,
                ) -> list[MaskUnit]:
     """Torch-Pruning's coupled-channel groups that can be masked exactly (module docstring)."""
-    import torch_pruning as tp  # imported here: only cloning real architectures needs it
 
     module = _traceable_copy(module)  # Torch-Pruning follows autograd: frozen weights hide it
     final_fc = module.get_submodule(final_fc_name)
-    graph = tp.DependencyGraph().build_dependency(module, example_inputs=torch.zeros(1, *input_shape))
+    graph = _dependency_graph(module, input_shape)
     names = {m: n for n, m in module.named_modules()}
     units = []
     for group in graph.get_all_groups(ignored_layers=[final_fc],
@@ -411,7 +425,7 @@ def _insert_consumer_gates(gm: fx.GraphModule, units: Sequence[MaskUnit],
     for k, node in enumerate([n for n in gm.graph.nodes
                               if n.op == "call_module" and n.target in feeds]):
         mod = gm.get_submodule(str(node.target))
-        n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
+        n_in = int(mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features)
         shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         dim = 1 if isinstance(mod, nn.Conv2d) or (shape is not None and len(shape) == 2) else -1
         gate_name = f"pnc_gate_{k}"
@@ -423,27 +437,34 @@ def _insert_consumer_gates(gm: fx.GraphModule, units: Sequence[MaskUnit],
 
 
 def _owner(gm: fx.GraphModule, node: fx.Node, units: Sequence[MaskUnit]) -> str | None:
-    """The mask unit whose channels a boundary tensor carries (None: unmasked channels)."""
+    """The mask unit whose channels a boundary tensor carries (None: unmasked channels).
+
+    Walks back through ops that keep each channel where it is (activations, BatchNorm,
+    pools, weightless modules, residual adds: every input of an add is the same unit,
+    so the first that resolves decides). ``pruned_tail`` checks the answer by count.
+    """
     owner_of = {m: u.name for u in units for m in u.out_modules}
-    while True:
-        if node.op == "call_module":
-            target = str(node.target)
-            if target in owner_of:
-                return owner_of[target]
-            mod = gm.get_submodule(target)
-            if not isinstance(mod, (*_POINTWISE_MODULES, *_POOLS, ConsumerGate)):
-                return None
-        elif node.op in ("call_function", "call_method"):
-            if node.target not in _POINTWISE_FUNCTIONS | _ELEMENTWISE_BINARY | {F.max_pool2d}:
-                return None
-        else:
+    keeps_channels = _POINTWISE_FUNCTIONS | _ELEMENTWISE_BINARY | {F.max_pool2d}
+    if node.op == "call_module":
+        target = str(node.target)
+        if target in owner_of:
+            return owner_of[target]
+        mod = gm.get_submodule(target)
+        weightless = next(mod.parameters(), None) is None  # StochasticDepth, a custom act
+        if not (isinstance(mod, (*_POINTWISE_MODULES, *_POOLS, ConsumerGate)) or weightless):
             return None
-        args = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) == _shape(node)]
-        if not args:
-            args = [a for a in node.args if isinstance(a, fx.Node)]
-        if not args:
+    elif node.op in ("call_function", "call_method"):
+        if (node.target not in keeps_channels
+                and getattr(node.target, "__name__", "") != "stochastic_depth"):
             return None
-        node = args[0]
+    else:
+        return None
+    same = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) == _shape(node)]
+    for arg in same or [a for a in node.args if isinstance(a, fx.Node)][:1]:
+        found = _owner(gm, arg, units)
+        if found is not None:
+            return found
+    return None
 
 
 def prune_module(module: nn.Module, input_shape: tuple[int, ...],
@@ -452,7 +473,7 @@ def prune_module(module: nn.Module, input_shape: tuple[int, ...],
     import torch_pruning as tp
 
     copy_ = _traceable_copy(module)
-    graph = tp.DependencyGraph().build_dependency(copy_, example_inputs=torch.zeros(1, *input_shape))
+    graph = _dependency_graph(copy_, input_shape)
     for name, mask in masks.items():
         if name not in units:
             raise IncompatibleError(f"mask {name!r} names no mask unit of this model")

@@ -34,7 +34,6 @@ from safetensors.torch import load as load_safetensors
 
 from pnc_net import checkpoints
 from pnc_net.errors import (
-    IncompatibleError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
