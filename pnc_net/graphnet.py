@@ -425,7 +425,8 @@ def _insert_consumer_gates(gm: fx.GraphModule, units: Sequence[MaskUnit],
     for k, node in enumerate([n for n in gm.graph.nodes
                               if n.op == "call_module" and n.target in feeds]):
         mod = gm.get_submodule(str(node.target))
-        n_in = int(mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features)
+        assert isinstance(mod, (nn.Conv2d, nn.Linear))  # mask_units only lists these
+        n_in = mod.in_channels if isinstance(mod, nn.Conv2d) else mod.in_features
         shape = _shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         dim = 1 if isinstance(mod, nn.Conv2d) or (shape is not None and len(shape) == 2) else -1
         gate_name = f"pnc_gate_{k}"
