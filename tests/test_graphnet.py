@@ -208,6 +208,14 @@ def test_clone_between_imported_models_round_trips(rgb_clone, imported_zoo, tmp_
     with torch.no_grad():
         assert sb(x).shape == (4, 7)
         assert torch.equal(sb.detach()(x), target(x))  # the exact target comes back
+    # the receiver's compiled forward traces through the graph segments and their gates
+    from pnc_net.package import probe_batch
+    from pnc_net.serve import fastpath
+
+    fp = package.fingerprint
+    forward = fastpath.prepare(sb, SHAPE, probe_batch(fp.probe_seed, fp.probe_count, SHAPE),
+                               fp.tolerance, "jit")
+    assert forward.engine == "jit" and forward.max_diff is not None and forward.max_diff < 1e-4
     for name, digest in digests.items():  # zoo weights are sacred
         assert state_digest(imported_zoo.load_module(name)[0]) == digest
 
