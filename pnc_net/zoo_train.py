@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from pnc_net import checkpoints
 from pnc_net.data import Dataset, select_classes
 from pnc_net.errors import InvalidInputError
 from pnc_net.models import build_model
@@ -34,6 +37,17 @@ DEFAULT_ZOO = (
 )
 
 
+#: The second embedded zoo (``pnc zoo build --set rgb``): torchvision architectures on the
+#: colour digits (``data.load_rgb_digits``), trained here, exported as plain state_dicts
+#: and imported back through ``Zoo.add_checkpoint``, the path a user's checkpoint takes.
+#: A ViT is not in it yet: cloning has no token adapter (``docs/method.md``).
+RGB_ZOO = (
+    ZooSpec("rgb-resnet18-0to4", "torchvision:resnet18", tuple("01234"), epochs=8, lr=1e-3),
+    ZooSpec("rgb-mobilenet_v3_small-5to9", "torchvision:mobilenet_v3_small", tuple("56789"),
+            epochs=15, lr=1e-3),
+)
+
+
 def class_subset(data: Dataset, classes: tuple[str, ...], split: str,
                  per_class: int | None = None, seed: int = 0):
     """``(x, y)`` of ``classes`` with labels renumbered 0..len(classes)-1."""
@@ -50,6 +64,8 @@ def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = Tru
         raise InvalidInputError(f"a zoo model needs at least two distinct classes, got {spec.classes}")
     for c in spec.classes:
         data.label_index(c)
+    if not checkpoints.is_pnc_arch(spec.arch):
+        return train_imported_model(zoo, data, spec, progress)
     torch.manual_seed(spec.seed)
     arch_args = {"in_channels": data.input_shape[0], "num_classes": len(spec.classes)}
     model = build_model(spec.arch, **arch_args)
@@ -66,6 +82,28 @@ def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = Tru
     })
 
 
+def train_imported_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = True,
+                         ) -> Manifest:
+    """Train a torchvision/timm ``spec``, export its state_dict and import that file
+    (``Zoo.add_checkpoint``); the manifest records the measured test accuracy."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(spec.seed)
+    model = checkpoints.build_arch(spec.arch, {"num_classes": len(spec.classes)})
+    x, y = class_subset(data, spec.classes, "train")
+    train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
+                     desc=f"train {spec.name}", progress=progress)
+    model.eval()
+    xt, yt = class_subset(data, spec.classes, "test")
+    acc = accuracy(predict_logits(model, xt), yt)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{spec.name}.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
+        manifest, _ = zoo.add_checkpoint(path, spec.arch, spec.classes, data.input_shape,
+                                         name=spec.name)
+    return dataclasses.replace(manifest, test_accuracy=acc, dataset=data.name)
+
+
 def default_specs(seed: int = 0) -> tuple[ZooSpec, ...]:
     """The default zoo trained from ``seed``: the same names, other weights.
 
@@ -76,8 +114,8 @@ def default_specs(seed: int = 0) -> tuple[ZooSpec, ...]:
     return tuple(dataclasses.replace(s, seed=seed) for s in DEFAULT_ZOO)
 
 
-def build_default_zoo(zoo: Zoo, data: Dataset, progress: bool = True,
-                      seed: int = 0) -> list[tuple[Manifest, bool]]:
+def build_default_zoo(zoo: Zoo, data: Dataset, progress: bool = True, seed: int = 0,
+                      specs: tuple[ZooSpec, ...] | None = None) -> list[tuple[Manifest, bool]]:
     """Train every default model the zoo lacks (from ``seed``).
 
     Returns ``(manifest, newly_built)`` pairs. A model already present under its
@@ -85,7 +123,9 @@ def build_default_zoo(zoo: Zoo, data: Dataset, progress: bool = True,
     """
     have = {m.name: m for m in zoo.manifests()}
     out = []
-    for spec in default_specs(seed):
+    specs = default_specs(seed) if specs is None else tuple(
+        dataclasses.replace(s, seed=seed) for s in specs)
+    for spec in specs:
         if spec.name in have:
             out.append((have[spec.name], False))
         else:

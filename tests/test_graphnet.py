@@ -232,3 +232,31 @@ def test_rebuild_refuses_a_wrong_source(rgb_clone, imported_zoo, tmp_path):
             (root / "models" / f"{manifest.sha256}.json").unlink()
     with pytest.raises(PreconditionError, match="is not in the zoo"):
         build_superbody(other, result.package)
+
+
+# ----------------------------------------------------------------------------- the rgb zoo
+
+
+def test_an_rgb_zoo_model_is_trained_exported_and_imported(tmp_path):
+    from pnc_net.data import load_rgb_digits
+    from pnc_net.zoo_train import RGB_ZOO, ZooSpec, train_zoo_model
+
+    data = load_rgb_digits(split=(12, 4, 8))
+    assert data.input_shape == SHAPE and data.name == "rgb-digits"
+    assert float(data.x_train.min()) >= 0 and float(data.x_train.max()) <= 1
+    assert {s.arch for s in RGB_ZOO} == {"torchvision:resnet18", "torchvision:mobilenet_v3_small"}
+    zoo = Zoo(tmp_path / "zoo")
+    spec = ZooSpec("t-r18", "torchvision:resnet18", tuple("01234"), epochs=1)
+    manifest = train_zoo_model(zoo, data, spec, progress=False)
+    assert manifest.arch == "torchvision:resnet18" and manifest.origin["format"]
+    assert manifest.test_accuracy is not None and 0 <= manifest.test_accuracy <= 1
+    net, stored = Zoo(zoo.root).load("t-r18")  # a GraphNet over the imported file
+    assert isinstance(net, GraphNet) and stored.sha256 == manifest.sha256
+
+
+def test_zoo_build_refuses_an_unknown_set(tmp_path):
+    from test_cli import assert_user_error, pnc
+
+    assert_user_error(pnc("zoo", "build", "--set", "imagenet", zoo=tmp_path), 2,
+                      "not a zoo set")
+    assert not (tmp_path / "models").exists()
