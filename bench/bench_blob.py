@@ -194,6 +194,18 @@ def main() -> None:
         "command": "OMP_NUM_THREADS=1 .venv/bin/python bench/bench_blob.py " + " ".join(
             sys.argv[1:]),
     }
+    pairs = {"pnc_read/bare_grpc_read": ("pnc_read", "bare_grpc_read"),
+             "pnc_write/bare_write_fsync": ("pnc_write", "bare_write_fsync"),
+             "pnc_write_unpaced/bare_write_fsync": ("pnc_write_unpaced", "bare_write_fsync"),
+             "pnc_write_known_digest/bare_write_fsync": ("pnc_write_known_digest",
+                                                         "bare_write_fsync"),
+             "pnc_write_known_digest/bare_grpc_write": ("pnc_write_known_digest",
+                                                        "bare_grpc_write")}
+    # the same repetition's bare figure as the yardstick: steadier on a shared machine
+    out["median_ratio_in_the_same_repetition"] = {
+        k: round(statistics.median(seconds[b][i] / seconds[a][i]
+                                   for i in range(len(seconds[a]))), 2)
+        for k, (a, b) in pairs.items() if a in seconds and b in seconds}
     if "pnc_read" in med:
         out["target_read_ok"] = med["pnc_read"] >= 700
     if "pnc_write" in med and "bare_write_fsync" in med:

@@ -12,6 +12,7 @@ import pytest
 from pnc_net._proto import transport_pb2 as tpb
 from pnc_net.errors import IntegrityError, InvalidInputError, PncError
 from pnc_net.fsutil import sha256_bytes
+from pnc_net.serve import client as client_mod
 from pnc_net.serve import store as store_mod
 from pnc_net.serve.client import (
     CHUNK_BYTES,
@@ -32,17 +33,19 @@ SIZES = (0, 1, 127, 128, 300, 16383, 16384, 2097151, 2097152)
 def test_read_payload_is_what_protobuf_parses(n):
     data = os.urandom(n)
     raw = tpb.ReadResponse(data=data).SerializeToString()
-    got = _read_payload(raw)
-    assert isinstance(got, memoryview) and bytes(got) == data
+    holder, at = _read_payload(raw)
+    assert holder[at:] == data and (holder is raw or not data)
 
 
 def test_read_payload_falls_back_to_protobuf_for_other_encodings():
     a, b = os.urandom(50), os.urandom(70)
     repeated = (tpb.ReadResponse(data=a).SerializeToString()
                 + tpb.ReadResponse(data=b).SerializeToString())  # the last one wins
-    assert bytes(_read_payload(repeated)) == b == tpb.ReadResponse.FromString(repeated).data
+    holder, at = _read_payload(repeated)
+    assert holder[at:] == b == tpb.ReadResponse.FromString(repeated).data
     unknown = tpb.ReadResponse(data=a).SerializeToString() + bytes([2 << 3 | 0, 5])
-    assert bytes(_read_payload(unknown)) == a
+    holder, at = _read_payload(unknown)
+    assert holder[at:] == a
     truncated = tpb.ReadResponse(data=a).SerializeToString()[:-1]
     with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError
         _read_payload(truncated)
@@ -181,3 +184,21 @@ def test_reader_refuses_more_than_the_size_it_asked_for(mirror):
         c.write_blob("blobs", blob)
         with pytest.raises(IntegrityError, match="runs past its size"):
             c.read_blob("blobs", sha, CHUNK_BYTES + 1)
+
+
+@pytest.mark.parametrize("size", [None, 10, client_mod.ASSEMBLE_MIN_BYTES + 3])
+def test_assembly_builds_the_blob_in_place_or_by_joining(size):
+    n = size or 3000
+    data = os.urandom(n)
+    asm = client_mod._Assembly(size)
+    assert (asm._target is not None) == (size is not None and size > 10)
+    for i in range(0, n, 1000):  # each piece behind a 5-byte header, as a message has it
+        asm.add(b"hdr!!" + data[i: i + 1000], 5)
+    got = asm.result()
+    assert type(got) is bytes and got == data
+    if asm._target is not None:
+        with pytest.raises(IntegrityError):
+            asm.add(b"x", 0)  # never past the size it was made for
+        half = client_mod._Assembly(size)
+        half.add(data[:100], 0)
+        assert half.result() == data[:100]

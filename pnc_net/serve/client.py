@@ -9,6 +9,7 @@ server's status in one line.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import queue
@@ -265,13 +266,13 @@ class PncClient:
         (``read_limit``, see ``_smaller``), as a write on this client would send.
 
         The bytes are hashed as they arrive (on a second thread once a blob is larger
-        than a few chunks, overlapping the transfer), kept as views of the messages
-        gRPC delivered and joined once at the end: one copy of the blob on this side.
+        than a few chunks, overlapping the transfer) and copied once, from each message
+        gRPC delivered straight into the bytes object returned (``_Assembly``).
         A server that sends more than ``size`` (or ``MAX_BLOB_BYTES``) is refused at
         the message that runs over, so memory stays bounded by what was asked for."""
         name = f"{kind}/{sha256}" + (f"/{size}" if size is not None else "")
         cap = MAX_BLOB_BYTES if size is None else size
-        parts: list[memoryview] = []
+        blob = _Assembly(size)
         held = [0]  # bytes arrived so far (where the next attempt resumes)
         digest = _Hasher()
         learned = self._link_chunk  # what this link carried before
@@ -287,16 +288,17 @@ class PncClient:
                             tpb.ReadRequest(resource_name=name, read_offset=held[0],
                                             read_limit=limit),
                             timeout=_deadline(self.timeout_s, rest), metadata=self.metadata):
-                        piece = _read_payload(raw)
-                        if held[0] + len(piece) > cap:
+                        holder, at = _read_payload(raw)
+                        n = len(holder) - at
+                        if held[0] + n > cap:
                             raise IntegrityError(
                                 f"{self.address}: blob {sha256[:16]} runs past "
                                 f"{'its size' if size is not None else 'the blob limit'} "
                                 f"{cap} bytes; not saved")
-                        parts.append(piece)
-                        digest.update(piece)
-                        held[0] += len(piece)
-                        got += len(piece)
+                        blob.add(holder, at)
+                        digest.update(memoryview(holder)[at:])
+                        held[0] += n
+                        got += n
                     if not limit or got < limit or (size is not None and held[0] >= size):
                         return
             except grpc.RpcError as err:
@@ -308,8 +310,7 @@ class PncClient:
 
         try:
             self._retrying(attempt, progress=lambda: held[0])
-            data = b"".join(parts)  # while the hashing thread finishes the last chunks
-            del parts[:]
+            data = blob.result()  # while the hashing thread finishes the last chunks
             got_digest = digest.hexdigest()
         finally:
             digest.close()
@@ -470,11 +471,13 @@ def _write_request(name: str, offset: int, finish: bool, piece: memoryview) -> b
     return b"".join((head, _DATA_TAG, _varint(len(piece)), piece))
 
 
-def _read_payload(raw: bytes) -> memoryview:
-    """The data of a serialized ``ReadResponse`` as a view, without copying it.
+def _read_payload(raw: bytes) -> tuple[bytes, int]:
+    """Where the data of a serialized ``ReadResponse`` is: ``(holder, start)``, the data
+    being ``holder[start:]``, found without copying it.
 
-    A pnc server's answer is exactly field 1 (tag ``0x0a``, a varint length, the bytes);
-    anything else (empty, other or repeated fields) goes through protobuf's parser."""
+    A pnc server's answer is exactly field 1 (tag ``0x0a``, a varint length, the bytes):
+    then ``holder`` is ``raw``. Anything else (empty, other or repeated fields) goes
+    through protobuf's parser and ``holder`` is the data it returns."""
     n, shift, i = 0, 0, 1
     if len(raw) > 1 and raw[0] == 0x0A:
         while i < len(raw) and i <= 10:
@@ -483,10 +486,70 @@ def _read_payload(raw: bytes) -> memoryview:
             i += 1
             if not b & 0x80:
                 if i + n == len(raw):
-                    return memoryview(raw)[i:]
+                    return raw, i
                 break
             shift += 7
-    return memoryview(tpb.ReadResponse.FromString(raw).data)
+    return tpb.ReadResponse.FromString(raw).data, 0
+
+
+def _bytes_allocator() -> Callable[[int], bytes] | None:
+    """CPython's ``PyBytes_FromStringAndSize(NULL, n)``: a new, unshared bytes object whose
+    contents the caller fills (what C extensions do); None where ctypes cannot reach it."""
+    try:
+        fn = ctypes.pythonapi.PyBytes_FromStringAndSize
+    except (AttributeError, OSError):  # not CPython
+        return None
+    fn.restype, fn.argtypes = ctypes.py_object, [ctypes.c_char_p, ctypes.c_ssize_t]
+    return lambda n: fn(None, n)
+
+
+_NEW_BYTES = _bytes_allocator()
+ASSEMBLE_MIN_BYTES = 4 * CHUNK_BYTES  # smaller blobs are joined: nothing to gain
+
+
+def _address(b: bytes) -> int:
+    """The address of a bytes object's contents (ctypes passes it for ``c_char_p``)."""
+    addr = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
+    assert addr is not None
+    return addr
+
+
+class _Assembly:
+    """A read blob's bytes, put together as they arrive.
+
+    With the size known (and past ``ASSEMBLE_MIN_BYTES``) the result is allocated once,
+    up front, and each message's data is copied into it as it arrives (``memmove``,
+    which releases the GIL), so the message's memory is reused for the next one and the
+    blob is copied once, into memory touched once. Otherwise the messages are kept and
+    joined at the end (one copy too, but into fresh memory after holding the messages).
+    Callers check that no more than the size arrives before ``add``."""
+
+    def __init__(self, size: int | None) -> None:
+        self._target: bytes | None = None
+        self._parts: list[memoryview] = []
+        self.n = 0
+        if size is not None and size >= ASSEMBLE_MIN_BYTES and _NEW_BYTES is not None:
+            self._target = _NEW_BYTES(size)
+            self._addr = _address(self._target)
+
+    def add(self, holder: bytes, start: int) -> None:
+        """Append ``holder[start:]``."""
+        n = len(holder) - start
+        if self._target is not None:
+            if self.n + n > len(self._target):
+                raise IntegrityError(f"{self.n + n} bytes arrived for {len(self._target)}")
+            ctypes.memmove(self._addr + self.n, _address(holder) + start, n)
+        else:
+            self._parts.append(memoryview(holder)[start:])
+        self.n += n
+
+    def result(self) -> bytes:
+        """The bytes that arrived (the whole blob once ``n`` is its size)."""
+        if self._target is not None:
+            return self._target if self.n == len(self._target) else self._target[: self.n]
+        data = b"".join(self._parts)
+        self._parts = []
+        return data
 
 
 class _Hasher:
