@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 import torchvision
+from test_models import randomize_batchnorm
 from torch import nn
 
 from pnc_net.errors import IncompatibleError, PreconditionError
@@ -36,14 +37,7 @@ FAMILIES = {
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
     """Eval mode, frozen, with BatchNorm statistics and affine terms that are not the
     identity, so a wrong slice anywhere changes the outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.1
+    randomize_batchnorm(model, seed)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

@@ -18,6 +18,11 @@ def _randomized(arch: str, input_shape, num_classes: int = 5, seed: int = 0) -> 
     so pruning bugs (a wrong slice of a BN or a conv) change the outputs."""
     torch.manual_seed(seed)
     model = build_model(arch, in_channels=input_shape[0], num_classes=num_classes)
+    return randomize_batchnorm(model, seed).eval()
+
+
+def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
+    """Every BatchNorm2d given statistics and affine terms that are not the identity."""
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -26,7 +31,7 @@ def _randomized(arch: str, input_shape, num_classes: int = 5, seed: int = 0) -> 
             m.running_var = torch.rand(n, generator=gen) + 0.5
             m.weight.data = torch.rand(n, generator=gen) + 0.5
             m.bias.data = torch.randn(n, generator=gen) * 0.1
-    return model.eval()
+    return model
 
 
 def _random_masks(model: ZooNet, seed: int, keep: float = 0.5) -> dict[str, torch.Tensor]:
