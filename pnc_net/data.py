@@ -11,18 +11,26 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
 from pnc_net import datasources
 from pnc_net.errors import InvalidInputError, NotFoundError
 
 MNIST_SPLIT = (350, 50, 100)  # per class: train, validation, test
 MNIST_SEED = 0
+#: Images of one split: in memory, or an ImageFolder's files decoded when reached
+Images: TypeAlias = "torch.Tensor | datasources.LazyImages"
+#: Below this many images a pass decodes in process: DataLoader workers cost more to start
+WORKER_THRESHOLD = 1024
 
 
 @dataclass(frozen=True)
@@ -31,11 +39,11 @@ class Dataset:
 
     name: str
     label_names: tuple[str, ...]
-    x_train: torch.Tensor  # (n, c, h, w) float32 in [0, 1]
+    x_train: Images  # (n, c, h, w) float32 in [0, 1]
     y_train: torch.Tensor  # (n,) int64
-    x_val: torch.Tensor
+    x_val: Images
     y_val: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Images
     y_test: torch.Tensor
 
     @property
@@ -53,16 +61,54 @@ class Dataset:
             )
         return self.label_names.index(name)
 
-    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, which: str) -> tuple[Images, torch.Tensor]:
         """``(x, y)`` of ``"train"``, ``"val"`` or ``"test"``."""
         return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
 
 
+class _Rows(torch.utils.data.Dataset):
+    """``x[index[i]]`` one image at a time, for a DataLoader's workers."""
+
+    def __init__(self, x: datasources.LazyImages, index: torch.Tensor) -> None:
+        self.x, self.index = x, index.tolist()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x.image(self.index[i])
+
+
+def data_workers() -> int:
+    """DataLoader workers for passes over files (``$PNC_DATA_WORKERS``, default 2)."""
+    return int(os.environ.get("PNC_DATA_WORKERS", "2"))
+
+
+def iter_batches(x: Images, index: torch.Tensor | None = None,
+                 batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """``x[index]`` (all of ``x`` when ``index`` is None) in order, ``batch_size`` at a time.
+
+    Every pass over a split goes through here, so a pass holds one batch, never the
+    split: tensors are sliced; an ImageFolder's files are decoded by DataLoader
+    workers when there are enough of them to pay for the workers' start.
+    """
+    index = torch.arange(len(x)) if index is None else index
+    if not isinstance(x, datasources.LazyImages):
+        for i in range(0, len(index), batch_size):
+            yield x[index[i : i + batch_size]]
+        return
+    workers = data_workers() if len(index) >= WORKER_THRESHOLD else 0
+    loader = torch.utils.data.DataLoader(_Rows(x, index), batch_size=batch_size,
+                                         num_workers=workers)
+    yield from loader
+
+
 def select_classes(
-    x: torch.Tensor, y: torch.Tensor, classes: list[int], per_class: int | None = None,
+    x: Images, y: torch.Tensor, classes: list[int], per_class: int | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples of ``classes`` (at most ``per_class`` each, drawn with ``seed``)."""
+    """Samples of ``classes`` (at most ``per_class`` each, drawn with ``seed``), decoded:
+    an ImageFolder's other images are never read."""
     gen = torch.Generator().manual_seed(seed)
     picks = []
     for c in classes:
@@ -126,8 +172,8 @@ def load_rgb_digits(seed: int = MNIST_SEED, split: tuple[int, int, int] = MNIST_
         bg = torch.where(apart, 1 - fg, bg)  # too close: the complementary colour
         return (bg * (1 - x) + fg * x).contiguous()
 
-    return Dataset("rgb-digits", gray.label_names, colour(gray.x_train), gray.y_train,
-                   colour(gray.x_val), gray.y_val, colour(gray.x_test), gray.y_test)
+    return Dataset("rgb-digits", gray.label_names, colour(gray.x_train[:]), gray.y_train,
+                   colour(gray.x_val[:]), gray.y_val, colour(gray.x_test[:]), gray.y_test)
 
 
 #: The embedded data sets, by the name ``--data`` takes.
@@ -153,13 +199,15 @@ def dataset_from(source: datasources.Source, val_fraction: float = 0.1, seed: in
     return Dataset(name=source.name, label_names=source.label_names, **t)
 
 
-def _hold_out_validation(t: dict[str, torch.Tensor], fraction: float, seed: int) -> dict:
+def _hold_out_validation(t: dict[str, Any], fraction: float, seed: int) -> dict:
     n = len(t["x_train"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(n * fraction)) if n > 1 else 0
     val, train = perm[:n_val], perm[n_val:]
-    return {**t, "x_val": t["x_train"][val], "y_val": t["y_train"][val],
-            "x_train": t["x_train"][train], "y_train": t["y_train"][train]}
+    x = t["x_train"]
+    take = x.subset if isinstance(x, datasources.LazyImages) else x.__getitem__
+    return {**t, "x_val": take(val), "y_val": t["y_train"][val],
+            "x_train": take(train), "y_train": t["y_train"][train]}
 
 
 def load_dataset(path: str | Path | None, seed: int = 0) -> Dataset:

@@ -13,7 +13,9 @@ silence:
 * arrays ``(N, H, W, C)`` with 1 or 3 channels last are converted to ``(N, C, H, W)``;
   a shape whose channel axis cannot be told (``(N, 3, 8, 3)``) is refused;
 * ``ImageFolder`` images must all have the size of the first one (pnc does not resize);
-  grayscale images are repeated to RGB when the folder also holds colour images;
+  grayscale images are repeated to RGB when the folder also holds colour images. Only
+  headers are read up front: the images stay on disk as :class:`LazyImages` and are
+  decoded when a clone or a metric reaches them, so a large folder costs no memory;
 * CIFAR batches are unpickled by an unpickler that builds only dicts, lists, strings,
   numbers and numpy arrays, and refuses any other object the file asks for.
 """
@@ -49,7 +51,8 @@ class Source:
 
     name: str
     label_names: tuple[str, ...]
-    tensors: dict[str, torch.Tensor]  # x_train, y_train, x_test, y_test [, x_val, y_val]
+    tensors: dict[str, Any]  # x_train, y_train, x_test, y_test [, x_val, y_val]: tensors,
+    # or LazyImages for the images of an ImageFolder
 
 
 def first_line(err: BaseException) -> str:
@@ -233,6 +236,26 @@ def _class_files(folder: Path) -> dict[str, list[Path]]:
     return files
 
 
+def _refuse_32_bit(path: Path, mode: str) -> None:
+    if mode in ("I", "F"):
+        raise InvalidInputError(
+            f"{path} is a 32-bit image (mode {mode}); pnc reads 8- and 16-bit images: "
+            "save it as an 8-bit or 16-bit PNG")
+
+
+def _probe(path: Path) -> tuple[int, tuple[int, int]]:
+    """``(channels, (height, width))`` of an image from its header alone (no decoding)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            mode, (w, h) = im.mode, im.size
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for a bad file
+        raise InvalidInputError(f"{path} is not a readable image: {first_line(err)}") from None
+    _refuse_32_bit(path, mode)
+    return (1 if mode in ("1", "L", "LA") or mode.startswith("I;16") else 3), (h, w)
+
+
 def _decode(path: Path) -> np.ndarray:
     """One image as float32 ``(C, H, W)`` in ``[0, 1]``: C is 1 for grayscale, else 3."""
     from PIL import Image
@@ -241,14 +264,11 @@ def _decode(path: Path) -> np.ndarray:
         with Image.open(path) as im:
             im.load()
             mode = im.mode
+            _refuse_32_bit(path, mode)
             if mode in ("1", "L", "LA"):
                 arr = np.asarray(im.convert("L"), dtype=np.float32)[None] / 255.0
             elif mode.startswith("I;16"):
                 arr = np.asarray(im, dtype=np.float32)[None] / 65535.0
-            elif mode in ("I", "F"):
-                raise InvalidInputError(
-                    f"{path} is a 32-bit image (mode {mode}); pnc reads 8- and 16-bit images: "
-                    "save it as an 8-bit or 16-bit PNG")
             else:
                 arr = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
     except InvalidInputError:
@@ -258,30 +278,103 @@ def _decode(path: Path) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-class _Decoder:
-    """Decodes images in order, refusing any whose size differs from the first one's."""
+class LazyImages:
+    """The images of one ImageFolder split, decoded only when they are indexed.
 
-    def __init__(self) -> None:
-        self.first: tuple[Path, tuple[int, int]] | None = None
+    Why: a user's folder can be far larger than memory, while a clone reads only
+    its budget (``k`` per class) and streams the test split through batches
+    (``pnc_net.data.iter_batches``, DataLoader workers). Only paths and labels are
+    held. Indexing with an int gives one ``(C, H, W)`` image; with a slice, an
+    index tensor or a bool mask, a float32 ``(n, C, H, W)`` batch. A torch function
+    given a ``LazyImages`` (``torch.cat``, ``torch.equal``) decodes the whole split
+    first, which is right for small data and what in-memory sources do anyway.
+    """
 
-    def __call__(self, path: Path) -> np.ndarray:
+    dtype = torch.float32
+
+    def __init__(self, paths: list[Path], channels: int, size: tuple[int, int]) -> None:
+        self.paths, self.channels, self.size = list(paths), channels, size
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(N, C, H, W)``, as a tensor's."""
+        return torch.Size((len(self.paths), self.channels, *self.size))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def image(self, i: int) -> torch.Tensor:
+        """Image ``i`` decoded, ``(C, H, W)`` (grayscale repeated where the split is RGB)."""
+        path = self.paths[i]
         arr = _decode(path)
-        size = (arr.shape[1], arr.shape[2])
-        if self.first is None:
-            self.first = (path, size)
-        elif size != self.first[1]:
-            (h0, w0), (h, w) = self.first[1], size
+        if (arr.shape[1], arr.shape[2]) != self.size:  # the file changed since it was read
             raise InvalidInputError(
-                f"{path} is {h}x{w} (height x width) but {self.first[0]} is {h0}x{w0}: every "
-                "image must have the size of the first one, as pnc does not resize; resize "
-                f"them all to one size first (e.g. PIL's Image.resize((W, H)))")
-        return arr
+                f"{path} is {arr.shape[1]}x{arr.shape[2]} (height x width) but the folder's "
+                f"images are {self.size[0]}x{self.size[1]}; every image needs one size")
+        if arr.shape[0] != self.channels:
+            arr = np.repeat(arr, self.channels, axis=0)
+        return torch.from_numpy(arr)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if isinstance(index, int | np.integer):
+            return self.image(int(index))
+        picks = torch.arange(len(self))[index]
+        if picks.ndim == 0:
+            return self.image(int(picks))
+        if not len(picks):
+            return torch.zeros(0, *self.shape[1:])
+        return torch.stack([self.image(i) for i in picks.tolist()])
+
+    def __iter__(self):
+        return (self.image(i) for i in range(len(self)))
+
+    def subset(self, index: torch.Tensor) -> LazyImages:
+        """The images at ``index``, still undecoded."""
+        return LazyImages([self.paths[i] for i in index.tolist()], self.channels, self.size)
+
+    def materialize(self) -> torch.Tensor:
+        """The whole split as one tensor."""
+        return self[:]
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # noqa: D105
+        def real(a: Any) -> Any:
+            if isinstance(a, LazyImages):
+                return a.materialize()
+            if isinstance(a, list | tuple):
+                return type(a)(real(v) for v in a)
+            return a
+        return func(*real(args), **{k: real(v) for k, v in (kwargs or {}).items()})
 
 
-def _stack(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    rgb = any(a.shape[0] == 3 for a in images)  # grayscale images join RGB ones as RGB
-    x = np.stack([np.repeat(a, 3, axis=0) if rgb and a.shape[0] == 1 else a for a in images])
-    return torch.from_numpy(x), torch.tensor(labels, dtype=torch.int64)
+def _lazy_splits(picked: dict[str, list[tuple[Path, int]]], rng: np.random.Generator,
+                 ) -> dict[str, torch.Tensor | LazyImages]:
+    """Each split as ``LazyImages`` (shuffled with ``rng``) and its labels; every image's
+    header is read here, so unreadable files and mixed sizes are refused at once."""
+    first: tuple[Path, tuple[int, int]] | None = None
+    out: dict[str, Any] = {}
+    channels = 1
+    for s in SPLIT_FOLDERS:  # train first: its first image sets the size
+        if s not in picked:
+            continue
+        pairs = [picked[s][i] for i in rng.permutation(len(picked[s]))]
+        for path, _ in pairs:
+            c, size = _probe(path)
+            channels = max(channels, c)  # gray joins RGB as RGB, across splits too
+            if first is None:
+                first = (path, size)
+            elif size != first[1]:
+                (h0, w0), (h, w) = first[1], size
+                raise InvalidInputError(
+                    f"{path} is {h}x{w} (height x width) but {first[0]} is {h0}x{w0}: every "
+                    "image must have the size of the first one, as pnc does not resize; "
+                    "resize them all to one size first (e.g. PIL's Image.resize((W, H)))")
+        out[f"x_{s}"] = [p for p, _ in pairs]
+        out[f"y_{s}"] = torch.tensor([label for _, label in pairs], dtype=torch.int64)
+    assert first is not None, "_class_files refuses a split without images"
+    for s in picked:
+        out[f"x_{s}"] = LazyImages(out[f"x_{s}"], channels, first[1])
+    return out
 
 
 def _folder_split(counts: dict[str, int], folder: Path) -> dict[str, tuple[int, int, int]]:
@@ -307,7 +400,6 @@ def read_imagefolder(root: Path, seed: int = 0) -> Source:
     folders = [e for e in entries if e.is_dir()]
     splits = {e.name: e for e in folders if e.name in SPLIT_FOLDERS}
     rng = np.random.default_rng(seed)
-    decode = _Decoder()
     if not splits:
         files = _class_files(root)
         names = tuple(files)
@@ -345,16 +437,7 @@ def read_imagefolder(root: Path, seed: int = 0) -> Source:
                     + "; every split needs the same class folders")
         picked = {s: [(p, names.index(c)) for c, paths in files.items() for p in paths]
                   for s, files in by_split.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for s in SPLIT_FOLDERS:  # train first: its first image sets the size
-        if s in picked:
-            pairs = [picked[s][i] for i in rng.permutation(len(picked[s]))]
-            tensors[f"x_{s}"], tensors[f"y_{s}"] = _stack([decode(p) for p, _ in pairs],
-                                                          [label for _, label in pairs])
-    if len({tensors[f"x_{s}"].shape[1] for s in picked}) > 1:  # gray in one split, RGB in another
-        for s in picked:
-            if tensors[f"x_{s}"].shape[1] == 1:
-                tensors[f"x_{s}"] = tensors[f"x_{s}"].repeat(1, 3, 1, 1)
+    tensors = _lazy_splits(picked, rng)
     return Source(root.resolve().name, names, tensors)
 
 

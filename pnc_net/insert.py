@@ -32,7 +32,8 @@ class InsertConfig:
     max_shift: int = 2
     epochs: int = 6
     lr: float = 3e-3
-    batch_size: int = 64
+    batch_size: int = 64  # adapter training steps
+    eval_batch_size: int = 512  # forward passes without grad (cached features, scores)
     mse_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 2.0
@@ -90,7 +91,7 @@ def prepare(source: ZooNet, data: CloneData, cfg: InsertConfig, seed: int) -> Pr
     loc = LocalizeConfig(hide_prob=cfg.negative_hide_prob)
     neg, _ = localized_samples(data.x_new, loc, gen, copies=1)
     val_neg, _ = localized_samples(data.x_val_new, loc, gen, copies=1)
-    return Prepared(xs, ys, predict_logits(source, xs), neg[len(data.x_new):],
+    return Prepared(xs, ys, predict_logits(source, xs, cfg.eval_batch_size), neg[len(data.x_new):],
                     val_neg[len(data.x_val_new):])
 
 
@@ -115,20 +116,21 @@ def fit_adapter_lstsq(branch: Branch, h_r: torch.Tensor, f_s: torch.Tensor,
 
 
 def source_features(source: ZooNet, x: torch.Tensor, position_s: int,
-                    keep: torch.Tensor | None) -> torch.Tensor:
+                    keep: torch.Tensor | None, batch_size: int = 512) -> torch.Tensor:
     """The source's features at boundary S, only the ``keep`` channels (what the adapter fits)."""
-    with torch.no_grad():
-        f = source.forward_features(x, position_s)
-    return f if keep is None else f[:, keep]
+    def at_s(xb: torch.Tensor) -> torch.Tensor:
+        f = source.forward_features(xb, position_s)
+        return f if keep is None else f[:, keep]
+    return predict_logits(at_s, x, batch_size)
 
 
 def train_adapter(target: ZooNet, source: ZooNet, branch: Branch, keep: torch.Tensor | None,
                   prep: Prepared, cloned: torch.Tensor, cfg: InsertConfig,
                   gen: torch.Generator) -> None:
     """CE + distillation on cloned samples, feature MSE on all of ``D``."""
-    with torch.no_grad():
-        h_r = target.forward_features(prep.x, branch.position_r)
-    f_s = source_features(source, prep.x, branch.position_s, keep)
+    h_r = predict_logits(lambda xb: target.forward_features(xb, branch.position_r), prep.x,
+                         cfg.eval_batch_size)
+    f_s = source_features(source, prep.x, branch.position_s, keep, cfg.eval_batch_size)
     sub = torch.randperm(len(prep.x), generator=gen)[: cfg.lsq_samples]
     fit_adapter_lstsq(branch, h_r[sub], f_s[sub])
     opt = torch.optim.Adam(branch.adapter.parameters(), lr=cfg.lr)
@@ -155,10 +157,11 @@ def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig
     """Class-balanced BCE on cached logits: 1 on cloned samples, 0 on everything else."""
     x = torch.cat([prep.x, prep.x_neg])
     label = torch.cat([(prep.y >= 0).float(), torch.zeros(len(prep.x_neg))])
+    bs = cfg.eval_batch_size
     with torch.no_grad():
-        z_t = predict_logits(target, x)
-        runs = [branch.run(target.forward_features(x[i : i + 512], branch.position_r))
-                for i in range(0, len(x), 512)]
+        z_t = predict_logits(target, x, bs)
+        runs = [branch.run(target.forward_features(x[i : i + bs], branch.position_r))
+                for i in range(0, len(x), bs)]
         z_s = torch.cat([r[0] for r in runs])
         f_b = torch.cat([r[1] for r in runs])
     pos = label.sum().clamp_min(1)
@@ -175,19 +178,22 @@ def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig
 
 
 def score_branch(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
-                 data: CloneData, prep: Prepared) -> dict[str, float]:
+                 data: CloneData, prep: Prepared, batch_size: int = 512) -> dict[str, float]:
     """Validation score: new-class accuracy, locality (or negative rejection without
     target-class data), and their mean."""
     sb = Superbody(target, target_labels, [branch]).eval()
     n_t = len(target_labels)
-    with torch.no_grad():
-        acc_new = float((sb(data.x_val_new).argmax(1) == data.y_val_new + n_t).float().mean())
-        out = {"val_acc_new": acc_new}
-        if len(data.x_val_old):
-            same = sb(data.x_val_old).argmax(1) == target(data.x_val_old).argmax(1)
-            out["val_locality"] = float(same.float().mean())
-        else:
-            out["val_locality"] = float((sb(prep.x_val_neg).argmax(1) < n_t).float().mean())
+
+    def answer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return predict_logits(model, x, batch_size).argmax(1)
+
+    acc_new = float((answer(sb, data.x_val_new) == data.y_val_new + n_t).float().mean())
+    out = {"val_acc_new": acc_new}
+    if len(data.x_val_old):
+        same = answer(sb, data.x_val_old) == answer(target, data.x_val_old)
+        out["val_locality"] = float(same.float().mean())
+    else:
+        out["val_locality"] = float((answer(sb, prep.x_val_neg) < n_t).float().mean())
     out["score"] = (out["val_acc_new"] + out["val_locality"]) / 2
     return out
 
@@ -203,14 +209,14 @@ def calibrate_energy_veto(target: ZooNet, target_labels: tuple[str, ...], branch
     without, validation locality would be measured on stand-ins whose energy is
     that of cloned digits, so it cannot judge a veto and the fixed quantile is used.
     """
-    with torch.no_grad():
-        lse = predict_logits(target, prep.x[prep.y >= 0]).logsumexp(1)
+    lse = predict_logits(target, prep.x[prep.y >= 0], cfg.eval_batch_size).logsumexp(1)
     options = cfg.veto_quantiles if data.real_val_old else (cfg.veto_quantile_without_target_data,)
     best: dict[str, float] | None = None
     for q in options:
         tau = NO_ENERGY_VETO if q is None else float(torch.quantile(lse, q).half())
         branch.gate.energy_max.fill_(tau)  # fp16-exact, so an fp16 package keeps the same veto
-        score = {**score_branch(target, target_labels, branch, data, prep),
+        score = {**score_branch(target, target_labels, branch, data, prep,
+                                cfg.eval_batch_size),
                  "energy_quantile": 1.0 if q is None else q, "energy_max": tau}
         if best is None or score["score"] > best["score"]:
             best = score

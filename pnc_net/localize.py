@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pnc_net.models import ZooNet
+from pnc_net.training import predict_logits
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class LocalizeConfig:
     sparsity: float = 0.02  # lambda of the L1 term
     temperature: float = 2.0
     min_keep: int = 4  # never drop a unit below this many filters
+    batch_size: int = 256  # samples per forward pass (scores and the refinement's teacher)
 
 
 def cloned_view(logits: torch.Tensor, cloned: torch.Tensor) -> torch.Tensor:
@@ -115,8 +117,8 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
                  init: dict[str, torch.Tensor], cfg: LocalizeConfig,
                  gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Relax bits to gates, fit local fidelity + L1, threshold back (method.md step 2)."""
-    with torch.no_grad():
-        teacher = (cloned_view(source(x), cloned) / cfg.temperature).log_softmax(1)
+    teacher = (cloned_view(predict_logits(source, x, cfg.batch_size), cloned)
+               / cfg.temperature).log_softmax(1)
     theta = {k: torch.where(m, 2.0, -2.0).requires_grad_(True) for k, m in init.items()}
     opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
     for _ in range(cfg.refine_steps):
@@ -154,7 +156,7 @@ def localize(source: ZooNet, x_new: torch.Tensor, y_new: torch.Tensor,
     x, w = localized_samples(x_new, cfg, gen)
     y = y_new.repeat(cfg.perturbations_per_sample + 1)
     idx = torch.tensor(cloned, dtype=torch.long)
-    scores = taylor_scores(work, x, y, w, idx)
+    scores = taylor_scores(work, x, y, w, idx, cfg.batch_size)
     init = top_fraction_masks(scores, cfg.keep_ratio, cfg.min_keep)
     if cfg.refine_steps <= 0:
         return init

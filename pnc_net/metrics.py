@@ -8,7 +8,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from pnc_net.data import Dataset
+from pnc_net.data import Dataset, Images, iter_batches
 from pnc_net.models import ZooNet
 from pnc_net.superbody import Superbody
 from pnc_net.training import predict_logits
@@ -37,12 +37,13 @@ class Evaluable(Protocol):
 
 
 def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test",
-                ) -> tuple[torch.Tensor, list[str]]:
-    """Test samples whose label name is in ``labels``, with labels as names."""
+                ) -> tuple[Images, torch.Tensor, list[str]]:
+    """The split's images, the indices of the samples whose label name is in
+    ``labels`` and their labels as names (images are read a batch at a time later)."""
     x, y = data.split(split)
     wanted = torch.tensor([data.label_names.index(n) for n in labels if n in data.label_names])
-    keep = torch.isin(y, wanted)
-    return x[keep], [data.label_names[i] for i in y[keep].tolist()]
+    keep = torch.nonzero(torch.isin(y, wanted)).flatten()
+    return x, keep, [data.label_names[i] for i in y[keep].tolist()]
 
 
 def clone_metrics(superbody: Evaluable, data: Dataset,
@@ -53,13 +54,13 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
     target_labels = superbody.target_labels
     new_labels = names[len(target_labels):]
     index = {n: i for i, n in enumerate(names)}
-    x_old, y_old = _samples_of(data, target_labels)
-    x_new, y_new = _samples_of(data, new_labels)
+    x, i_old, y_old = _samples_of(data, target_labels)
+    _, i_new, y_new = _samples_of(data, new_labels)
     yo = torch.tensor([index[n] for n in y_old], dtype=torch.long)
     yn = torch.tensor([index[n] for n in y_new], dtype=torch.long)
-    p_old = predict_logits(superbody, x_old).argmax(1)
-    p_new = predict_logits(superbody, x_new).argmax(1)
-    t_old = predict_logits(superbody.target, x_old).argmax(1)
+    p_old = predict_logits(superbody, x, index=i_old).argmax(1)
+    p_new = predict_logits(superbody, x, index=i_new).argmax(1)
+    t_old = predict_logits(superbody.target, x, index=i_old).argmax(1)
     n_all = len(yo) + len(yn)
     out = {
         "acc_old": float((p_old == yo).float().mean()),
@@ -72,9 +73,9 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
     if sources:
         correct, total = 0, 0
         for model, labels in sources:
-            xs, ys = _samples_of(data, tuple(n for n in labels if n in new_labels))
+            xs, i_s, ys = _samples_of(data, tuple(n for n in labels if n in new_labels))
             src_idx = torch.tensor([labels.index(n) for n in ys], dtype=torch.long)
-            correct += int((predict_logits(model, xs).argmax(1) == src_idx).sum())
+            correct += int((predict_logits(model, xs, index=i_s).argmax(1) == src_idx).sum())
             total += len(ys)
         out["source_acc_new"] = correct / max(total, 1)
     if isinstance(superbody, Superbody) and superbody.attached():
@@ -104,21 +105,28 @@ def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
     branches = superbody.attached()
     starts = torch.tensor([n_t + sum(len(b.label_names) for b in branches[:i])
                            for i in range(len(branches))])
-    x_old, y_old = _samples_of(data, superbody.target_labels, split)
-    x_new, y_new = _samples_of(data, names[n_t:], split)
+    x, i_old, y_old = _samples_of(data, superbody.target_labels, split)
+    _, i_new, y_new = _samples_of(data, names[n_t:], split)
     truth = torch.tensor([names.index(n) for n in y_new], dtype=torch.long)
     owner = torch.bucketize(truth, starts, right=True) - 1  # the branch holding each class
+    pred_old = predict_logits(superbody, x, index=i_old).argmax(1)
+    t_old = predict_logits(superbody.target, x, index=i_old).argmax(1)
+    fused, branch_votes = [], []  # per batch: the superbody's answer, each branch's own
+    superbody.eval()
     with torch.no_grad():
-        pred_old = predict_logits(superbody, x_old).argmax(1)
-        t_old = predict_logits(superbody.target, x_old).argmax(1)
-        parts = superbody.parts(x_new)
-    pred_new = superbody.fuse(parts).argmax(1)
+        for xb in iter_batches(x, i_new, 512):
+            parts = superbody.parts(xb)
+            fused.append(superbody.fuse(parts).argmax(1))
+            branch_votes.append(torch.stack([zs[:, b.cloned_index].argmax(1) for b, zs
+                                             in zip(branches, parts["z_s"])], 1))
+    pred_new = torch.cat(fused) if fused else truth[:0]
+    votes = torch.cat(branch_votes) if branch_votes else truth[:0, None]
     oracle_new = torch.empty_like(truth)  # each input's own branch decides among its labels
     in_own = torch.zeros_like(truth, dtype=torch.bool)
     for i, b in enumerate(branches):
         rows = owner == i
         own = starts[i] + torch.arange(len(b.label_names))
-        oracle_new[rows] = parts["z_s"][i][rows][:, b.cloned_index].argmax(1) + starts[i]
+        oracle_new[rows] = votes[rows, i] + starts[i]
         in_own[rows] = torch.isin(pred_new[rows], own)
     n_new = max(len(truth), 1)
     y_old_idx = torch.tensor([names.index(n) for n in y_old], dtype=torch.long)
@@ -131,10 +139,11 @@ def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
     }
 
 
-def penultimate(model: ZooNet, x: torch.Tensor) -> torch.Tensor:
+def penultimate(model: ZooNet, x: Images) -> torch.Tensor:
     """Pooled penultimate features ``(n, c)`` of ``model`` (gates as set), without grad."""
     with torch.no_grad():
-        return model.head.features(model.forward_features(x, model.num_blocks))
+        return torch.cat([model.head.features(model.forward_features(xb, model.num_blocks))
+                          for xb in iter_batches(x, batch_size=512)])
 
 
 def sim_matrix(source: ZooNet, masks: dict[str, torch.Tensor], data: Dataset,
@@ -159,7 +168,7 @@ def sim_matrix(source: ZooNet, masks: dict[str, torch.Tensor], data: Dataset,
             "matrix": matrix.tolist()}
 
 
-def detach_is_exact(superbody: Superbody, fresh_target: ZooNet, x: torch.Tensor) -> bool:
+def detach_is_exact(superbody: Superbody, fresh_target: ZooNet, x: Images) -> bool:
     """True when the detached superbody's outputs equal those of ``fresh_target`` (the
     same zoo model loaded anew from disk) bit for bit. Branches are re-attached after."""
     branches = superbody.attached()

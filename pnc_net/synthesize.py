@@ -36,6 +36,7 @@ class SynthesizeConfig:
     bn_weight: float = 0.5
     tv_weight: float = 0.05
     jitter: int = 2
+    batch_size: int = 256  # inputs optimised together (their BatchNorm statistics are matched)
 
 
 def _bn_statistics_loss(model: nn.Module,
@@ -90,11 +91,25 @@ def cached_target_samples(target: ZooNet, target_sha256: str, num_classes: int,
 def synthesize_target_samples(target: ZooNet, num_classes: int, input_shape: tuple[int, ...],
                               cfg: SynthesizeConfig | None = None, seed: int = 0) -> torch.Tensor:
     """``(num_classes * per_class, *input_shape)`` inputs in [0, 1] that the target
-    reads confidently as each of its classes, with its training feature statistics."""
+    reads confidently as each of its classes, with its training feature statistics.
+
+    The inputs are optimised ``cfg.batch_size`` at a time, so memory does not grow
+    with the number of classes. A target without BatchNorm (a LayerNorm ViT) keeps
+    no training statistics: its inversion has only the class and smoothness terms,
+    which gives less natural stand-ins (``docs/method.md``, k_t = 0)."""
     cfg = cfg or SynthesizeConfig()
     gen = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(target).eval()
     y = torch.arange(num_classes).repeat(cfg.per_class)
+    # in batches: a batch's statistics are what the BatchNorm term matches, and one
+    # batch of every class x per_class would not fit in memory for a large target
+    return torch.cat([_invert(model, y[i : i + cfg.batch_size], input_shape, cfg, gen)
+                      for i in range(0, len(y), cfg.batch_size)])
+
+
+def _invert(model: nn.Module, y: torch.Tensor, input_shape: tuple[int, ...],
+            cfg: SynthesizeConfig, gen: torch.Generator) -> torch.Tensor:
+    """Inputs in [0, 1] that ``model`` reads as ``y``, one batch optimised together."""
     raw = (torch.randn(len(y), *input_shape, generator=gen) - 1.5).requires_grad_(True)
     opt = torch.optim.Adam([raw], lr=cfg.lr)
     handles, bn_losses = _bn_statistics_loss(model)

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from pnc_net.data import Images, iter_batches
+
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -35,12 +37,12 @@ def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Ten
 
 
 @torch.no_grad()
-def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                   batch_size: int = 512) -> torch.Tensor:
-    """Logits of ``model`` over ``x`` in eval mode, batched."""
+def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: Images,
+                   batch_size: int = 512, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of ``model`` over ``x`` (or ``x[index]``) in eval mode, a batch at a time."""
     if isinstance(model, nn.Module):
         model.eval()
-    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    outs = [model(xb) for xb in iter_batches(x, index, batch_size)]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 

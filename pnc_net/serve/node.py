@@ -397,6 +397,6 @@ def _load_repair_data(path: Path) -> tuple[torch.Tensor, torch.Tensor, tuple[str
     from pnc_net.data import load_npz
 
     ds = load_npz(path)
-    x = torch.cat([ds.x_train, ds.x_val]) if len(ds.x_val) else ds.x_train
+    x = torch.cat([ds.x_train[:], ds.x_val[:]]) if len(ds.x_val) else ds.x_train[:]
     y = torch.cat([ds.y_train, ds.y_val]) if len(ds.y_val) else ds.y_train
     return x.float(), y.long(), tuple(ds.label_names)
