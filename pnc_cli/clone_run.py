@@ -26,7 +26,7 @@ from pnc_net.zoo import Zoo
 
 def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  per_class: int, target_per_class: int, seed: int, positions: str | None,
-                 adapter_rank: int) -> CloneConfig:
+                 adapter_rank: int, batch_size: int | None = None) -> CloneConfig:
     """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work."""
     if len(classes) != len(sources):
         raise InvalidInputError(
@@ -37,7 +37,7 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
         per_class=per_class, target_per_class=target_per_class, seed=seed,
         positions=tuple(parse_positions(positions)) if positions else None,
         insert=InsertConfig(adapter_rank=adapter_rank),
-    )
+    ).with_batch_size(batch_size)
 
 
 def tqdm_runner(enabled: bool) -> Callable[..., Any]:

@@ -77,11 +77,12 @@ def zoo_build(
 
 @zoo_app.command("train")
 def zoo_train(
-    data: Annotated[Path, typer.Option("--data", help="Training data (.npz).")],
+    data: Annotated[Path, typer.Option("--data", help="Training data: an .npz, an ImageFolder or a CIFAR batches folder.")],
     classes: Annotated[str, typer.Option("--classes", help="Label names to learn, e.g. 0,1,2.")],
     arch: Annotated[str, typer.Option("--arch", help="Architecture: cnn or resnet.")] = "cnn",
     name: Annotated[str, typer.Option("--name", help="Model name (a label).")] = "",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
     seed: int = 0, zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Train a model on your own data and add it to the zoo."""
@@ -91,8 +92,10 @@ def zoo_train(
 
     dataset = load_dataset(data)
     labels = split_labels(classes)
+    if batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
     spec = ZooSpec(name or f"{dataset.name}-{arch}-{'-'.join(labels)}", arch, labels, epochs,
-                   seed=seed)
+                   seed=seed, batch_size=batch_size)
     m = train_zoo_model(Zoo(zoo_dir), dataset, spec, progress=not json_out)
     if json_out:
         print_json({"name": m.name, "sha256": m.sha256, "test_accuracy": m.test_accuracy})
@@ -266,6 +269,7 @@ def clone_cmd(
     adapter_rank: Annotated[int, typer.Option("--adapter-rank", help="Rank of the adapter's 1x1 map.")] = 8,
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16, fp32, int8.")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Clone classes of a source zoo model into a target; write the package."""
@@ -277,7 +281,7 @@ def clone_cmd(
         raise InvalidInputError(f"--dtype {dtype!r} is not one of {', '.join(wire.WIRE_DTYPES)}")
     cfg = clone_config(target, source, classes, per_class=per_class,
                        target_per_class=target_per_class, seed=seed, positions=positions,
-                       adapter_rank=adapter_rank)  # before Ray starts: a mistake costs nothing
+                       adapter_rank=adapter_rank, batch_size=batch_size)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")
@@ -310,7 +314,9 @@ def check_eval_data(dataset, input_shape: tuple[int, ...], labels: tuple[str, ..
 
 
 def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
-             data: DataOpt = None, zoo_dir: ZooOpt = None, json_out: JsonOpt = False) -> None:
+             data: DataOpt = None, zoo_dir: ZooOpt = None,
+             batch_size: Annotated[int, typer.Option("--batch-size", help="Test images per forward pass.")] = 512,
+             json_out: JsonOpt = False) -> None:
     """Rebuild the superbody from the zoo and the package; report metrics and detach_exact."""
     from pnc_net import wire
     from pnc_net.data import load_dataset
@@ -319,13 +325,15 @@ def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
     from pnc_net.zoo import Zoo, model_from_weights
 
     started = time.perf_counter()
+    if batch_size < 1:
+        raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
     zoo = Zoo(zoo_dir)
     pkg, raw = wire.read_package(package)
     superbody, fp_err = verify(zoo, pkg)
     dataset = load_dataset(data)
     check_eval_data(dataset, tuple(load_ref(zoo, pkg.target)[2]), pkg.label_names)
     sources = [load_ref(zoo, m.source)[:2] for m in pkg.modules]
-    metrics = clone_metrics(superbody, dataset, sources)
+    metrics = clone_metrics(superbody, dataset, sources, batch_size)
     fresh_manifest = zoo.resolve(pkg.target.sha256)
     fresh = model_from_weights(fresh_manifest, zoo.read_weights(fresh_manifest))
     exact = detach_is_exact(superbody, fresh, dataset.x_test)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -57,8 +57,12 @@ class CloneConfig:
     synthesize: bool = True  # invert the target for extra (k_t = 0: stand-in) target samples
     localize: LocalizeConfig = field(default_factory=LocalizeConfig)
     insert: InsertConfig = field(default_factory=InsertConfig)
+    # the most images any pass holds at once (None: each step's own, see with_batch_size)
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InvalidInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.sources:
             raise InvalidInputError("a clone needs at least one source")
         if self.per_class < 1:
@@ -68,6 +72,28 @@ class CloneConfig:
         labels = [c for s in self.sources for c in s.classes]
         if len(set(labels)) != len(labels):
             raise InvalidInputError(f"two sources clone the same class: {labels}")
+
+    def with_batch_size(self, n: int | None) -> CloneConfig:
+        """This config with no pass holding more than ``n`` images at once.
+
+        Each step keeps its own measured batch when it is smaller: 512 for passes
+        without gradients (cached features, scores, metrics), 256 for localization's
+        scores and the target's inversion, 64 for adapter steps. Lowering ``n`` bounds
+        a clone's activation memory for large inputs; the inversion matches BatchNorm
+        statistics per batch, so a smaller batch there gives other stand-ins.
+        """
+        if n is None:
+            return replace(self, batch_size=None)
+        return replace(
+            self, batch_size=n,
+            localize=replace(self.localize, batch_size=min(self.localize.batch_size, n)),
+            insert=replace(self.insert, batch_size=min(self.insert.batch_size, n),
+                           eval_batch_size=min(self.insert.eval_batch_size, n)))
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Images per forward pass without gradients (metrics, inversion cap)."""
+        return self.insert.eval_batch_size
 
     @classmethod
     def single(cls, target: str, source: str, classes: Sequence[str], **kw) -> CloneConfig:
@@ -200,10 +226,12 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
         checked.append((spec, source, s_manifest, candidates))
     synthetic = None
     if cfg.synthesize:  # without target data, twice as many: half of them validate
-        per_class = SynthesizeConfig().per_class * (1 if cfg.target_per_class else 2)
+        default = SynthesizeConfig()
+        syn = replace(default, per_class=default.per_class * (1 if cfg.target_per_class else 2),
+                      batch_size=min(default.batch_size, cfg.batch_size or default.batch_size))
         synthetic = cached_target_samples(
             target, t_manifest.sha256, len(t_manifest.label_names),
-            tuple(t_manifest.input_shape), SynthesizeConfig(per_class=per_class), cfg.seed)
+            tuple(t_manifest.input_shape), syn, cfg.seed)
     modules = []
     for spec, source, s_manifest, candidates in checked:
         others = [c for c in all_cloned if c not in spec.classes]
@@ -309,7 +337,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
     report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches}
     package, superbody = make_package(job, branches, report)
     metrics = clone_metrics(superbody, data, [(m.source, m.manifest.label_names)
-                                              for m in job.modules])
+                                              for m in job.modules], cfg.eval_batch_size)
     report.update(metrics=metrics, seconds=time.perf_counter() - started)
     package.report = report
     return CloneResult(package, superbody, report)
@@ -320,6 +348,7 @@ def settings_of(cfg: CloneConfig) -> dict:
     return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
-            "synthetic_target_samples": cfg.synthesize}
+            "synthetic_target_samples": cfg.synthesize,
+            **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
 
 

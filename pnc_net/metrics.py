@@ -47,9 +47,11 @@ def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test",
 
 
 def clone_metrics(superbody: Evaluable, data: Dataset,
-                  sources: list[tuple[ZooNet, tuple[str, ...]]] | None = None) -> dict[str, float]:
+                  sources: list[tuple[ZooNet, tuple[str, ...]]] | None = None,
+                  batch_size: int = 512) -> dict[str, float]:
     """``acc_old``, ``acc_new``, ``acc_all``, ``locality``, ``target_acc_old``, and
-    ``source_acc_new`` when ``sources`` (model, label names) are given."""
+    ``source_acc_new`` when ``sources`` (model, label names) are given; the test
+    split is read ``batch_size`` images at a time."""
     names = superbody.label_names
     target_labels = superbody.target_labels
     new_labels = names[len(target_labels):]
@@ -58,9 +60,9 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
     _, i_new, y_new = _samples_of(data, new_labels)
     yo = torch.tensor([index[n] for n in y_old], dtype=torch.long)
     yn = torch.tensor([index[n] for n in y_new], dtype=torch.long)
-    p_old = predict_logits(superbody, x, index=i_old).argmax(1)
-    p_new = predict_logits(superbody, x, index=i_new).argmax(1)
-    t_old = predict_logits(superbody.target, x, index=i_old).argmax(1)
+    p_old = predict_logits(superbody, x, batch_size, i_old).argmax(1)
+    p_new = predict_logits(superbody, x, batch_size, i_new).argmax(1)
+    t_old = predict_logits(superbody.target, x, batch_size, i_old).argmax(1)
     n_all = len(yo) + len(yn)
     out = {
         "acc_old": float((p_old == yo).float().mean()),
@@ -75,16 +77,17 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
         for model, labels in sources:
             xs, i_s, ys = _samples_of(data, tuple(n for n in labels if n in new_labels))
             src_idx = torch.tensor([labels.index(n) for n in ys], dtype=torch.long)
-            correct += int((predict_logits(model, xs, index=i_s).argmax(1) == src_idx).sum())
+            correct += int((predict_logits(model, xs, batch_size, i_s).argmax(1)
+                            == src_idx).sum())
             total += len(ys)
         out["source_acc_new"] = correct / max(total, 1)
     if isinstance(superbody, Superbody) and superbody.attached():
-        out.update(gap_decomposition(superbody, data))
+        out.update(gap_decomposition(superbody, data, batch_size=batch_size))
     return out
 
 
 def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
-                      ) -> dict[str, float]:
+                      batch_size: int = 512) -> dict[str, float]:
     """Where a superbody loses against the two networks it is made of.
 
     An *oracle gate* knows the true class set: it sends a target-class input to
@@ -109,12 +112,12 @@ def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
     _, i_new, y_new = _samples_of(data, names[n_t:], split)
     truth = torch.tensor([names.index(n) for n in y_new], dtype=torch.long)
     owner = torch.bucketize(truth, starts, right=True) - 1  # the branch holding each class
-    pred_old = predict_logits(superbody, x, index=i_old).argmax(1)
-    t_old = predict_logits(superbody.target, x, index=i_old).argmax(1)
+    pred_old = predict_logits(superbody, x, batch_size, i_old).argmax(1)
+    t_old = predict_logits(superbody.target, x, batch_size, i_old).argmax(1)
     fused, branch_votes = [], []  # per batch: the superbody's answer, each branch's own
     superbody.eval()
     with torch.no_grad():
-        for xb in iter_batches(x, i_new, 512):
+        for xb in iter_batches(x, i_new, batch_size):
             parts = superbody.parts(xb)
             fused.append(superbody.fuse(parts).argmax(1))
             branch_votes.append(torch.stack([zs[:, b.cloned_index].argmax(1) for b, zs

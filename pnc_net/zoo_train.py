@@ -27,6 +27,7 @@ class ZooSpec:
     epochs: int = 6
     lr: float = 3e-3
     seed: int = 0
+    batch_size: int = 64  # images per training step (the measured default)
 
 
 DEFAULT_ZOO = (
@@ -71,10 +72,10 @@ def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = Tru
     model = build_model(spec.arch, **arch_args)
     x, y = class_subset(data, spec.classes, "train")
     train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
-                     desc=f"train {spec.name}", progress=progress)
+                     batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress)
     xt, yt = class_subset(data, spec.classes, "test")
     acc = accuracy(predict_logits(model, xt), yt)
-    recipe = {"optimizer": "adam", "lr": spec.lr, "epochs": spec.epochs, "batch_size": 64,
+    recipe = {"optimizer": "adam", "lr": spec.lr, "epochs": spec.epochs, "batch_size": spec.batch_size,
               "augment": "random shift <= 2 px", "seed": spec.seed, "train_samples": len(x)}
     return zoo.add(model, {
         "name": spec.name, "arch": spec.arch, "arch_args": arch_args, "input_shape": data.input_shape,
@@ -92,7 +93,7 @@ def train_imported_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool 
     model = checkpoints.build_arch(spec.arch, {"num_classes": len(spec.classes)})
     x, y = class_subset(data, spec.classes, "train")
     train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
-                     desc=f"train {spec.name}", progress=progress)
+                     batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress)
     model.eval()
     xt, yt = class_subset(data, spec.classes, "test")
     acc = accuracy(predict_logits(model, xt), yt)

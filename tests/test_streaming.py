@@ -111,3 +111,39 @@ def test_a_clone_reads_only_its_budget_from_an_imagefolder(zoo, folder, monkeypa
     assert len(decoded["val"]) == 6 + 2 * 5  # min(k, 50) but the folder has 6 per class
     # the metrics read the target's and the cloned classes' test images, nothing else
     assert decoded["test"] == set(torch.nonzero(ds.y_test <= 5).flatten().tolist())
+
+
+# ----------------------------------------------------------------------------- --batch-size
+
+
+def test_with_batch_size_caps_every_step_and_keeps_smaller_ones():
+    from pnc_net.cloning import CloneConfig
+
+    cfg = CloneConfig.single("t", "s", ("5",))
+    small = cfg.with_batch_size(100)
+    assert (small.batch_size, small.localize.batch_size, small.insert.batch_size,
+            small.insert.eval_batch_size) == (100, 100, 64, 100)
+    assert cfg.with_batch_size(None) == cfg
+    with pytest.raises(InvalidInputError, match="--batch-size must be at least 1"):
+        cfg.with_batch_size(0)
+
+
+def test_metrics_do_not_depend_on_the_batch_size(default_clone, mnist):
+    from pnc_net.metrics import clone_metrics
+
+    sb = default_clone.superbody
+    a, b = clone_metrics(sb, mnist, batch_size=512), clone_metrics(sb, mnist, batch_size=37)
+    assert a.keys() == b.keys()
+    for k in a:  # another batch may round a kernel differently: at most one answer in a
+        assert a[k] == pytest.approx(b[k], abs=2e-3), k  # thousand test digits moves
+
+
+def test_a_clone_with_a_small_batch_size_runs_and_records_it(zoo, mnist):
+    from pnc_net.cloning import CloneConfig, clone
+
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5",), per_class=10,
+                             target_per_class=2, positions=((3, 3),),
+                             synthesize=False).with_batch_size(16)
+    result = clone(zoo, mnist, cfg)
+    assert result.report["settings"]["batch_size"] == 16
+    assert 0 <= result.report["metrics"]["acc_new"] <= 1
