@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -101,41 +102,81 @@ def fetch_cmd(package_id: Annotated[str, typer.Argument(help="Package id or uniq
         f"{info['id']}  {len(data):,} bytes -> {out}", highlight=False, soft_wrap=True)
 
 
-def load_images(paths: list[Path]) -> np.ndarray:
-    """(N, 1, H, W) float32 in [0, 1] from PNG or .npy files (each may hold several)."""
-    from pnc_net.images import image_batch
+#: What ``--channels`` may ask a picture to be converted to (PIL modes).
+PICTURE_MODES = {1: "L", 3: "RGB"}
 
+
+def load_images(paths: list[Path], channels: int = 1) -> np.ndarray:
+    """(N, C, H, W) float32 in [0, 1] from PNG (or other picture) and .npy files (each
+    .npy may hold several images, used as they are). Pictures are converted to
+    ``channels`` channels: 1 (grayscale) or 3 (RGB)."""
+    from pnc_net.images import image_batch, picture_batch
+
+    if channels not in PICTURE_MODES:
+        raise InvalidInputError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
     arrays = []
     for p in paths:
         if not p.is_file():
             raise NotFoundError(f"image {p} does not exist")
         try:
             if p.suffix.lower() == ".npy":
-                arr = np.load(p, allow_pickle=False)
+                arr = image_batch(np.load(p, allow_pickle=False))
             else:
                 from PIL import Image
 
-                arr = np.asarray(Image.open(p).convert("L"))
+                with Image.open(p) as img:
+                    arr = picture_batch(np.asarray(img.convert(PICTURE_MODES[channels])))
         except Exception as err:  # noqa: BLE001 - PIL and numpy raise many kinds
             raise InvalidInputError(f"cannot read image {p}: {err}") from None
-        arrays.append(image_batch(arr))
+        arrays.append(arr)
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) != 1:
         raise InvalidInputError(f"images have different shapes {sorted(shapes)}")
     return np.concatenate(arrays)
 
 
+def package_channels(client, package: str) -> int | None:
+    """The channel count the package's models take, as the receiver reports it: the
+    target's zoo manifest (its digest is the first of the record's ``zoo_refs``). None
+    when the receiver does not say."""
+    from pnc_net.images import channels_of
+
+    info = client.stat(package)
+    try:
+        refs = json.loads(info.metadata_json or "{}").get("zoo_refs") or []
+    except (ValueError, AttributeError):
+        return None
+    if not refs:
+        return None
+    try:
+        return channels_of(client.zoo_manifest(refs[0]))
+    except NotFoundError:
+        return None
+
+
 def predict_cmd(images: Annotated[list[Path], typer.Argument(help="PNG or .npy files.")],
                 src: Annotated[str, typer.Option("--from", help="Receiver HOST:PORT.")],
                 package: Annotated[str, typer.Option("--package", help="Package id/prefix.")],
+                channels: Annotated[int | None, typer.Option(
+                    "--channels", help="Convert pictures to 1 (grayscale) or 3 (RGB) "
+                    "channels [default: what the package's models take, asked of the "
+                    "receiver]; .npy files are sent as they are.")] = None,
                 token: TokenOpt = None, tls_ca: CaOpt = None, tls_cert: CertOpt = None,
                 tls_key: KeyOpt = None, json_out: JsonOpt = False) -> None:
     """Remote inference on the receiver's rebuilt superbody."""
     from pnc_net.serve.channel import check_digest  # torch-free (serve.store is not)
 
     check_digest(package, prefix_ok=True, what="package id")
-    x = load_images(images)
+    if channels is not None and channels not in PICTURE_MODES:
+        raise InvalidInputError(f"--channels {channels}: use 1 (grayscale) or 3 (RGB)")
+    missing = [p for p in images if not p.is_file()]
+    if missing:
+        raise NotFoundError(f"image {missing[0]} does not exist")
+    pictures = any(p.suffix.lower() != ".npy" for p in images)
+    x = load_images(images, channels or 1) if channels is not None or not pictures else None
     with _client(src, token, tls_ca, tls_cert, tls_key) as c:
+        if x is None:  # pictures take the channels the package's models take
+            x = load_images(images, package_channels(c, package) or 1)
         resp = c.predict(package, x)
     rows = [{"label": p.label, "probability": round(p.probability, 4)} for p in resp.predictions]
     if json_out:
@@ -171,8 +212,6 @@ def status_cmd(src: Annotated[str, typer.Option("--from", help="Daemon HOST:PORT
 
 def _published_as(metadata_json: str) -> str:
     """``name vN (signer key id)`` of a named package, ``-`` for an unnamed one."""
-    import json
-
     try:
         meta = json.loads(metadata_json or "{}")
     except ValueError:
