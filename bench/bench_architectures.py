@@ -9,9 +9,10 @@ its own subprocess (``OMP_NUM_THREADS=1``, one torch thread) under
 ``--timeout-per-model``, so a hang, a crash or an out-of-memory kill costs one row,
 never the sweep. The worker:
 
-1. builds the model at random init (seed 0, 5 classes, BatchNorm statistics and
-   affine terms randomized as the tests do) and finds its smallest valid input
-   among ``SIZES`` (the first square size its forward accepts);
+1. builds the model at random init (seed 0, 5 classes, BatchNorm affine terms
+   randomized as the tests do), finds its smallest valid input among ``SIZES`` (the
+   first square size its forward accepts) and measures its BatchNorm statistics on
+   8 random images of that size (``_calibrated``);
 2. traces it (``graphnet.trace``), wraps it in a ``GraphNet`` (boundaries, mask
    units), checks the wrapped net equals the module, and checks *pruned == masked*
    (random masks, Torch-Pruning's pruned tail against the gated net) at up to four
@@ -54,6 +55,7 @@ SEED = 0
 PRUNED_RTOL = 1e-5  # pruned == masked: |pruned - masked| <= 1e-5 * max(1, max |masked|)
 DEFAULT_MAX_PARAMS = 200_000_000
 FIELDS = ("model", "input", "params", "traced", "boundaries", "mask_units", "prunable",
+          "unmasked_reason",
           "wrapped_equals_module", "pruned_equals_masked", "pruned_max_diff",
           "pruned_boundaries", "refused_boundaries", "positions", "detach_exact",
           "verified", "package_bytes", "seconds", "error", "ok")
@@ -98,7 +100,32 @@ def _randomized(model, seed: int):
     return model.eval()
 
 
-def _build(name: str, seed: int):
+def _calibrated(model, size: int, seed: int):
+    """BatchNorm running statistics measured on 8 random images (one forward with
+    only the BatchNorms in train mode): at random init some models' activations grow by orders of
+    magnitude per block (Inception-v3's logits reach 1e10 with the statistics above), which
+    overflows the adapter's least-squares fit. The statistics still differ per channel."""
+    import torch
+    from torch import nn
+
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        return model
+    gen = torch.Generator().manual_seed(seed)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: exactly this batch's statistics
+    model.eval()  # only the BatchNorms train: no auxiliary heads, no dropout
+    for m in bns:
+        m.train()
+    with torch.no_grad():
+        model(torch.rand(8, 3, size, size, generator=gen))
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+def _build(name: str, seed: int, size: int | None = None):
     import torch
     import torchvision
 
@@ -106,7 +133,8 @@ def _build(name: str, seed: int):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")  # googlenet/inception init FutureWarnings
         model = torchvision.models.get_model(name, num_classes=NUM_CLASSES)
-    return _randomized(model, seed)
+    model = _randomized(model, seed)
+    return model if size is None else _calibrated(model, size, seed)
 
 
 def _smallest_input(model) -> tuple[int, str | None]:
@@ -207,8 +235,11 @@ def _clone_once(root: Path, files: dict[str, Path], target: str, source: str,
     shape = (3, size, size)
     zoo = Zoo(root)
     for ref in (target, source):
-        zoo.add_checkpoint(files[ref], f"torchvision:{ref.split('@')[0]}", labels[ref], shape,
-                           name=ref.replace("@", "-"))
+        try:
+            zoo.add_checkpoint(files[ref], f"torchvision:{ref.split('@')[0]}", labels[ref],
+                               shape, name=ref.replace("@", "-"))
+        except Exception as err:  # noqa: BLE001 - the row names the step that failed
+            raise RuntimeError(f"Zoo.add_checkpoint of {ref}: {one_line(err)}") from None
     t_name, s_name = target.replace("@", "-"), source.replace("@", "-")
     digests = {n: state_digest(zoo.load_module(n)[0]) for n in (t_name, s_name)}
     cfg = CloneConfig.single(
@@ -221,7 +252,10 @@ def _clone_once(root: Path, files: dict[str, Path], target: str, source: str,
     payload = wire.encode(result.package)
     package = wire.decode(payload)
     fresh = Zoo(root)  # a receiver: nothing cached from the sender's side
-    sb, err = verify(fresh, package)
+    try:
+        sb, err = verify(fresh, package)
+    except Exception as exc:  # noqa: BLE001
+        raise RuntimeError(f"rebuild/verify: {one_line(exc)}") from None
     module, _ = fresh.load_module(t_name)
     x = torch.rand(2, *shape)
     with torch.no_grad():
@@ -258,6 +292,7 @@ def worker(name: str, out: Path, max_params: int) -> None:
     if not size:
         return fail("input", f"no input size in {SIZES} runs ({why})")
     shape = (3, size, size)
+    _calibrated(model, size, SEED)
     st.save("trace")
     try:
         trace(model, shape)
@@ -273,6 +308,7 @@ def worker(name: str, out: Path, max_params: int) -> None:
     row["boundaries"] = net.num_blocks
     row["mask_units"] = len(net.mask_widths())
     row["prunable"] = row["mask_units"] > 0
+    row["unmasked_reason"] = net.unmasked_reason
     x = torch.rand(2, *shape)
     with torch.no_grad():
         row["wrapped_equals_module"] = bool(torch.equal(net(x), model(x)))
@@ -305,7 +341,7 @@ def worker(name: str, out: Path, max_params: int) -> None:
         partners = {partner_t: SEED + 1, partner_s: SEED + 2}
         partner_blocks = 0
         for ref, seed in partners.items():
-            pm = _build(PARTNER, seed)
+            pm = _build(PARTNER, seed, size)
             torch.save(pm.state_dict(), files[ref])
             partner_blocks = GraphNet(pm, shape, maskable=False).num_blocks
         roles = {
@@ -331,6 +367,101 @@ def worker(name: str, out: Path, max_params: int) -> None:
     row["error"] = "; ".join(errors) or None
     row["seconds"] = round(time.perf_counter() - started, 1)
     st.save("done")
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    return str(value)
+
+
+def _roles(value: dict | None, fmt=_cell) -> str:
+    value = value or {}
+    return " / ".join(fmt(value.get(r)) for r in ("target", "source"))
+
+
+def render(rows: list[dict], out: Path) -> None:
+    """``docs/architectures.md`` from the sweep's rows (``--render``)."""
+    failed = [r for r in rows if not r["ok"]]
+    lines = [DOC_INTRO.strip(), "", f"**{summary(rows)}** "
+             f"({100 * sum(r['ok'] for r in rows) / max(len(rows), 1):.0f}%; "
+             f"{sum(r['seconds'] or 0 for r in rows) / 60:.0f} minutes of one core in all).", "",
+             "## Failures", ""]
+    if not failed:
+        lines.append("None.")
+    for r in failed:
+        lines.append(f"- `{r['model']}`: {r['error'] or _failed_check(r)}")
+    lines += ["", "## Every model", "",
+              "| model | input | params (M) | traced | boundaries | mask units "
+              "| pruned == masked (max diff) | detach exact (T / S) | package bytes (T / S) "
+              "| seconds | ok |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = r["pruned_max_diff"]
+        pm = _cell(r["pruned_equals_masked"]) + (f" ({diff:.0e})" if diff is not None else "")
+        params = f"{r['params'] / 1e6:.1f}" if r["params"] else "-"
+        lines.append(
+            f"| {r['model']} | {_cell(r['input'])} | {params} | {_cell(r['traced'])} "
+            f"| {_cell(r['boundaries'])} | {_cell(r['mask_units'])} | {pm} "
+            f"| {_roles(r['detach_exact'])} "
+            f"| {_roles(r['package_bytes'], lambda v: '-' if v is None else f'{v:,}')} "
+            f"| {_cell(r['seconds'])} | {'yes' if r['ok'] else '**no**'} |")
+    out.write_text("\n".join(lines) + "\n")
+
+
+def _failed_check(row: dict) -> str:
+    bad = [k for k in ("wrapped_equals_module", "pruned_equals_masked") if not row[k]]
+    bad += [f"{k} ({role})" for k in ("detach_exact", "verified")
+            for role, v in (row[k] or {}).items() if not v]
+    return "failed " + ", ".join(bad)
+
+
+DOC_INTRO = """
+# Real architectures: the torchvision registry
+
+Every classification architecture in torchvision
+(`torchvision.models.list_models(module=torchvision.models)`) through
+`pnc_net/graphnet.py`, at random init: does it wrap, and does it clone both ways?
+Generated by `bench/bench_architectures.py` from `bench/results/architectures.json`;
+how `GraphNet` finds boundaries and mask units is in `docs/method.md` (real
+architectures).
+
+Per model, in its own subprocess (one thread, a timeout, so a crash costs one row):
+
+- **input**: the smallest square input among 32, 64, 96, 128, 160, 224, 299 that
+  its forward accepts (seed 0, 5 classes, BatchNorm affine terms randomized as the
+  tests do and BatchNorm statistics measured on 8 random images of that size);
+- **traced**: `torch.fx` traces it; **boundaries** and **mask units** are the
+  `GraphNet`'s; the wrapped net must equal the module (`torch.equal`);
+- **pruned == masked**: random masks, Torch-Pruning's pruned tail against the gated
+  net at up to four source boundaries (about 1/2, 3/4, the last two), within
+  `atol = 1e-5 * max(1, max |masked|)` as in `tests/test_graphnet.py`
+  (the table gives the largest difference);
+- **two clones** through the library's own path: `.pth` files imported with
+  `Zoo.add_checkpoint`, `cloning.clone` with one candidate position (about 3/4 of
+  each network's depth), one epoch, 4 images per cloned class and 2 per target
+  class of random data (mechanics, not accuracy): the model as **target** with a
+  resnet18 source, and as **source** with a resnet18 target. Each package goes
+  through `wire.encode`/`decode` (**package bytes**), is rebuilt and verified from
+  a fresh `Zoo`, and `detach()` must give the exact target (`torch.equal`, zoo
+  weights unchanged): **detach exact**.
+
+A model counts when every check holds in both roles. Models above 200M parameters
+(`--max-params`) get every check but the clones (memory: the sweep's machine has
+24 GiB shared with other work); their row says "skipped".
+
+Rerun (about an hour on one core):
+
+```bash
+OMP_NUM_THREADS=1 python bench/bench_architectures.py                 # or --models a,b --resume
+python bench/bench_architectures.py --render docs/architectures.md    # this page
+```
+"""
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -409,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-params", type=int, default=DEFAULT_MAX_PARAMS,
                     help="above this many parameters, no clones (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON on stdout")
+    ap.add_argument("--render", type=Path, metavar="MD",
+                    help="write the markdown page of the rows in --out to MD, run nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--row", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -418,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     order = registry()
+    if args.render:
+        rows_in = {r["model"]: r for r in json.loads(args.out.read_text())}
+        render([rows_in[n] for n in order if n in rows_in]
+               + [r for n, r in sorted(rows_in.items()) if n not in order], args.render)
+        print(summary(list(rows_in.values())), file=sys.stderr)
+        return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else order
     unknown = [n for n in names if n not in order]
     if unknown:

@@ -199,7 +199,45 @@ def find_boundaries(gm: fx.GraphModule, final_fc: fx.Node) -> list[fx.Node]:
     # the last 4-d cut point before the head is always a boundary: the head starts there
     if cuts and (not best or best[-1] is not cuts[-1]):
         best = [*best, cuts[-1]]
+    last = [b.name for b in best if _channel_dim(gm, b) != 1]
+    if last:  # a Swin transformer's (b, h, w, c) stages: 4-d, but not (b, c, h, w)
+        raise IncompatibleError(
+            f"{len(last)} of the {len(best)} feature boundaries are channels-last (b, h, w, c) "
+            f"token features (first: {last[0]}), as in a Swin transformer; pnc needs "
+            "(b, c, h, w) boundaries (token features are not implemented yet)")
     return best
+
+
+def _channel_dim(gm: fx.GraphModule, node: fx.Node) -> int:
+    """Which dimension of a 4-d tensor holds its channels: 1 unless it went through a
+    ``permute``/``transpose`` since the last conv or BatchNorm (or the input). Walks back
+    through the first 4-d input of each op; a reshape ends the walk (answering 1)."""
+    perms: list[list[int]] = []
+    for _ in range(100_000):
+        if node.op == "placeholder" or (node.op == "call_module" and isinstance(
+                gm.get_submodule(str(node.target)), (nn.Conv2d, nn.BatchNorm2d))):
+            break
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name in ("view", "reshape", "flatten", "unflatten"):
+            break
+        rest = node.args[1:]
+        if name == "permute":
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            if len(dims) == 4:
+                perms.append([int(d) % 4 for d in dims])  # type: ignore[arg-type]
+        elif name == "transpose" and len(rest) == 2:
+            order = [0, 1, 2, 3]
+            i, j = (int(d) % 4 for d in rest)  # type: ignore[arg-type]
+            order[i], order[j] = order[j], order[i]
+            perms.append(order)
+        inputs = [a for a in node.all_input_nodes if len(_shape(a) or ()) == 4]
+        if not inputs:
+            break
+        node = inputs[0]
+    dim = 1
+    for dims in reversed(perms):  # the oldest permutation first
+        dim = dims.index(dim)
+    return dim
 
 
 def _final_linear(gm: fx.GraphModule) -> fx.Node:
@@ -271,12 +309,18 @@ def mask_units(module: nn.Module, input_shape: tuple[int, ...], final_fc_name: s
 
     module = _traceable_copy(module)  # Torch-Pruning follows autograd: frozen weights hide it
     final_fc = module.get_submodule(final_fc_name)
-    graph = _dependency_graph(module, input_shape)
+    try:
+        graph = _dependency_graph(module, input_shape)
+        groups = [list(g) for g in graph.get_all_groups(
+            ignored_layers=[final_fc], root_module_types=[nn.Conv2d, nn.Linear])]
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning's index mappings raise anything
+        raise IncompatibleError(
+            f"Torch-Pruning cannot group the coupled channels of {type(module).__name__} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+            ) from None
     names = {m: n for n, m in module.named_modules()}
     units = []
-    for group in graph.get_all_groups(ignored_layers=[final_fc],
-                                      root_module_types=[nn.Conv2d, nn.Linear]):
-        items = list(group)
+    for items in groups:
         mods = [it.dep.target.module for it in items]
         if any(isinstance(m, _UNPRUNABLE) for m in mods):
             continue
@@ -331,7 +375,13 @@ class GraphNet(ZooNet):
                                     "boundary before its head")
         fc = gm.get_submodule(str(fc_node.target))
         assert isinstance(fc, nn.Linear)  # _final_linear checked it
-        units = mask_units(module, shape, str(fc_node.target)) if maskable else []
+        units: list[MaskUnit] = []
+        unmasked = _splits_channels(gm) if maskable else None
+        if maskable and unmasked is None:
+            try:
+                units = mask_units(module, shape, str(fc_node.target))
+            except IncompatibleError as err:
+                unmasked = str(err)
         gates = {u.name: ChannelGate(u.width) for u in units}
         _insert_consumer_gates(gm, units, gates)
         penultimate = fc_node.args[0]
@@ -347,6 +397,10 @@ class GraphNet(ZooNet):
         self._gates = gates  # plain dict: ChannelGates hold no weights, only the current gate
         self.plain = [module]  # in a list: not a submodule (its weights are the segments')
         self._owners = [None, *(_owner(gm, c, units) for c in cuts)]
+        self._parts = [None, *(_concat_parts(gm, c, units) for c in cuts)]
+        #: why the model has no mask units although asked to (None: it has them, or none
+        #: were asked for); such a source is cloned whole
+        self.unmasked_reason = unmasked
 
     def mask_gates(self) -> dict[str, ChannelGate]:
         """Every mask unit by name (its root module's qualified name)."""
@@ -379,11 +433,24 @@ class GraphNet(ZooNet):
     def _kept_channels(self, pruned: GraphNet, start: int, masks: dict[str, torch.Tensor],
                        ) -> torch.Tensor | None:
         """Which channels of boundary ``start`` survive pruning (None = all): the owning
-        unit's mask. Channels that several units own (a concatenation) are refused."""
+        unit's mask, or for a concatenation each part's (its unit's mask, or all of an
+        unmasked part), in order. Any other channel count is refused."""
         channels = pruned.feature_info(self.input_shape)[start].channels
         owner = self._owners[start]
         if owner is not None and owner in masks and int(masks[owner].sum()) == channels:
             return torch.nonzero(masks[owner]).flatten()
+        parts = self._parts[start]
+        if parts is not None and any(o in masks for o, _ in parts):
+            keep, offset = [], 0
+            for o, width in parts:
+                m = masks.get(o) if o is not None else None
+                kept = (torch.nonzero(m).flatten() if m is not None and m.numel() == width
+                        else torch.arange(width))
+                keep.append(kept + offset)
+                offset += width
+            kept_all = torch.cat(keep)
+            if len(kept_all) == channels:
+                return kept_all
         if channels == self.feature_info(self.input_shape)[start].channels:
             return None
         raise IncompatibleError(
@@ -445,20 +512,9 @@ def _owner(gm: fx.GraphModule, node: fx.Node, units: Sequence[MaskUnit]) -> str 
     so the first that resolves decides). ``pruned_tail`` checks the answer by count.
     """
     owner_of = {m: u.name for u in units for m in u.out_modules}
-    keeps_channels = _POINTWISE_FUNCTIONS | _ELEMENTWISE_BINARY | {F.max_pool2d}
-    if node.op == "call_module":
-        target = str(node.target)
-        if target in owner_of:
-            return owner_of[target]
-        mod = gm.get_submodule(target)
-        weightless = next(mod.parameters(), None) is None  # StochasticDepth, a custom act
-        if not (isinstance(mod, (*_POINTWISE_MODULES, *_POOLS, ConsumerGate)) or weightless):
-            return None
-    elif node.op in ("call_function", "call_method"):
-        if (node.target not in keeps_channels
-                and getattr(node.target, "__name__", "") != "stochastic_depth"):
-            return None
-    else:
+    if node.op == "call_module" and str(node.target) in owner_of:
+        return owner_of[str(node.target)]
+    if not _keeps_channels(gm, node):
         return None
     same = [a for a in node.args if isinstance(a, fx.Node) and _shape(a) == _shape(node)]
     for arg in same or [a for a in node.args if isinstance(a, fx.Node)][:1]:
@@ -468,19 +524,74 @@ def _owner(gm: fx.GraphModule, node: fx.Node, units: Sequence[MaskUnit]) -> str 
     return None
 
 
+def _keeps_channels(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An op that keeps each channel where it is (``_owner`` walks back through these)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        weightless = next(mod.parameters(), None) is None  # StochasticDepth, a custom act
+        return isinstance(mod, (*_POINTWISE_MODULES, *_POOLS, ConsumerGate)) or weightless
+    if node.op in ("call_function", "call_method"):
+        return (node.target in _POINTWISE_FUNCTIONS | _ELEMENTWISE_BINARY | {F.max_pool2d}
+                or getattr(node.target, "__name__", "") == "stochastic_depth")
+    return False
+
+
+def _concat_parts(gm: fx.GraphModule, node: fx.Node, units: Sequence[MaskUnit],
+                  ) -> list[tuple[str | None, int]] | None:
+    """``(owning unit or None, channels)`` of each part of a boundary that concatenates
+    channels (``torch.cat`` on dim 1, then ops that keep channels, as ``_owner`` walks:
+    GoogLeNet's and Inception's blocks, a DenseNet); None for any other boundary."""
+    while node.op != "call_function" or node.target is not torch.cat:
+        if not _keeps_channels(gm, node):
+            return None
+        width = (_shape(node) or (0, 0))[1:2]
+        inputs = [a for a in node.all_input_nodes if (_shape(a) or (0, 0))[1:2] == width]
+        if not inputs:
+            return None
+        node = inputs[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    tensors = node.args[0]
+    if dim not in (1, -3) or not isinstance(tensors, (list, tuple)):
+        return None
+    parts: list[tuple[str | None, int]] = []
+    for x in tensors:
+        if not isinstance(x, fx.Node) or _shape(x) is None:
+            return None
+        inner = _concat_parts(gm, x, units)
+        parts += inner if inner is not None else [(_owner(gm, x, units), (_shape(x) or ())[1])]
+    return parts
+
+
+def _splits_channels(gm: fx.GraphModule) -> str | None:
+    """Why Torch-Pruning cannot follow this graph's channels (None: it can): a view of a
+    ``(b, c, h, w)`` tensor into more dimensions (ShuffleNet's channel shuffle, MaxViT's
+    window partition) makes its index mapping fail or grow without bound."""
+    for n in gm.graph.nodes:
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if name in ("view", "reshape") and n.all_input_nodes:
+            before, after = _shape(n.all_input_nodes[0]), _shape(n)
+            if before is not None and after is not None and len(before) == 4 and len(after) > 4:
+                return (f"node {n.name} views a (b, c, h, w) tensor as {len(after)}-d (a channel "
+                        "shuffle or window partition), which Torch-Pruning cannot follow")
+    return None
+
+
 def prune_module(module: nn.Module, input_shape: tuple[int, ...],
                  masks: dict[str, torch.Tensor], units: dict[str, MaskUnit]) -> nn.Module:
     """A copy of ``module`` with every unit's dropped channels physically removed."""
     import torch_pruning as tp
 
     copy_ = _traceable_copy(module)
-    graph = _dependency_graph(copy_, input_shape)
+    drops = {}
     for name, mask in masks.items():
         if name not in units:
             raise IncompatibleError(f"mask {name!r} names no mask unit of this model")
         drop = torch.nonzero(~mask.bool()).flatten().tolist()
-        if not drop:
-            continue
+        if drop:
+            drops[name] = drop
+    graph = _dependency_graph(copy_, input_shape) if drops else None
+    for name, drop in drops.items():
+        assert graph is not None
         root = copy_.get_submodule(name)
         fn = tp.prune_conv_out_channels if isinstance(root, nn.Conv2d) else tp.prune_linear_out_channels
         graph.get_pruning_group(root, fn, idxs=drop).prune()
