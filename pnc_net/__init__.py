@@ -13,6 +13,13 @@ Typical use::
                                                  ("5", "6")))
     superbody = build_superbody(zoo, result.package)
 
+Two modules held in memory (torchvision models, say), no zoo::
+
+    from pnc_net import clone_modules
+
+    result = clone_modules(r18, mobilenet, data, classes=("5", "6"), name="five_six")
+    result.superbody.set_branches([])      # the bare target; ["five_six"] again to clone
+
 The names below are imported on first use (PEP 562), so ``import pnc_net`` and
 the torch-free edge client (``pnc_net.serve.client``) do not pay for torch.
 """
@@ -35,6 +42,7 @@ _API = {
     "SourceSpec": "pnc_net.cloning",
     "CloneResult": "pnc_net.cloning",
     "clone": "pnc_net.cloning",
+    "clone_modules": "pnc_net.modules_api",
     "Superbody": "pnc_net.superbody",
     "Branch": "pnc_net.superbody",
     "Package": "pnc_net.package",
@@ -47,6 +55,7 @@ _API = {
 __all__ = [  # the same names as _API (tests/test_api.py checks it), spelled out for tools
     "Branch", "CloneConfig", "CloneResult", "Dataset", "Manifest", "Package", "SourceSpec",
     "Superbody", "Zoo", "__version__", "build_superbody", "clone", "clone_metrics",
+    "clone_modules",
     "load_dataset", "load_mnist", "read_package", "verify", "write_package",
 ]
 
@@ -54,6 +63,7 @@ if TYPE_CHECKING:
     from pnc_net.cloning import CloneConfig, CloneResult, SourceSpec, clone
     from pnc_net.data import Dataset, load_dataset, load_mnist
     from pnc_net.metrics import clone_metrics
+    from pnc_net.modules_api import clone_modules
     from pnc_net.package import Package
     from pnc_net.rebuild import build_superbody, verify
     from pnc_net.superbody import Branch, Superbody

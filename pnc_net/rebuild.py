@@ -98,14 +98,23 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
     return branch.eval()
 
 
+def default_branch_name(i: int) -> str:
+    """The name of a package's ``i``-th module's branch: ``branch{i}``. Packages carry no
+    branch names (the wire format is unchanged), and ``Superbody(target, labels, [b0, b1])``
+    names a list of new branches the same way, so ``clone()``'s superbody and the one
+    rebuilt from its package agree."""
+    return f"branch{i}"
+
+
 def build_superbody(zoo: Zoo, package: Package) -> Superbody:
-    """Rebuild the superbody a package describes from the local zoo."""
+    """Rebuild the superbody a package describes from the local zoo (branches named
+    ``branch0``, ``branch1``, ... in the package's order)."""
     target, target_labels, input_shape = load_ref(zoo, package.target)
     sb = Superbody(target, target_labels)
-    for module in package.modules:
+    for i, module in enumerate(package.modules):  # named as clone()'s superbody names them
         source, source_labels, _ = load_ref(zoo, module.source)
-        sb.attach(branch_from_module(target, target_labels, input_shape, source,
-                                     source_labels, module))
+        sb.attach(default_branch_name(i), branch_from_module(
+            target, target_labels, input_shape, source, source_labels, module))
     if sb.label_names != tuple(package.label_names):
         raise IncompatibleError(
             f"package label map {list(package.label_names)} does not match the rebuilt "

@@ -10,12 +10,18 @@ head``. A fusion gate ``g(x)`` weighs the two heads (``docs/method.md``)::
 With several branches, each gate's odds ``g/(1-g)`` weigh its head against the
 target's (weight 1): one branch reduces to the formula above. ``detach()`` hands
 back the very target module, untouched, so its outputs are bit-identical.
+
+Branches are named, as PEFT names adapters: ``attach(name, branch)``,
+``detach(name)``, ``set_branches([names])`` (which attached branches run; the others
+stay attached but inactive) and ``disable_branches()``. A branch attached without a
+name keeps the one it had, or gets ``branch0``, ``branch1``, ...
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import keyword
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -23,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pnc_net.errors import IncompatibleError
+from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError
 from pnc_net.models import Head, ZooNet
 
 
@@ -125,6 +131,7 @@ class Branch(nn.Module):
         self.adapter, self.blocks, self.head, self.gate = adapter, blocks, head, gate
         self.register_buffer("cloned_index", torch.tensor(cloned_classes, dtype=torch.long))
         self.label_names = label_names
+        self.name: str | None = None  # the name it was last attached under
         for p in [*self.blocks.parameters(), *self.head.parameters()]:
             p.requires_grad_(False)  # source weights stay frozen
 
@@ -141,61 +148,188 @@ class Branch(nn.Module):
         return self.run(h_r)[0]
 
 
+_RESERVED = nn.ModuleDict()  # names a ModuleDict cannot hold: its own attributes
+
+
+def check_branch_name(name: object) -> str:
+    """``name`` if it can name a branch: a Python identifier that is not a keyword and
+    not an attribute of ``nn.ModuleDict`` (``keys``, ``training``, ...).
+
+    Raises:
+        InvalidInputError: any other name.
+    """
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise InvalidInputError(
+            f"branch name {name!r} is not a Python identifier (letters, digits and _, "
+            "not starting with a digit, not a keyword)")
+    if hasattr(_RESERVED, name):
+        raise InvalidInputError(f"branch name {name!r} is reserved (an attribute of "
+                                "nn.ModuleDict); choose another")
+    return name
+
+
 class Superbody(nn.Module):
-    """Target + branches. ``forward`` returns probabilities over ``label_names``."""
+    """Target + named branches. ``forward`` returns probabilities over ``label_names``.
+
+    ``branches`` may be a list (named ``branch0``, ``branch1``, ... unless a branch
+    remembers a name) or a mapping of names to branches; every one is active.
+    """
 
     def __init__(self, target: ZooNet, target_labels: tuple[str, ...],
-                 branches: list[Branch] | None = None) -> None:
+                 branches: Sequence[Branch] | Mapping[str, Branch] | nn.ModuleDict | None = None,
+                 ) -> None:
         super().__init__()
         self.target = target
         self.target_labels = tuple(target_labels)
-        self.branches = nn.ModuleList()
-        for branch in branches or []:
-            self.attach(branch)
+        self.branch_modules = nn.ModuleDict()  # every attached branch, in attach order
+        self._active: list[str] = []  # the names forward runs, in output order
+        if isinstance(branches, (Mapping, nn.ModuleDict)):
+            for name, branch in branches.items():
+                self.attach(name, cast(Branch, branch))  # attach checks it is a Branch
+        else:
+            for branch in branches or []:
+                self.attach(branch)
 
     @property
     def label_names(self) -> tuple[str, ...]:
-        """The target's labels, then each branch's cloned labels: the output columns."""
+        """The target's labels, then each active branch's cloned labels: the output columns."""
         names = list(self.target_labels)
         for b in self.attached():
             names.extend(b.label_names)
         return tuple(names)
 
+    @property
+    def branch_names(self) -> tuple[str, ...]:
+        """Every attached branch's name, active or not, in attach order."""
+        return tuple(self.branch_modules.keys())
+
+    @property
+    def active_branches(self) -> tuple[str, ...]:
+        """The names of the branches ``forward`` runs, in output order."""
+        return tuple(self._active)
+
+    @property
+    def branches(self) -> list[Branch]:
+        """The active branches, in output order (``attached()``)."""
+        return self.attached()
+
     def attached(self) -> list[Branch]:
-        """The branches, in order, as ``Branch`` (``nn.ModuleList`` hands out plain modules)."""
-        return cast(list[Branch], list(self.branches))
+        """The active branches, in output order, as ``Branch``es."""
+        return [self.branch(name) for name in self._active]
+
+    def branch(self, name: str) -> Branch:
+        """The attached branch called ``name`` (active or not).
+
+        Raises:
+            NotFoundError: no branch has that name.
+        """
+        if name not in self.branch_modules:
+            raise NotFoundError(f"no branch named {name!r}; attached: "
+                                f"{', '.join(self.branch_names) or 'none'}")
+        return cast(Branch, self.branch_modules[name])
 
     # ---------------------------------------------------------------- lifecycle
-    def attach(self, branch: Branch) -> Superbody:
-        """Add a cloned branch; the target is not touched."""
+    def _free_name(self, preferred: str | None) -> str:
+        if preferred is not None and preferred not in self.branch_modules:
+            return preferred
+        i = 0
+        while f"branch{i}" in self.branch_modules:
+            i += 1
+        return f"branch{i}"
+
+    def _check_labels(self, branches: Iterable[Branch]) -> None:
+        seen = set(self.target_labels)
+        for b in branches:
+            clash = seen & set(b.label_names)
+            if clash:
+                raise IncompatibleError(
+                    f"labels {sorted(clash)} are already predicted by the superbody")
+            seen.update(b.label_names)
+
+    def attach(self, name: str | Branch, branch: Branch | None = None, *,
+               active: bool = True) -> Superbody:
+        """Add a cloned branch as ``name`` (``attach(branch)``: the name it had, else the
+        first free ``branchN``); it runs unless ``active=False``. The target is not touched.
+
+        Raises:
+            InvalidInputError: a name that is not an identifier.
+            IncompatibleError: the name is taken, the branch is already attached, its
+                position is outside the target, or (active) its labels are predicted already.
+        """
+        if isinstance(name, Branch):
+            if branch is not None:
+                raise InvalidInputError("attach(name, branch) or attach(branch), not two branches")
+            branch, name = name, self._free_name(name.name)
+        if not isinstance(branch, Branch):
+            raise InvalidInputError(f"attach needs a Branch, got {type(branch).__name__}")
+        check_branch_name(name)
         if not 0 < branch.position_r <= self.target.num_blocks:
             raise IncompatibleError(
                 f"insertion position R={branch.position_r} is outside the target's "
                 f"boundaries 1..{self.target.num_blocks}")
-        clash = set(branch.label_names) & set(self.label_names)
-        if clash:
-            raise IncompatibleError(f"labels {sorted(clash)} are already predicted by the superbody")
-        self.branches.append(branch)
+        if active:
+            self._check_labels([*self.attached(), branch])
+        if name in self.branch_modules:
+            raise IncompatibleError(f"a branch named {name!r} is already attached; detach it "
+                                    "first or choose another name")
+        for other, b in self.branch_modules.items():
+            if b is branch:
+                raise IncompatibleError(f"this branch is already attached as {other!r}")
+        self.branch_modules[name] = branch
+        branch.name = name
+        if active:
+            self._active.append(name)
         return self
 
-    def detach(self, index: int | None = None) -> ZooNet | Branch:
-        """Remove one branch (returning it), or all (returning the exact target)."""
-        if index is not None:
-            branch = cast(Branch, self.branches[index])
-            del self.branches[index]
-            return branch
-        self.branches = nn.ModuleList()
-        return self.target
+    def detach(self, which: int | str | None = None) -> ZooNet | Branch:
+        """Remove one branch, by name or by index in ``branch_names``, and return it;
+        or, with no argument, every branch, returning the exact target.
+
+        Raises:
+            NotFoundError: no such branch.
+        """
+        if which is None:
+            self.branch_modules = nn.ModuleDict()
+            self._active = []
+            return self.target
+        if isinstance(which, int):
+            names = self.branch_names
+            if not -len(names) <= which < len(names):
+                raise NotFoundError(f"no branch at index {which}; {len(names)} attached")
+            which = names[which]
+        branch = self.branch(which)
+        del self.branch_modules[which]
+        self._active = [n for n in self._active if n != which]
+        return branch
+
+    def set_branches(self, names: Iterable[str]) -> Superbody:
+        """Run exactly the attached branches ``names``, in that order (the output
+        columns follow it); the others stay attached, inactive. ``[]`` = the bare target.
+
+        Raises:
+            NotFoundError: a name is not attached.
+            InvalidInputError: a name is given twice.
+            IncompatibleError: two of them predict the same label.
+        """
+        if isinstance(names, str):
+            raise InvalidInputError(f"set_branches takes a list of names, not the string "
+                                    f"{names!r}; write set_branches([{names!r}])")
+        chosen = list(names)
+        if len(set(chosen)) != len(chosen):
+            raise InvalidInputError(f"set_branches({chosen}) names a branch twice")
+        self._check_labels([self.branch(n) for n in chosen])
+        self._active = chosen
+        return self
 
     @contextmanager
     def disable_branches(self) -> Iterator[Superbody]:
         """Run as the bare target inside the block (PEFT's ``disable_adapter``)."""
-        saved = self.branches
-        self.branches = nn.ModuleList()
+        saved = self._active
+        self._active = []
         try:
             yield self
         finally:
-            self.branches = saved
+            self._active = [n for n in saved if n in self.branch_modules]
 
     # ---------------------------------------------------------------- inference
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
@@ -215,7 +349,7 @@ class Superbody(nn.Module):
     def fuse(self, parts: dict[str, Any]) -> torch.Tensor:
         """Probabilities over ``label_names`` from ``parts``."""
         z_t = parts["z_t"]
-        if not self.branches:
+        if not self._active:
             return z_t.softmax(1)
         odds = [g / (1 - g).clamp_min(1e-6) for g in parts["gates"]]  # g = 0 -> exactly 0
         norm = 1 + sum(odds)
@@ -226,7 +360,7 @@ class Superbody(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities ``(b, len(label_names))``; the target's own softmax without branches."""
-        if not self.branches:
+        if not self._active:
             return self.target(x).softmax(1)
         return self.fuse(self.parts(x))
 
