@@ -10,7 +10,7 @@ its own subprocess (``OMP_NUM_THREADS=1``, one torch thread) under
 never the sweep. The worker:
 
 1. builds the model at random init (seed 0, 5 classes, BatchNorm affine terms
-   randomized as the tests do), finds its smallest valid input among ``SIZES`` (the
+   randomized by ``pnc_net.testing``, as in the tests), finds its smallest valid input among ``SIZES`` (the
    first square size its forward accepts) and measures its BatchNorm statistics on
    8 random images of that size (``_calibrated``);
 2. traces it (``graphnet.trace``), wraps it in a ``GraphNet`` (boundaries, mask
@@ -81,25 +81,6 @@ class Stage:
         self.path.write_text(json.dumps(self.row))
 
 
-def _randomized(model, seed: int):
-    """Eval mode, frozen, BatchNorm statistics and affine terms that are not the identity
-    (``tests/test_models.randomize_batchnorm``): a wrong slice anywhere changes outputs."""
-    import torch
-    from torch import nn
-
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.1
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
 def _calibrated(model, size: int, seed: int):
     """BatchNorm running statistics measured on 8 random images (one forward with
     only the BatchNorms in train mode): at random init some models' activations grow by orders of
@@ -129,11 +110,13 @@ def _build(name: str, seed: int, size: int | None = None):
     import torch
     import torchvision
 
+    from pnc_net.testing import frozen_randomized
+
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")  # googlenet/inception init FutureWarnings
         model = torchvision.models.get_model(name, num_classes=NUM_CLASSES)
-    model = _randomized(model, seed)
+    model = frozen_randomized(model, seed)
     return model if size is None else _calibrated(model, size, seed)
 
 
@@ -153,27 +136,16 @@ def _smallest_input(model) -> tuple[int, str | None]:
     return 0, last
 
 
-def _random_masks(net, seed: int):
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for name, width in net.mask_widths().items():
-        m = torch.rand(width, generator=gen) < 0.5
-        m[0], m[-1] = True, False  # never empty, never full
-        masks[name] = m
-    return masks
-
-
 def _pruned_checks(net, shape: tuple[int, ...]) -> dict[str, Any]:
     """pruned == masked at up to four boundaries (the test's check); concatenations refused."""
     import torch
 
     from pnc_net.errors import IncompatibleError
+    from pnc_net.testing import random_masks
 
     k = net.num_blocks
     bounds = sorted({max(1, k // 2), max(1, round(0.75 * k)), max(1, k - 1), k})
-    masks = _random_masks(net, seed=1)
+    masks = random_masks(net.mask_widths(), seed=1)
     x = torch.rand(2, *shape)
     accepted, refused, worst, equal = [], [], 0.0, True
     for s in bounds:

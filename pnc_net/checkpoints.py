@@ -23,6 +23,7 @@ the architecture and the tensors alone, the same on every node.
 
 from __future__ import annotations
 
+import collections
 import difflib
 import hashlib
 import importlib.util
@@ -394,6 +395,23 @@ def check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], arch: str,
                 f"checkpoint {file} does not fit {arch}: {key} has shape "
                 f"{list(tensors[key].shape)}, the architecture wants {list(want[key].shape)}; "
                 "are --arch and --arch-args right?")
+
+
+def load_into(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Load a plain state_dict into ``model`` (strict), as the model's own version.
+
+    ``torch.save`` keeps a state_dict's per-module ``_metadata`` (its ``version``),
+    safetensors cannot, and some torchvision modules refuse a state_dict without it
+    (MNASNet: "version should be set to 1 or 2"). A file without metadata is taken
+    to be of the architecture's current version, the one that wrote its key names.
+    """
+    state = collections.OrderedDict(tensors)
+    metadata = getattr(tensors, "_metadata", None)
+    if metadata is None:
+        metadata = getattr(model.state_dict(), "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    model.load_state_dict(state, strict=True)
 
 
 def check_runs(model: nn.Module, input_shape: tuple[int, ...], num_classes: int,

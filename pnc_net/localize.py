@@ -151,6 +151,8 @@ def localize(source: ZooNet, x_new: torch.Tensor, y_new: torch.Tensor,
     Works on a private copy of ``source``: the zoo model is never touched.
     """
     cfg = cfg or LocalizeConfig()
+    if not source.mask_widths():
+        return {}  # nothing can be dropped exactly (e.g. channel shuffles): keep the whole source
     gen = torch.Generator().manual_seed(seed)
     work = copy.deepcopy(source).eval()
     x, w = localized_samples(x_new, cfg, gen)

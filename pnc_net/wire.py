@@ -150,8 +150,8 @@ def _module_from_proto(msg: pb.ClonedModule) -> ClonedModule:
         if t.name in tensors:
             raise InvalidInputError(f"tensor {t.name!r} appears twice")
         tensors[t.name] = tensor_from_proto(t)
-    if not masks or not tensors:
-        raise InvalidInputError("a cloned module needs masks and tensors")
+    if not tensors:  # masks may be empty: a source without mask units is cloned whole
+        raise InvalidInputError("a cloned module needs adapter and gate tensors")
     if not msg.cloned_classes or len(set(msg.cloned_classes)) != len(msg.cloned_classes):
         raise InvalidInputError(f"cloned classes {list(msg.cloned_classes)} are empty or repeat")
     if not 1 <= msg.position_r <= 1024 or not 1 <= msg.position_s <= 1024:

@@ -239,7 +239,7 @@ class Zoo:
         args = checkpoints.import_arch_args(arch, len(labels), ckpt.tensors, arch_args)
         model = checkpoints.build_arch(arch, args)
         checkpoints.check_fits(model, ckpt.tensors, arch, labels, ckpt.origin["file"])
-        model.load_state_dict(ckpt.tensors, strict=True)
+        checkpoints.load_into(model, ckpt.tensors)
         checkpoints.check_runs(checkpoints.frozen(model), input_shape, len(labels), arch)
         data = checkpoints.canonical_bytes(ckpt.tensors, arch)
         manifest = Manifest(
@@ -352,7 +352,7 @@ def module_from_weights(manifest: Manifest, data: bytes) -> torch.nn.Module:
     model = checkpoints.build_arch(manifest.arch, manifest.arch_args)
     try:
         state = load_safetensors(data)
-        model.load_state_dict(state, strict=True)
+        checkpoints.load_into(model, state)
     except Exception as err:  # noqa: BLE001 - safetensors/torch raise several types
         raise InvalidInputError(
             f"weights of {manifest.name} do not fit architecture {manifest.arch}: "

@@ -13,7 +13,6 @@ import copy
 import pytest
 import torch
 import torchvision
-from test_models import randomize_batchnorm
 
 from pnc_net import clone_modules
 from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError
@@ -22,6 +21,7 @@ from pnc_net.localize import LocalizeConfig
 from pnc_net.models import ZooNet, build_model
 from pnc_net.rebuild import fingerprint_error
 from pnc_net.superbody import Branch, Superbody, build_branch
+from pnc_net.testing import randomize_batchnorm
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (1, 28, 28)

@@ -8,6 +8,7 @@ from torch import nn
 
 from pnc_net.errors import InvalidInputError
 from pnc_net.models import ARCHITECTURES, ZooNet, build_model, register
+from pnc_net.testing import randomize_batchnorm
 
 ARCHS = sorted(ARCHITECTURES)
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -19,19 +20,6 @@ def _randomized(arch: str, input_shape, num_classes: int = 5, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = build_model(arch, in_channels=input_shape[0], num_classes=num_classes)
     return randomize_batchnorm(model, seed).eval()
-
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Every BatchNorm2d given statistics and affine terms that are not the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean = torch.randn(n, generator=gen) * 0.1
-            m.running_var = torch.rand(n, generator=gen) + 0.5
-            m.weight.data = torch.rand(n, generator=gen) + 0.5
-            m.bias.data = torch.randn(n, generator=gen) * 0.1
-    return model
 
 
 def _random_masks(model: ZooNet, seed: int, keep: float = 0.5) -> dict[str, torch.Tensor]:

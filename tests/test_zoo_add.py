@@ -135,6 +135,21 @@ def test_imported_torchvision_model_loads_as_the_plain_module(files, tmp_path):
     assert Zoo(zoo.root).verify() == [(manifest, None)]
 
 
+def test_a_versioned_module_imports_from_safetensors(tmp_path):
+    """MNASNet refuses a state_dict without ``_metadata`` ("version should be set");
+    safetensors cannot carry it, so the import takes the architecture's own version."""
+    torch.manual_seed(0)
+    reference = torchvision.models.mnasnet0_5(num_classes=3).eval()
+    file = tmp_path / "mnas.safetensors"
+    save_file(reference.state_dict(), file)
+    zoo = Zoo(tmp_path / "z")
+    m, _ = zoo.add_checkpoint(file, "torchvision:mnasnet0_5", ("a", "b", "c"), (3, 32, 32))
+    model, _ = Zoo(zoo.root).load_module(m.name)  # the stored safetensors blob, reloaded
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+
+
 def test_cloning_across_input_shapes_is_refused_clearly(files, zoo_dir, mnist, tmp_path):
     from pnc_net.cloning import CloneConfig, clone
 
