@@ -31,6 +31,7 @@ writes to its weights.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,6 +109,22 @@ class GraphHead(Head):
         return out
 
 
+#: A boundary tensor's layout: ``"chw"`` (b, c, h, w), ``"hwc"`` (b, h, w, c: a Swin
+#: stage) or ``"tokens"`` (b, n, c: a ViT's stream, ``prefix_tokens`` class/register
+#: tokens first, then a ``spatial`` grid of patches in row-major order).
+LAYOUTS = ("chw", "hwc", "tokens")
+
+
+@dataclass(frozen=True)
+class LayoutInfo(FeatureInfo):
+    """A boundary's ``FeatureInfo`` plus its layout: ``channels`` is the feature width
+    (a ViT's dim), ``spatial`` the grid (a ViT's patch grid), whatever the layout.
+    The adapter reads these to map between any two layouts (``superbody.Adapter``)."""
+
+    layout: str = "chw"
+    prefix_tokens: int = 0  # tokens before the patch grid (a ViT's class token)
+
+
 @dataclass(frozen=True)
 class MaskUnit:
     """One group of coupled channels: its root module and where its channels are read."""
@@ -180,15 +197,21 @@ def _is_global_pool(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def find_boundaries(gm: fx.GraphModule, final_fc: fx.Node) -> list[fx.Node]:
-    """Feature boundaries (4-d cut points before the head), chosen as the module docstring says."""
+    """Feature boundaries (cut points before the head), chosen as the module docstring says.
+
+    A network whose ``(b, c, h, w)`` cut points give boundaries that are all
+    channels-first (every CNN) keeps exactly the boundaries it always had, so packages
+    naming its positions rebuild the same. Any other (a ViT's ``(b, tokens, dim)``
+    stream, a Swin's ``(b, h, w, c)`` stages) gets ``_token_boundaries``.
+    """
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     pools = [n for n in nodes[: order[final_fc]] if _is_global_pool(n, gm)]
     stop = pools[-1] if pools else final_fc  # the head's pooling (not a squeeze-excite's)
-    cuts = [c for c in cut_points(gm.graph)
-            if c.op != "placeholder" and order[c] < order[stop]
-            and (s := _shape(c)) is not None and len(s) == 4]
-    cuts = [c for c in cuts if not _is_pointwise_on(c, nodes[order[c] + 1], gm)]
+    before = [c for c in cut_points(gm.graph)
+              if c.op != "placeholder" and order[c] < order[stop]
+              and not _is_pointwise_on(c, nodes[order[c] + 1], gm)]
+    cuts = [c for c in before if len(_shape(c) or ()) == 4]
     best: list[fx.Node] = []
     for depth in range(1, 8):
         chosen = [c for c in cuts
@@ -199,13 +222,68 @@ def find_boundaries(gm: fx.GraphModule, final_fc: fx.Node) -> list[fx.Node]:
     # the last 4-d cut point before the head is always a boundary: the head starts there
     if cuts and (not best or best[-1] is not cuts[-1]):
         best = [*best, cuts[-1]]
-    last = [b.name for b in best if _channel_dim(gm, b) != 1]
-    if last:  # a Swin transformer's (b, h, w, c) stages: 4-d, but not (b, c, h, w)
-        raise IncompatibleError(
-            f"{len(last)} of the {len(best)} feature boundaries are channels-last (b, h, w, c) "
-            f"token features (first: {last[0]}), as in a Swin transformer; pnc needs "
-            "(b, c, h, w) boundaries (token features are not implemented yet)")
+    if best and all(_channel_dim(gm, b) == 1 for b in best):
+        return best
+    return _token_boundaries(gm, [c for c in before if len(_shape(c) or ()) in (3, 4)])
+
+
+def _token_boundaries(gm: fx.GraphModule, cuts: list[fx.Node]) -> list[fx.Node]:
+    """Boundaries of a token network: cut points that *end* a module at one depth of
+    the module tree (the output of ``encoder.layers.encoder_layer_3``, of a Swin stage's
+    block), at the shallowest depth giving ``MIN_BOUNDARIES``, else the depth giving
+    the most (a 4-layer ViT: its embedding, each layer's output and the final norm).
+
+    A ViT's cut points also include the residual sum between a layer's attention and
+    its MLP; it begins the MLP without ending a module, so requiring the end of one
+    keeps boundaries at layer outputs, where the source's blocks are whole layers.
+    """
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    best: list[fx.Node] = []
+    for depth in range(1, 8):
+        chosen = [c for c in cuts if (p := _module_path(c, depth)) is not None
+                  and p != _module_path(nodes[order[c] + 1], depth)]
+        if len(chosen) > len(best):
+            best = chosen
+        if len(best) >= MIN_BOUNDARIES:
+            break
+    if cuts and (not best or best[-1] is not cuts[-1]):
+        best = [*best, cuts[-1]]
     return best
+
+
+def _layout(gm: fx.GraphModule, node: fx.Node) -> tuple[str, tuple[int, int], int]:
+    """``(layout, grid, prefix tokens)`` of a boundary tensor (``LAYOUTS``).
+
+    A token sequence's grid is that of the last 4-d tensor before it whose grid leaves
+    at most 8 extra tokens (a ViT's patch embedding: 64 patches + 1 class token);
+    failing that, a square grid (after one class token if need be), else one row.
+    """
+    shape = _shape(node) or ()
+    if len(shape) == 4:
+        dim = _channel_dim(gm, node)
+        if dim == 1:
+            return "chw", (shape[2], shape[3]), 0
+        if dim == 3:
+            return "hwc", (shape[1], shape[2]), 0
+        raise IncompatibleError(f"boundary {node.name} holds its channels in dimension {dim} "
+                                "of a 4-d tensor; pnc reads (b, c, h, w) and (b, h, w, c)")
+    if len(shape) != 3:
+        raise IncompatibleError(f"boundary {node.name} is {len(shape)}-d; pnc reads 3-d "
+                                "(b, tokens, dim) and 4-d feature boundaries")
+    n = shape[1]
+    nodes = list(gm.graph.nodes)
+    for prev in reversed(nodes[: nodes.index(node)]):
+        s = _shape(prev)
+        if s is not None and len(s) == 4:
+            grid = (s[2], s[3]) if _channel_dim(gm, prev) == 1 else (s[1], s[2])
+            if 0 <= n - grid[0] * grid[1] <= 8:
+                return "tokens", grid, n - grid[0] * grid[1]
+    for prefix in (0, 1):
+        side = math.isqrt(n - prefix)
+        if side > 0 and side * side == n - prefix:
+            return "tokens", (side, side), prefix
+    return "tokens", (1, n), 0
 
 
 def _channel_dim(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -371,10 +449,12 @@ class GraphNet(ZooNet):
                 raise IncompatibleError(f"graph has no nodes {missing}")
             cuts = [by_name[b] for b in boundaries]
         if not cuts:
-            raise IncompatibleError(f"{type(module).__name__} has no (b, c, h, w) feature "
-                                    "boundary before its head")
+            raise IncompatibleError(f"{type(module).__name__} has no feature boundary "
+                                    "((b, c, h, w), (b, h, w, c) or (b, tokens, dim)) "
+                                    "before its head")
         fc = gm.get_submodule(str(fc_node.target))
         assert isinstance(fc, nn.Linear)  # _final_linear checked it
+        layouts = [_layout(gm, c) for c in cuts]
         units: list[MaskUnit] = []
         unmasked = _splits_channels(gm) if maskable else None
         if maskable and unmasked is None:
@@ -396,8 +476,13 @@ class GraphNet(ZooNet):
         self.units = {u.name: u for u in units}
         self._gates = gates  # plain dict: ChannelGates hold no weights, only the current gate
         self.plain = [module]  # in a list: not a submodule (its weights are the segments')
-        self._owners = [None, *(_owner(gm, c, units) for c in cuts)]
-        self._parts = [None, *(_concat_parts(gm, c, units) for c in cuts)]
+        self._layouts: list[tuple[str, tuple[int, int], int]] = [
+            ("chw", (shape[1], shape[2]), 0), *layouts]
+        # a token or channels-last boundary is a residual stream (never one unit's channels)
+        self._owners = [None, *(_owner(gm, c, units) if lay[0] == "chw" else None
+                                for c, lay in zip(cuts, layouts))]
+        self._parts = [None, *(_concat_parts(gm, c, units) if lay[0] == "chw" else None
+                               for c, lay in zip(cuts, layouts))]
         #: why the model has no mask units although asked to (None: it has them, or none
         #: were asked for); such a source is cloned whole
         self.unmasked_reason = unmasked
@@ -407,14 +492,22 @@ class GraphNet(ZooNet):
         return dict(self._gates)
 
     def feature_info(self, input_shape: tuple[int, ...]) -> list[FeatureInfo]:
-        """Channels, spatial size and owning mask unit at every boundary 0..L."""
+        """Width, grid, owning mask unit and layout (``LayoutInfo``) at every boundary 0..L."""
         with torch.no_grad():
-            h = torch.zeros(1, *input_shape)
-            infos = [FeatureInfo(0, h.shape[1], (h.shape[2], h.shape[3]), None)]
+            h = torch.zeros(1, *input_shape, device=next(self.parameters()).device)
+            infos: list[FeatureInfo] = [LayoutInfo(0, h.shape[1], (h.shape[2], h.shape[3]),
+                                                   None)]
             for i in range(self.num_blocks):
                 h = self.block(i)(h)
-                infos.append(FeatureInfo(i + 1, h.shape[1], (h.shape[2], h.shape[3]),
-                                         self._owners[i + 1]))
+                layout, grid, prefix = self._layouts[i + 1]
+                if layout == "chw":
+                    width, grid = h.shape[1], (h.shape[2], h.shape[3])
+                elif layout == "hwc":
+                    width, grid = h.shape[3], (h.shape[1], h.shape[2])
+                else:
+                    width = h.shape[2]
+                infos.append(LayoutInfo(i + 1, width, grid, self._owners[i + 1], layout,
+                                        prefix))
         return infos
 
     def pruned_tail(self, start: int, masks: dict[str, torch.Tensor],

@@ -98,10 +98,11 @@ def prepare(source: ZooNet, data: CloneData, cfg: InsertConfig, seed: int) -> Pr
 def fit_adapter_lstsq(branch: Branch, h_r: torch.Tensor, f_s: torch.Tensor,
                       ridge: float = 1e-3) -> None:
     """Least-squares start: the linear map from target features to source features,
-    truncated to the adapter's rank by SVD."""
+    truncated to the adapter's rank by SVD. One row per grid position, whatever the
+    layouts (``Adapter.lstsq_rows``: a token boundary's patches on their grid); a token
+    output's class tokens then get the mean residual as their offset (``fit_prefix``)."""
     a = branch.adapter
-    h = a.resize(h_r).permute(0, 2, 3, 1).reshape(-1, h_r.shape[1])  # (n*h*w, c_in)
-    f = f_s.permute(0, 2, 3, 1).reshape(-1, f_s.shape[1])  # (n*h*w, c_out)
+    h, f = a.lstsq_rows(h_r, f_s)  # (n*h*w, c_in), (n*h*w, c_out)
     h1 = torch.cat([h, torch.ones(len(h), 1)], 1)
     gram = h1.T @ h1 + ridge * len(h1) * torch.eye(h1.shape[1])
     w = torch.linalg.solve(gram, h1.T @ f)  # (c_in + 1, c_out)
@@ -113,6 +114,7 @@ def fit_adapter_lstsq(branch: Branch, h_r: torch.Tensor, f_s: torch.Tensor,
         a.down.weight.copy_((u[:, :r] * root).T.reshape(r, -1, 1, 1))
         a.up.weight.copy_((vt[:r].T * root).reshape(-1, r, 1, 1))
         a.up.bias.copy_(w[-1])
+    a.fit_prefix(h_r, f_s)
 
 
 def source_features(source: ZooNet, x: torch.Tensor, position_s: int,

@@ -23,6 +23,7 @@ import copy
 import keyword
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -30,39 +31,135 @@ import torch.nn.functional as F
 from torch import nn
 
 from pnc_net.errors import IncompatibleError, InvalidInputError, NotFoundError
-from pnc_net.models import Head, ZooNet
+from pnc_net.models import FeatureInfo, Head, ZooNet
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a boundary tensor is laid out (``graphnet.LAYOUTS``): ``"chw"`` (b, c, h, w),
+    ``"hwc"`` (b, h, w, c) or ``"tokens"`` (b, prefix + h*w, c), with its grid ``(h, w)``
+    and, for tokens, how many class/register tokens come before the patch grid."""
+
+    kind: str = "chw"
+    grid: tuple[int, int] = (1, 1)
+    prefix: int = 0
+
+    @staticmethod
+    def of(info: FeatureInfo) -> Layout:
+        """The layout a ``FeatureInfo`` describes (pnc's own nets: always ``"chw"``)."""
+        return Layout(getattr(info, "layout", "chw"), (info.spatial[0], info.spatial[1]),
+                      getattr(info, "prefix_tokens", 0))
 
 
 class Adapter(nn.Module):
     """Maps target features at boundary R to source features at boundary S.
 
-    A low-rank 1x1 convolution (``c_in -> rank -> c_out``) after resizing to the
-    source's spatial size, then ReLU, since the source blocks expect
-    post-activation inputs. Low rank keeps the package small.
+    Every layout is read as a grid ``(b, c, h, w)``: a channels-last map is permuted, a
+    token sequence's patch tokens are laid back on their grid. The grid is resized to
+    the source's (average-pooled down, repeated up), mapped by a low-rank 1x1
+    convolution (``c_in -> rank -> c_out``; on tokens this is a low-rank linear map over
+    the feature dim, the same for every token) and laid out as the source expects.
+
+    - A ``"chw"`` output goes through a ReLU, as the source's conv blocks expect
+      post-activation inputs. Token and channels-last outputs are residual streams
+      (signed): no ReLU.
+    - A token output's class tokens (``prefix``) are the same map applied to a summary
+      of the input (its own class tokens' mean, or the grid's mean for a CNN target)
+      plus a learned offset ``prefix`` per class token: a ViT's class token is not a
+      patch, and the offset (started at the least-squares residual) says how it differs.
+
+    Conv -> conv adapters hold exactly ``down`` and ``up`` (the only kind before token
+    layouts), so their packages are unchanged. Low rank keeps every package small.
     """
 
-    def __init__(self, c_in: int, c_out: int, rank: int, out_hw: tuple[int, int]) -> None:
+    def __init__(self, c_in: int, c_out: int, rank: int, out_hw: tuple[int, int],
+                 in_layout: Layout | None = None, out_layout: Layout | None = None) -> None:
         super().__init__()
         rank = max(1, min(rank, c_in, c_out))
         self.out_hw: tuple[int, int] = (out_hw[0], out_hw[1])
+        self.in_layout = in_layout or Layout()
+        self.out_layout = out_layout or Layout("chw", self.out_hw)
         self.down = nn.Conv2d(c_in, rank, 1, bias=False)
         self.up = nn.Conv2d(rank, c_out, 1, bias=True)
+        if self.out_layout.kind == "tokens" and self.out_layout.prefix > 0:
+            self.prefix = nn.Parameter(torch.zeros(self.out_layout.prefix, c_out))
+
+    # -- layouts
+    def in_grid(self, h: torch.Tensor) -> torch.Tensor:
+        """Target features as a ``(b, c, H, W)`` grid (a token input's patches only)."""
+        return _as_grid(h, self.in_layout)
+
+    def out_grid(self, f: torch.Tensor) -> torch.Tensor:
+        """Source-layout features as a ``(b, c, h, w)`` grid (a token output's patches)."""
+        return _as_grid(f, self.out_layout)
+
+    def summary(self, h: torch.Tensor) -> torch.Tensor:
+        """``(b, c_in, 1, 1)``: what a token output's class tokens are made from."""
+        lay = self.in_layout
+        if lay.kind == "tokens" and lay.prefix > 0:
+            return h[:, : lay.prefix].mean(1)[:, :, None, None]
+        return self.in_grid(h).mean(dim=(2, 3), keepdim=True)
 
     def resize(self, h: torch.Tensor) -> torch.Tensor:  # (b, c, H, W) -> (b, c, h, w)
-        """Target features at the source's spatial size: average-pooled down, or repeated up."""
+        """A grid at the source's spatial size: average-pooled down, or repeated up."""
         if tuple(h.shape[2:]) == self.out_hw:
             return h
         if h.shape[2] >= self.out_hw[0] and h.shape[3] >= self.out_hw[1]:
             return F.adaptive_avg_pool2d(h, self.out_hw)
         return F.interpolate(h, size=self.out_hw, mode="nearest")
 
+    # -- the map
+    def map_grid(self, h: torch.Tensor) -> torch.Tensor:
+        """The low-rank map on the resized input grid, ``(b, c_out, h, w)``."""
+        return self.up(self.down(self.resize(self.in_grid(h))))
+
     def linear(self, h: torch.Tensor) -> torch.Tensor:
-        """The adapter before its ReLU (what the least-squares start fits)."""
-        return self.up(self.down(self.resize(h)))
+        """The adapter before its ReLU (what the least-squares start fits), laid out as
+        the source's features at S."""
+        g = self.map_grid(h)
+        lay = self.out_layout
+        if lay.kind == "chw":
+            return g
+        if lay.kind == "hwc":
+            return g.permute(0, 2, 3, 1)
+        tokens = g.flatten(2).transpose(1, 2)  # (b, h*w, c_out)
+        if lay.prefix == 0:
+            return tokens
+        cls = self.up(self.down(self.summary(h))).flatten(1)  # (b, c_out)
+        return torch.cat([cls[:, None, :] + self.prefix, tokens], dim=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Source-like features at boundary S for target features at boundary R."""
-        return F.relu(self.linear(h))
+        u = self.linear(h)
+        return F.relu(u) if self.out_layout.kind == "chw" else u
+
+    # -- the least-squares start (``insert.fit_adapter_lstsq``)
+    def lstsq_rows(self, h: torch.Tensor, f: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(inputs, targets)`` one row per grid position: the resized input grid
+        ``(n*h*w, c_in)`` and the source's features there ``(n*h*w, c_out)``."""
+        x = self.resize(self.in_grid(h)).permute(0, 2, 3, 1).reshape(-1, self.down.in_channels)
+        y = self.out_grid(f).permute(0, 2, 3, 1).reshape(-1, self.up.out_channels)
+        return x, y
+
+    def fit_prefix(self, h: torch.Tensor, f: torch.Tensor) -> None:
+        """Set the class-token offsets to the mean residual of the map on them."""
+        if not hasattr(self, "prefix"):
+            return
+        with torch.no_grad():
+            cls = self.up(self.down(self.summary(h))).flatten(1)  # (n, c_out)
+            self.prefix.copy_((f[:, : self.out_layout.prefix] - cls[:, None, :]).mean(0))
+
+
+def _as_grid(h: torch.Tensor, lay: Layout) -> torch.Tensor:
+    """``h`` of layout ``lay`` as a ``(b, c, h, w)`` grid; a token sequence drops its
+    class tokens and lays its patches back in row-major order."""
+    if lay.kind == "chw":
+        return h
+    if lay.kind == "hwc":
+        return h.permute(0, 3, 1, 2)
+    patches = h[:, lay.prefix:]  # (b, h*w, c)
+    return patches.transpose(1, 2).reshape(h.shape[0], h.shape[2], *lay.grid)
 
 
 def gate_features(z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
@@ -390,7 +487,8 @@ def build_branch(target: ZooNet, source: ZooNet, input_shape: tuple[int, ...],
     s_info = source.feature_info(input_shape)[position_s]
     blocks, head, adapter_keep = source.pruned_tail(position_s, masks)
     c_out = s_info.channels if adapter_keep is None else len(adapter_keep)
-    adapter = Adapter(t_info.channels, c_out, adapter_rank, s_info.spatial)
+    adapter = Adapter(t_info.channels, c_out, adapter_rank, s_info.spatial,
+                      Layout.of(t_info), Layout.of(s_info))
     gate = FusionGate(n_target, head.fc.out_features, head.fc.in_features, gate_hidden)
     branch = Branch(position_r, position_s, adapter, copy.deepcopy(blocks), head,
                     cloned_classes, gate, label_names).eval()

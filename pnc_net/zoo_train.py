@@ -6,6 +6,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,10 @@ class ZooSpec:
     lr: float = 3e-3
     seed: int = 0
     batch_size: int = 64  # images per training step (the measured default)
+    #: constructor arguments of an imported architecture beyond ``num_classes`` (a
+    #: ``torchvision:VisionTransformer`` has no registry name for a small ViT); they are
+    #: recorded in the manifest's ``arch_args``, as ``pnc zoo add --arch-args`` records them
+    arch_args: tuple[tuple[str, Any], ...] = ()
 
 
 DEFAULT_ZOO = (
@@ -41,11 +46,17 @@ DEFAULT_ZOO = (
 #: The second embedded zoo (``pnc zoo build --set rgb``): torchvision architectures on the
 #: colour digits (``data.load_rgb_digits``), trained here, exported as plain state_dicts
 #: and imported back through ``Zoo.add_checkpoint``, the path a user's checkpoint takes.
-#: A ViT is not in it yet: cloning has no token adapter (``docs/method.md``).
+#: The ViT is torchvision's ``VisionTransformer`` class with a small configuration (64
+#: tokens of dim 64 plus the class token); cloning reaches it through token boundaries.
+RGB_VIT_ARGS: tuple[tuple[str, Any], ...] = (
+    ("image_size", 32), ("patch_size", 4), ("num_layers", 4), ("num_heads", 4),
+    ("hidden_dim", 64), ("mlp_dim", 128))
 RGB_ZOO = (
     ZooSpec("rgb-resnet18-0to4", "torchvision:resnet18", tuple("01234"), epochs=8, lr=1e-3),
     ZooSpec("rgb-mobilenet_v3_small-5to9", "torchvision:mobilenet_v3_small", tuple("56789"),
             epochs=15, lr=1e-3),
+    ZooSpec("rgb-vit-5to9", "torchvision:VisionTransformer", tuple("56789"), epochs=40,
+            lr=2e-3, arch_args=RGB_VIT_ARGS),
 )
 
 
@@ -90,7 +101,8 @@ def train_imported_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool 
     from safetensors.torch import save_file
 
     torch.manual_seed(spec.seed)
-    model = checkpoints.build_arch(spec.arch, {"num_classes": len(spec.classes)})
+    model = checkpoints.build_arch(spec.arch, {**dict(spec.arch_args),
+                                               "num_classes": len(spec.classes)})
     x, y = class_subset(data, spec.classes, "train")
     train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
                      batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress)
@@ -101,7 +113,7 @@ def train_imported_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool 
         path = Path(tmp) / f"{spec.name}.safetensors"
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))
         manifest, _ = zoo.add_checkpoint(path, spec.arch, spec.classes, data.input_shape,
-                                         name=spec.name)
+                                         name=spec.name, arch_args=dict(spec.arch_args) or None)
     return dataclasses.replace(manifest, test_accuracy=acc, dataset=data.name)
 
 

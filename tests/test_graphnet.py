@@ -141,12 +141,11 @@ def test_a_model_without_a_linear_head_is_refused_clearly():
         GraphNet(squeeze, SHAPE)
 
 
-def test_a_token_model_is_refused_clearly():
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=2,
-                                               num_heads=2, hidden_dim=32, mlp_dim=64,
-                                               num_classes=3).eval()
-    with pytest.raises(IncompatibleError, match=r"no \(b, c, h, w\) feature boundary"):
-        GraphNet(vit, SHAPE)
+def test_a_model_without_feature_boundaries_is_refused_clearly():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 16), nn.ReLU(),
+                        nn.Linear(16, 3)).eval()  # only (b, features) tensors
+    with pytest.raises(IncompatibleError, match="has no feature boundary"):
+        GraphNet(mlp, SHAPE)
 
 
 def test_layernorm_groups_are_not_masked():
@@ -238,7 +237,8 @@ def test_an_rgb_zoo_model_is_trained_exported_and_imported(tmp_path):
     data = load_rgb_digits(split=(12, 4, 8))
     assert data.input_shape == SHAPE and data.name == "rgb-digits"
     assert float(data.x_train.min()) >= 0 and float(data.x_train.max()) <= 1
-    assert {s.arch for s in RGB_ZOO} == {"torchvision:resnet18", "torchvision:mobilenet_v3_small"}
+    assert {s.arch for s in RGB_ZOO} == {"torchvision:resnet18", "torchvision:mobilenet_v3_small",
+                                         "torchvision:VisionTransformer"}
     zoo = Zoo(tmp_path / "zoo")
     spec = ZooSpec("t-r18", "torchvision:resnet18", tuple("01234"), epochs=1)
     manifest = train_zoo_model(zoo, data, spec, progress=False)
