@@ -26,7 +26,8 @@ from pnc_net.zoo import Zoo
 
 def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  per_class: int, target_per_class: int, seed: int, positions: str | None,
-                 adapter_rank: int, batch_size: int | None = None) -> CloneConfig:
+                 adapter_rank: int, batch_size: int | None = None,
+                 search: str = "exhaustive") -> CloneConfig:
     """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work."""
     if len(classes) != len(sources):
         raise InvalidInputError(
@@ -36,7 +37,7 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
         sources=tuple(SourceSpec(s, split_labels(c)) for s, c in zip(sources, classes)),
         per_class=per_class, target_per_class=target_per_class, seed=seed,
         positions=tuple(parse_positions(positions)) if positions else None,
-        insert=InsertConfig(adapter_rank=adapter_rank),
+        insert=InsertConfig(adapter_rank=adapter_rank), search=search,
     ).with_batch_size(batch_size)
 
 

@@ -270,6 +270,7 @@ def clone_cmd(
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16, fp32, int8.")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
+    search: Annotated[str, typer.Option("--search", help="Position search: exhaustive (every candidate at the full budget) or halving (successive halving: short trainings prune to the top third, the finalists get the full budget; docs/method.md, Position search).")] = "exhaustive",
     json_out: JsonOpt = False,
 ) -> None:
     """Clone classes of a source zoo model into a target; write the package."""
@@ -281,7 +282,7 @@ def clone_cmd(
         raise InvalidInputError(f"--dtype {dtype!r} is not one of {', '.join(wire.WIRE_DTYPES)}")
     cfg = clone_config(target, source, classes, per_class=per_class,
                        target_per_class=target_per_class, seed=seed, positions=positions,
-                       adapter_rank=adapter_rank, batch_size=batch_size)  # before Ray starts
+                       adapter_rank=adapter_rank, batch_size=batch_size, search=search)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -24,7 +24,14 @@ from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet
 from pnc_net.package import ClonedModule, Package, ZooRef
 from pnc_net.rebuild import branch_tensors, fingerprint_of
-from pnc_net.search import best_candidate, check_candidates, default_candidates
+from pnc_net.search import (
+    SEARCH_MODES,
+    best_candidate,
+    check_candidates,
+    default_candidates,
+    rung_insert_config,
+    successive_halving,
+)
 from pnc_net.superbody import Branch, Superbody
 from pnc_net.synthesize import SynthesizeConfig, cached_target_samples
 from pnc_net.zoo import Manifest, Zoo
@@ -59,8 +66,12 @@ class CloneConfig:
     insert: InsertConfig = field(default_factory=InsertConfig)
     # the most images any pass holds at once (None: each step's own, see with_batch_size)
     batch_size: int | None = None
+    search: str = "exhaustive"  # or "halving": successive halving over positions (search.py)
 
     def __post_init__(self) -> None:
+        if self.search not in SEARCH_MODES:
+            raise InvalidInputError(
+                f"--search {self.search!r} is not one of {', '.join(SEARCH_MODES)}")
         if self.batch_size is not None and self.batch_size < 1:
             raise InvalidInputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.sources:
@@ -328,12 +339,11 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
         kept = sum(int(v.sum()) for v in m.masks.values())
         total = sum(v.numel() for v in m.masks.values())
         say(f"{m.manifest.name}: kept {kept}/{total} filters; "
-            f"searching {len(m.candidates)} positions")
-        results = (runner or run_sequential)(job, i, m.candidates)
-        best = best_candidate([(p, r) for p, (_, r) in zip(m.candidates, results)])
-        branches.append(results[best][0])
-        searches.append([{"position": list(p), **r} for p, (_, r) in zip(m.candidates, results)])
-        say(f"{m.manifest.name}: best position R={m.candidates[best][0]} S={m.candidates[best][1]}")
+            f"searching {len(m.candidates)} positions ({cfg.search})")
+        position, branch, record = search_module(job, i, runner or run_sequential)
+        branches.append(branch)
+        searches.append(record)
+        say(f"{m.manifest.name}: best position R={position[0]} S={position[1]}")
     report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches}
     package, superbody = make_package(job, branches, report)
     metrics = clone_metrics(superbody, data, [(m.source, m.manifest.label_names)
@@ -343,12 +353,49 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
     return CloneResult(package, superbody, report)
 
 
+def search_module(job: CloneJob, i: int, runner: CandidateRunner,
+                  ) -> tuple[tuple[int, int], Branch, list[dict]]:
+    """``(best position, its branch, the report's search list)`` of module ``i``.
+
+    ``exhaustive`` trains every candidate at the full budget. ``halving`` trains
+    them in rungs of growing budget (``search.successive_halving``); a rung's
+    runner sees a copy of the job whose ``cfg.insert`` has the rung's epochs and
+    gate steps, so any ``CandidateRunner`` (the Ray one ships ``job.cfg`` to
+    its workers) trains at the rung's budget unchanged. Each record says the
+    last rung a candidate reached and its score at every rung, so a report shows
+    what was pruned.
+    """
+    candidates = job.modules[i].candidates
+    if job.cfg.search == "exhaustive":
+        results = runner(job, i, candidates)
+        best = best_candidate([(p, r) for p, (_, r) in zip(candidates, results)])
+        return (candidates[best], results[best][0],
+                [{"position": list(p), **r} for p, (_, r) in zip(candidates, results)])
+
+    def train(positions: list[tuple[int, int]], budget: float) -> list[tuple[Branch, dict]]:
+        insert = rung_insert_config(job.cfg.insert, budget)
+        rung_job = job if insert == job.cfg.insert else replace(
+            job, cfg=replace(job.cfg, insert=insert))
+        return runner(rung_job, i, positions)
+
+    halving = successive_halving(candidates, train, score=lambda r: float(r[1]["score"]))
+    position, (branch, _) = halving.best
+    records: dict[tuple[int, int], dict] = {}
+    for k, rung in enumerate(halving.rungs):
+        for p, (_, r) in zip(rung.candidates, rung.results):
+            prev = records.get(p, {}).get("rung_scores", [])
+            records[p] = {"position": list(p), **r, "rung": k, "budget": rung.budget,
+                          "rung_scores": [*prev, r["score"]]}
+    return position, branch, [records[p] for p in candidates]
+
+
 def settings_of(cfg: CloneConfig) -> dict:
     """The settings a package's report records (JSON-ready)."""
     return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
             "synthetic_target_samples": cfg.synthesize,
-            **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
+            **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
+            **({"search": cfg.search} if cfg.search != "exhaustive" else {})}
 
 

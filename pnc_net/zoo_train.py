@@ -144,3 +144,9 @@ def build_default_zoo(zoo: Zoo, data: Dataset, progress: bool = True, seed: int 
         else:
             out.append((train_zoo_model(zoo, data, spec, progress), True))
     return out
+
+
+#: ``pnc zoo build --set NAME``: the embedded data set each zoo set trains on, and its specs
+#: (None: ``default_specs``).
+ZOO_SETS: dict[str, tuple[str, tuple[ZooSpec, ...] | None]] = {
+    "default": ("mnist", None), "rgb": ("rgb-digits", RGB_ZOO)}
