@@ -46,37 +46,47 @@ def bench(
         "--resume", help="Reuse the cells already finished in --out (a run cut short).")] = False,
     reduce_only: Annotated[bool, typer.Option(
         "--reduce-only", help="Run nothing: report the finished cells in --out.")] = False,
+    zoo_seeds: Annotated[str, typer.Option(
+        "--zoo-seeds", help="Comma-separated zoo seeds, e.g. 0,1,2: the tasks run on a zoo "
+        "trained from each (the --zoo for its own seed, --out/zoo-seed<N> for the others, "
+        "trained when missing); rows are means over zoo and clone seeds, and by_zoo_seed in "
+        "the JSON gives each zoo's.")] = "0",
+    tasks: Annotated[str, typer.Option(
+        "--tasks", help="default: the MNIST tasks; rgb: torchvision resnet18 <- "
+        "mobilenet_v3_small on the colour digits (trains the rgb zoo set when missing; "
+        "slow on CPU); all: both.")] = "default",
     zoo_dir: ZooOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Benchmark PNC against the tuning baselines; write JSON + PNG results to --out."""
-    from pnc_net.bench.harness import BenchConfig, run_bench
+    from pnc_net.bench.harness import TASK_SETS, BenchConfig, run_bench, seeded_zoos
     from pnc_net.bench.plots import write_figures
-    from pnc_net.data import load_mnist
     from pnc_net.fsutil import atomic_write_bytes
     from pnc_net.zoo import Zoo
-    from pnc_net.zoo_train import build_default_zoo
 
     if out.exists() and not out.is_dir():
         raise InvalidInputError(f"--out {out} exists and is not a folder")
+    if tasks not in TASK_SETS:
+        raise InvalidInputError(f"--tasks {tasks!r} is not a task set; choose "
+                                f"{', '.join(TASK_SETS)}")
     make = BenchConfig.quick if quick else BenchConfig
-    cfg = make(workers=workers, threads_per_worker=threads)
+    cfg = make(workers=workers, threads_per_worker=threads, zoo_seeds=_seeds(zoo_seeds),
+               **({} if tasks == "default" else {"tasks": TASK_SETS[tasks]}))
     zoo = Zoo(zoo_dir)
-    for manifest, new in build_default_zoo(zoo, load_mnist(), progress=False):
-        if new:
-            err_console.print(f"built zoo model {manifest.name}")
+    roots = seeded_zoos(zoo, cfg, out, lambda msg: err_console.print(msg, highlight=False))
 
     def progress(cell_out: dict) -> None:
         c = cell_out["cell"]
         what = "Oracle" if c["oracle"] else f"k={c['budget']} k_t={c['target_budget']}"
-        err_console.print(f"task {c['task']} seed {c['seed']} {what}: "
+        err_console.print(f"task {c['task']} zoo seed {c.get('zoo_seed', 0)} seed {c['seed']} "
+                          f"{what}: "
                           f"{cell_out['seconds']:.0f}s", highlight=False)
 
     checkpoint = out / f"{cfg.mode}.cells.jsonl"
     if reduce_only and not checkpoint.exists():
         raise InvalidInputError(f"--reduce-only: no finished cells in {checkpoint}")
     result = run_bench(zoo, cfg, progress, checkpoint=checkpoint, resume=resume or reduce_only,
-                       run_missing=not reduce_only)
+                       run_missing=not reduce_only, zoo_roots=roots)
     result["files"] = write_figures(result, out)
     path = out / f"{cfg.mode}.json"
     atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True, default=float).encode())
@@ -87,6 +97,17 @@ def bench(
     console.print(f"results: {path}, figures: {', '.join(result['files'].values())} "
                   f"({result['cells_done']}/{result['cells_planned']} cells, "
                   f"{result['wall_seconds']:.0f}s)")
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise InvalidInputError(f"--zoo-seeds {text!r} is not a list of integers like 0,1,2"
+                                ) from None
+    if not seeds:
+        raise InvalidInputError("--zoo-seeds names no seed; give e.g. 0 or 0,1,2")
+    return seeds
 
 
 def register(app: typer.Typer) -> None:

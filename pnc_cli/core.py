@@ -57,12 +57,12 @@ def zoo_build(
 
     from pnc_net.data import load_dataset
     from pnc_net.zoo import Zoo
-    from pnc_net.zoo_train import RGB_ZOO, build_default_zoo
+    from pnc_net.zoo_train import ZOO_SETS, build_default_zoo
 
-    sets = {"default": (None, None), "rgb": ("rgb-digits", RGB_ZOO)}
-    if zoo_set not in sets:
-        raise InvalidInputError(f"--set {zoo_set!r} is not a zoo set; choose default or rgb")
-    data_name, specs = sets[zoo_set]
+    if zoo_set not in ZOO_SETS:
+        raise InvalidInputError(f"--set {zoo_set!r} is not a zoo set; choose "
+                                f"{' or '.join(ZOO_SETS)}")
+    data_name, specs = ZOO_SETS[zoo_set]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     zoo = Zoo(zoo_dir)
     built = build_default_zoo(zoo, load_dataset(data_name), progress=not json_out, seed=seed,

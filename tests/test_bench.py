@@ -17,11 +17,14 @@ from pnc_net.bench.harness import (
     ALL,
     DEFAULT_TASKS,
     BenchConfig,
+    Cell,
     aggregate,
+    cell_key,
     oracle_everywhere,
     plan_cells,
     read_checkpoint,
     run_bench,
+    seeded_zoos,
 )
 from pnc_net.bench.plots import write_figures
 from pnc_net.errors import InvalidInputError
@@ -73,6 +76,41 @@ def test_aggregate_is_mean_and_population_std_over_seeds():
     oracle = {**raw[0], "method": "Oracle", "budget": "all"}
     spread = oracle_everywhere([*raw, oracle], MICRO)
     assert {(r["method"], r["budget"]) for r in spread} == {("FT", 5), ("Oracle", 5)}
+
+
+def test_every_zoo_seed_gets_the_main_grid_and_its_oracles_but_one_sweep():
+    one, three = plan_cells(BenchConfig()), plan_cells(BenchConfig(zoo_seeds=(0, 1, 2)))
+    main = 3 * 2 * 3  # tasks x regimes x clone seeds
+    assert len(three) == len(one) + 2 * (main + 3 * 3)  # + main grid and Oracles per zoo
+    assert {c.zoo_seed for c in three} == {0, 1, 2}
+    assert all(c.zoo_seed == 0 for c in three if c.budget not in (20, ALL))  # sweep: zoo 0
+    assert all(c.zoo_seed == 0 for c in three if c.extras)
+    # a checkpoint line written before zoo seeds existed is a zoo-seed-0 cell
+    old = {"task": 0, "seed": 1, "budget": 20, "target_budget": 0, "extras": False,
+           "oracle": False}
+    assert cell_key(old) == cell_key(Cell(0, 1, 20, 0))
+    assert cell_key(old) != cell_key(Cell(0, 1, 20, 0, zoo_seed=1))
+
+
+def test_aggregate_per_zoo_seed_splits_what_the_mean_pools():
+    raw = [{"task": "t", "kind": "k", "method": "PNC", "budget": 5, "target_budget": 0,
+            "seed": s, "zoo_seed": z, "lr": None, "acc_old": 1.0, "acc_new": 1.0,
+            "acc_all": 1.0, "locality": loc, "bytes": 10, "params_modified": 1,
+            "seconds": 1.0, "target_acc_old": 1.0, "source_acc_new": None}
+           for z, s, loc in ((0, 0, 0.9), (0, 1, 0.8), (1, 0, 0.5), (1, 1, 0.4))]
+    (pooled,) = aggregate(raw)
+    assert pooled["locality"] == pytest.approx(0.65) and pooled["zoo_seeds"] == [0, 1]
+    per = aggregate(raw, per_zoo_seed=True)
+    assert [(r["zoo_seeds"], round(r["locality"], 6)) for r in per] == [([0], 0.85), ([1], 0.45)]
+
+
+def test_seeded_zoos_reuse_the_given_zoo_for_its_own_seed(zoo_dir, tmp_path):
+    from pnc_net.zoo import Zoo
+
+    roots = seeded_zoos(Zoo(zoo_dir), BenchConfig(zoo_seeds=(0,)), tmp_path)
+    assert roots == {0: Path(zoo_dir)} and not list(tmp_path.iterdir())  # nothing trained
+    with pytest.raises(InvalidInputError, match="repeat"):
+        BenchConfig(zoo_seeds=(1, 1))
 
 
 def test_bad_bench_settings_are_rejected():
@@ -156,7 +194,9 @@ def test_cli_rejects_bad_options_with_one_line(tmp_path, zoo_dir):
     a_file = tmp_path / "f"
     a_file.write_text("x")
     for args, fragment in (([" --out", str(a_file)], "not a folder"),
-                           (["--workers", "0"], "at least 1")):
+                           (["--workers", "0"], "at least 1"),
+                           (["--zoo-seeds", "0,x"], "not a list of integers"),
+                           (["--tasks", "imagenet"], "not a task set")):
         res = subprocess.run([*exe, "bench", *[a.strip() for a in args]], capture_output=True,
                              text=True, env=env, timeout=120, check=False)
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

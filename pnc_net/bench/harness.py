@@ -1,10 +1,13 @@
 """The benchmark harness: PNC against the tuning baselines on the same tasks and data.
 
-A run is a list of independent *cells*: one ``(task, seed, k, k_t)`` cell runs
-PNC and every baseline on the same draw of cloning data; one Oracle cell per
-``(task, seed)`` serves every budget (it trains on the full train split).
-Cells run in worker processes (``BenchConfig.workers``) and are reduced to
-mean and standard deviation over seeds. ``pnc bench`` is the command line;
+A run is a list of independent *cells*: one ``(task, zoo seed, seed, k, k_t)``
+cell runs PNC and every baseline on the same draw of cloning data; one Oracle
+cell per ``(task, zoo seed, seed)`` serves every budget (it trains on the full
+train split). Cells run in worker processes (``BenchConfig.workers``) and are
+reduced to mean and standard deviation over zoo seeds and clone seeds together
+(``rows``), and per zoo seed (``by_zoo_seed``): a figure that holds on one zoo
+may not hold on a zoo trained from another seed, so the benchmark trains one zoo
+per seed (``zoo_roots``) and says. ``pnc bench`` is the command line;
 ``scripts/render_bench.py`` turns the saved JSON into the README section.
 
 Example::
@@ -21,7 +24,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -42,11 +45,12 @@ from pnc_net.bench.baselines import (
 )
 from pnc_net.bench.transmission import sim_of, transmission_of
 from pnc_net.cloning import CloneConfig, SourceSpec, clone
-from pnc_net.data import load_mnist
+from pnc_net.data import Dataset, load_dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig
 from pnc_net.localize import LocalizeConfig
 from pnc_net.zoo import Zoo
+from pnc_net.zoo_train import ZOO_SETS, build_default_zoo
 
 METHODS = ("PNC", "PNC-F", "FT", "LwF", "KD", "Oracle")
 METRICS = ("acc_old", "acc_new", "acc_all", "locality", "bytes", "params_modified", "seconds")
@@ -61,6 +65,9 @@ class Task:
     target: str
     sources: tuple[SourceSpec, ...]
     kind: str
+    data: str = "mnist"  # an embedded data set (``data.EMBEDDED``)
+    zoo_set: str = "default"  # the zoo set its models come from (``pnc zoo build --set``)
+    positions: tuple[tuple[int, int], ...] | None = None  # None: ``BenchConfig.positions``
 
     def config(self, k: int, kt: int, seed: int,
                positions: tuple[tuple[int, int], ...] | None, **kw: Any) -> CloneConfig:
@@ -79,6 +86,15 @@ DEFAULT_TASKS = (
          "two sources"),
 )
 
+#: The real-architecture tasks (``pnc bench --tasks rgb``): torchvision models on the
+#: colour digits, from ``pnc zoo build --set rgb``.
+RGB_TASKS = (
+    Task("resnet18<-mobilenet_v3 {5,6}", "rgb-resnet18-0to4",
+         (SourceSpec("rgb-mobilenet_v3_small-5to9", ("5", "6")),), "rgb cnn", "rgb-digits", "rgb",
+         positions=((7, 7), (6, 7))),  # the winners of the full search (docs/method.md)
+)
+TASK_SETS = {"default": DEFAULT_TASKS, "rgb": RGB_TASKS, "all": DEFAULT_TASKS + RGB_TASKS}
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -87,6 +103,7 @@ class BenchConfig:
     mode: str = "full"
     tasks: tuple[Task, ...] = DEFAULT_TASKS
     seeds: tuple[int, ...] = (0, 1, 2)
+    zoo_seeds: tuple[int, ...] = (0,)  # zoos trained from these seeds (``zoo_roots``)
     budget: int = 20  # k per cloned class for the main table
     target_budgets: tuple[int, ...] = (20, 0)  # the two regimes of method.md
     sweep_budgets: tuple[int, ...] = (5, 10, 20, 50, 100, ALL)
@@ -105,8 +122,10 @@ class BenchConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise InvalidInputError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-        if not self.tasks or not self.seeds:
-            raise InvalidInputError("a benchmark needs at least one task and one seed")
+        if not self.tasks or not self.seeds or not self.zoo_seeds:
+            raise InvalidInputError("a benchmark needs at least one task, seed and zoo seed")
+        if len(set(self.zoo_seeds)) != len(self.zoo_seeds) or min(self.zoo_seeds) < 0:
+            raise InvalidInputError(f"zoo seeds {list(self.zoo_seeds)} repeat or are negative")
         if not 0 <= self.sweep_task < len(self.tasks):
             raise InvalidInputError(f"sweep_task {self.sweep_task} is not a task index")
         if self.workers < 1 or self.threads_per_worker < 1:
@@ -138,33 +157,39 @@ class Cell:
     target_budget: int
     extras: bool = False  # also measure transmission and the Sim matrix
     oracle: bool = False
+    zoo_seed: int = 0  # which zoo (``zoo_roots``); 0 is the zoo the run was given
 
 
 def plan_cells(cfg: BenchConfig) -> list[Cell]:
     """Main grid, sweep grid (sharing cells with the main grid), and Oracle cells."""
     cells: dict[tuple, Cell] = {}
-    for t in range(len(cfg.tasks)):
-        for kt in cfg.target_budgets:
-            for s in cfg.seeds:
-                cells[(t, s, cfg.budget, kt)] = Cell(t, s, cfg.budget, kt, extras=s == cfg.seeds[0])
-    for k in cfg.sweep_budgets:
+    first_zoo = cfg.zoo_seeds[0]
+    for z in cfg.zoo_seeds:
+        for t in range(len(cfg.tasks)):
+            for kt in cfg.target_budgets:
+                for s in cfg.seeds:
+                    cells[(t, s, cfg.budget, kt, z)] = Cell(
+                        t, s, cfg.budget, kt, extras=s == cfg.seeds[0] and z == first_zoo,
+                        zoo_seed=z)
+    for k in cfg.sweep_budgets:  # the budget sweep runs on the first zoo only
         for s in cfg.sweep_seeds:
-            key = (cfg.sweep_task, s, k, cfg.sweep_target_budget)
-            cells.setdefault(key, Cell(*key))
+            key = (cfg.sweep_task, s, k, cfg.sweep_target_budget, first_zoo)
+            cells.setdefault(key, Cell(*key[:4], zoo_seed=first_zoo))
     out = list(cells.values())
     if "Oracle" in cfg.methods:
-        out += [Cell(t, s, ALL, 0, oracle=True) for t in range(len(cfg.tasks)) for s in cfg.seeds]
+        out += [Cell(t, s, ALL, 0, oracle=True, zoo_seed=z) for z in cfg.zoo_seeds
+                for t in range(len(cfg.tasks)) for s in cfg.seeds]
     # seed by seed (a run cut short still reports whole seeds): main table, then sweep
     def order(c: Cell) -> tuple:
         in_main = c.oracle or (c.budget == cfg.budget and c.target_budget in cfg.target_budgets)
-        return (c.seed, not in_main, c.oracle, c.task, -c.target_budget, c.budget)
+        return (c.seed, c.zoo_seed, not in_main, c.oracle, c.task, -c.target_budget, c.budget)
 
     return sorted(out, key=order)
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist():
-    return load_mnist()
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str) -> Dataset:
+    return load_dataset(name)
 
 
 def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
@@ -173,6 +198,7 @@ def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
              "params_modified": r.params_modified, "seconds": r.seconds, "lr": r.lr}
     m = r["metrics"]
     return {"task": task.name, "kind": task.kind, "method": r["method"], "seed": cell.seed,
+            "zoo_seed": cell.zoo_seed,
             "budget": "all" if cell.budget >= ALL else cell.budget,
             "target_budget": cell.target_budget,
             **{k: m[k] for k in ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old")},
@@ -183,9 +209,11 @@ def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
 def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     """Every method of one cell, in this process. Returns rows plus the cell's extras."""
     torch.set_num_threads(cfg.threads_per_worker)
-    zoo, data, task = Zoo(zoo_root), _mnist(), cfg.tasks[cell.task]
+    task = cfg.tasks[cell.task]
+    zoo, data = Zoo(zoo_root), _dataset(task.data)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed, cfg.positions,
+    clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed,
+                            task.positions or cfg.positions,
                             localize=cfg.localize, insert=cfg.insert)
     td = task_data(zoo, data, clone_cfg)
     if cell.oracle:
@@ -227,15 +255,20 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), statistics.pstdev(vals) if len(vals) > 1 else 0.0
 
 
-def aggregate(raw: list[dict], task_order: tuple[str, ...] = ()) -> list[dict]:
-    """Mean and std over seeds for every (task, method, budget, target_budget)."""
+def aggregate(raw: list[dict], task_order: tuple[str, ...] = (),
+              per_zoo_seed: bool = False) -> list[dict]:
+    """Mean and std over seeds (clone seeds and zoo seeds together) for every
+    (task, method, budget, target_budget); with ``per_zoo_seed``, one row per zoo seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in raw:
-        groups.setdefault((r["task"], r["method"], r["budget"], r["target_budget"]), []).append(r)
+        zoo = r.get("zoo_seed", 0) if per_zoo_seed else None
+        groups.setdefault((r["task"], r["method"], r["budget"], r["target_budget"], zoo),
+                          []).append(r)
     out = []
-    for (task, method, budget, kt), rs in groups.items():
+    for (task, method, budget, kt, _zoo), rs in groups.items():
         row = {"task": task, "kind": rs[0]["kind"], "method": method, "budget": budget,
                "target_budget": kt, "seeds": sorted(r["seed"] for r in rs),
+               "zoo_seeds": sorted({r.get("zoo_seed", 0) for r in rs}),
                "lrs": [r["lr"] for r in rs]}
         for k in (*METRICS, "target_acc_old", "source_acc_new"):
             row[k], row[f"{k}_std"] = _mean_std([r[k] for r in rs])
@@ -244,34 +277,37 @@ def aggregate(raw: list[dict], task_order: tuple[str, ...] = ()) -> list[dict]:
     tasks = {t: i for i, t in enumerate(task_order)}
     return sorted(out, key=lambda r: (tasks.get(r["task"], len(tasks)), r["task"],
                                       -r["target_budget"], ALL if r["budget"] == "all"
-                                      else r["budget"], order[r["method"]]))
+                                      else r["budget"], order[r["method"]], r["zoo_seeds"]))
 
 
 def oracle_everywhere(raw: list[dict], cfg: BenchConfig) -> list[dict]:
     """The Oracle ignores the budget: it is reported beside every (budget, k_t) of its task."""
     oracle = [r for r in raw if r["method"] == "Oracle"]
     others = [r for r in raw if r["method"] != "Oracle"]
-    slots = {(r["task"], r["budget"], r["target_budget"], r["seed"]) for r in others}
+    slots = {(r["task"], r["budget"], r["target_budget"], r["seed"], r.get("zoo_seed", 0))
+             for r in others}
     extra = [{**o, "budget": b, "target_budget": kt} for o in oracle
-             for (t, b, kt, s) in sorted(slots, key=str) if t == o["task"] and s == o["seed"]]
+             for (t, b, kt, s, z) in sorted(slots, key=str)
+             if t == o["task"] and s == o["seed"] and z == o.get("zoo_seed", 0)]
     return others + extra
 
 
 # ----------------------------------------------------------------------------- run
 
 
-def run_cells(zoo_root: str, cfg: BenchConfig, cells: list[Cell],
+def run_cells(zoo_roots: Mapping[int, str], cfg: BenchConfig, cells: list[Cell],
               on_done: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run ``cells`` (in ``cfg.workers`` spawned processes); ``on_done`` sees each as it ends."""
+    """Run ``cells`` (in ``cfg.workers`` spawned processes), each on the zoo of its zoo
+    seed; ``on_done`` sees each as it ends."""
     say = on_done or (lambda _r: None)
     outs = []
     if cfg.workers == 1:
         for c in cells:
-            outs.append(run_cell(zoo_root, cfg, c))
+            outs.append(run_cell(zoo_roots[c.zoo_seed], cfg, c))
             say(outs[-1])
         return outs
     with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_cell, zoo_root, cfg, c) for c in cells]
+        futures = [pool.submit(run_cell, zoo_roots[c.zoo_seed], cfg, c) for c in cells]
         for f in as_completed(futures):
             outs.append(f.result())
             say(outs[-1])
@@ -279,8 +315,10 @@ def run_cells(zoo_root: str, cfg: BenchConfig, cells: list[Cell],
 
 
 def cell_key(cell: Cell | dict) -> str:
-    """A cell's identity in a checkpoint file: its fields as sorted JSON."""
-    return json.dumps(asdict(cell) if isinstance(cell, Cell) else cell, sort_keys=True)
+    """A cell's identity in a checkpoint file: its fields as sorted JSON (a cell written
+    before zoo seeds existed is of zoo seed 0)."""
+    fields = asdict(cell) if isinstance(cell, Cell) else {"zoo_seed": 0, **cell}
+    return json.dumps(fields, sort_keys=True)
 
 
 def read_checkpoint(path: Path) -> dict[str, dict]:
@@ -305,15 +343,48 @@ def append_checkpoint(path: Path, out: dict) -> None:
         os.fsync(f.fileno())
 
 
+def zoo_seed_of(zoo: Zoo, cfg: BenchConfig) -> int | None:
+    """The seed that trained ``zoo``'s copy of the first task's target (None: not there)."""
+    have = {m.name: m for m in zoo.manifests()}
+    target = have.get(cfg.tasks[0].target)
+    return None if target is None else int(target.recipe.get("seed", 0))
+
+
+def seeded_zoos(zoo: Zoo, cfg: BenchConfig, home: Path,
+                say: Callable[[str], None] | None = None) -> dict[int, Path]:
+    """One zoo per zoo seed, with every model the tasks need, trained where missing.
+
+    The zoo seed that trained ``zoo`` (0 when it is empty) is ``zoo`` itself; every
+    other seed gets ``home/zoo-seed<N>``, trained by ``build_default_zoo`` from
+    that seed (about a minute per MNIST zoo on 2 cores, longer for ``--set rgb``).
+    """
+    own = zoo_seed_of(zoo, cfg) or 0
+    roots = {}
+    for z in cfg.zoo_seeds:
+        root = zoo.root if z == own else home / f"zoo-seed{z}"
+        for zoo_set in sorted({t.zoo_set for t in cfg.tasks}):
+            data_name, specs = ZOO_SETS[zoo_set]
+            built = build_default_zoo(Zoo(root), load_dataset(data_name), progress=False,
+                                      seed=z, specs=specs)
+            for manifest, new in built:
+                if new and say:
+                    say(f"built zoo model {manifest.name} (zoo seed {z}) in {root}")
+        roots[z] = Path(root)
+    return roots
+
+
 def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None = None,
               checkpoint: Path | None = None, resume: bool = False,
-              run_missing: bool = True) -> dict:
+              run_missing: bool = True, zoo_roots: Mapping[int, Path] | None = None) -> dict:
     """Run every cell and reduce. The returned dict is what ``bench/results/*.json`` holds.
 
-    With ``checkpoint``, each finished cell is appended there as it ends; ``resume``
-    reuses the cells already in it, and ``run_missing=False`` only reduces them.
+    ``zoo_roots`` maps each of ``cfg.zoo_seeds`` to its zoo (``seeded_zoos``); without
+    it every zoo seed is ``zoo``. With ``checkpoint``, each finished cell is appended
+    there as it ends; ``resume`` reuses the cells already in it, and
+    ``run_missing=False`` only reduces them.
     """
     started, load_before = time.perf_counter(), os.getloadavg()[0]
+    roots = {z: str((zoo_roots or {}).get(z, zoo.root)) for z in cfg.zoo_seeds}
     cells = plan_cells(cfg)
     if checkpoint is not None and not resume and checkpoint.exists():
         checkpoint.unlink()
@@ -325,11 +396,12 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
             append_checkpoint(checkpoint, out)
         (on_done or (lambda _o: None))(out)
 
-    new = run_cells(str(zoo.root), cfg, todo, finished)
+    new = run_cells(roots, cfg, todo, finished)
     wanted = {cell_key(c) for c in cells}
     outs = [o for k, o in done.items() if k in wanted] + new
     raw = [r for o in outs for r in o["rows"]]
-    rows = aggregate(oracle_everywhere(raw, cfg), tuple(t.name for t in cfg.tasks))
+    spread = oracle_everywhere(raw, cfg)
+    rows = aggregate(spread, tuple(t.name for t in cfg.tasks))
     task_index = {t.name: i for i, t in enumerate(cfg.tasks)}
 
     def by_task(items: list[dict]) -> list[dict]:
@@ -344,6 +416,9 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
         "machine": {**_machine(cfg), "load_1min_before": load_before,
                     "load_1min_after": os.getloadavg()[0]},
         "rows": main, "sweep": sweep, "raw": raw,
+        "by_zoo_seed": [r for r in aggregate(spread, tuple(t.name for t in cfg.tasks),
+                                             per_zoo_seed=True) if r["budget"] == cfg.budget],
+        "zoo_roots": {str(z): root for z, root in roots.items()},
         "transmission": by_task([o["transmission"] for o in outs if "transmission" in o]),
         "sim": by_task([o["sim"] for o in outs if "sim" in o]),
         "cells_planned": len(cells), "cells_done": len(outs),
@@ -356,7 +431,8 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
 
 def _config_summary(cfg: BenchConfig) -> dict:
     d = asdict(cfg)
-    d["tasks"] = [{"name": t.name, "kind": t.kind, "target": t.target,
+    d["tasks"] = [{"name": t.name, "kind": t.kind, "target": t.target, "data": t.data,
+                   "zoo_set": t.zoo_set,
                    "sources": [[s.source, list(s.classes)] for s in t.sources]} for t in cfg.tasks]
     d["budget_all"] = ALL
     return d
