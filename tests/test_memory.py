@@ -1,0 +1,56 @@
+"""The activation-size batch cap (``pnc_net/memory.py``): measured, bounded, harmless
+where memory is not short."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pnc_net.errors import InvalidInputError
+from pnc_net.memory import (
+    DEFAULT_ACTIVATION_BUDGET,
+    LARGEST_DEFAULT_BATCH,
+    activation_budget,
+    activation_bytes,
+    batch_cap,
+)
+from pnc_net.models import build_model
+from pnc_net.zoo import state_digest
+
+
+def test_activation_bytes_add_up_every_leaf_output():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    before = state_digest(net)
+    # conv 4x4x4 + relu 4x4x4 + flatten 64 + linear 3, float32
+    assert activation_bytes(net, (1, 4, 4)) == (64 + 64 + 64 + 3) * 4
+    assert state_digest(net) == before and not net._forward_hooks  # nothing left behind
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+def test_the_mnist_zoo_keeps_its_batches():
+    nets = [build_model(a, in_channels=1, num_classes=5).eval() for a in ("cnn", "resnet")]
+    assert batch_cap(nets, (1, 28, 28)) > LARGEST_DEFAULT_BATCH  # no step is lowered
+
+
+def test_a_resnet50_at_224_gets_a_batch_that_fits_the_budget():
+    torch.manual_seed(0)
+    r50 = torchvision.models.resnet50(num_classes=5).eval()
+    per_image = activation_bytes(r50, (3, 224, 224))
+    assert 80e6 < per_image < 200e6  # about 128 MB: what a backward pass keeps, per image
+    cap = batch_cap([r50], (3, 224, 224))
+    assert 1 <= cap < 64 and cap * 2 * per_image <= DEFAULT_ACTIVATION_BUDGET
+    assert batch_cap([r50], (3, 224, 224), budget_bytes=1) == 1  # never zero
+
+
+def test_the_budget_is_read_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PNC_ACTIVATION_BUDGET", raising=False)
+    assert activation_budget() == DEFAULT_ACTIVATION_BUDGET
+    for text, value in (("2G", 2 << 30), ("512m", 512 << 20), ("1000", 1000), ("1.5K", 1536)):
+        monkeypatch.setenv("PNC_ACTIVATION_BUDGET", text)
+        assert activation_budget() == value
+    for bad in ("lots", "-1G", "0"):
+        monkeypatch.setenv("PNC_ACTIVATION_BUDGET", bad)
+        with pytest.raises(InvalidInputError, match="is not a size"):
+            activation_budget()
