@@ -13,6 +13,12 @@ from pnc_cli.common import JsonOpt, ZooOpt, console, err_console, print_json
 from pnc_net.errors import InvalidInputError
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Folder for the JSON and PNG results.")]
+BenchDeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="auto|cpu|cuda[:N]",
+    help="Where PNC's clones compute (cpu, the default, reproduces the published cells; "
+         "auto takes the first GPU when there is one). The tuning baselines and the "
+         "Oracle stay on the CPU, so with a GPU only PNC's seconds are comparable to a "
+         "GPU baseline's, not to these.")]
 
 
 def _fmt(row: dict, key: str, digits: int = 3) -> str:
@@ -56,11 +62,13 @@ def bench(
         "mobilenet_v3_small on the colour digits (trains the rgb zoo set when missing; "
         "slow on CPU); all: both.")] = "default",
     zoo_dir: ZooOpt = None,
+    device: BenchDeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Benchmark PNC against the tuning baselines; write JSON + PNG results to --out."""
     from pnc_net.bench.harness import TASK_SETS, BenchConfig, run_bench, seeded_zoos
     from pnc_net.bench.plots import write_figures
+    from pnc_net.devices import resolve_device
     from pnc_net.fsutil import atomic_write_bytes
     from pnc_net.zoo import Zoo
 
@@ -71,6 +79,7 @@ def bench(
                                 f"{', '.join(TASK_SETS)}")
     make = BenchConfig.quick if quick else BenchConfig
     cfg = make(workers=workers, threads_per_worker=threads, zoo_seeds=_seeds(zoo_seeds),
+               device=resolve_device(device),
                **({} if tasks == "default" else {"tasks": TASK_SETS[tasks]}))
     zoo = Zoo(zoo_dir)
     roots = seeded_zoos(zoo, cfg, out, lambda msg: err_console.print(msg, highlight=False))

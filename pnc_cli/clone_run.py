@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from pnc_cli.common import RAY_LOCAL, err_console, split_labels
 from pnc_net.cloning import CloneConfig, CloneResult, SourceSpec, clone, run_sequential
 from pnc_net.data import Dataset, load_dataset
+from pnc_net.devices import Compute
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig
 from pnc_net.search import parse_positions
@@ -27,8 +28,14 @@ from pnc_net.zoo import Zoo
 def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  per_class: int, target_per_class: int, seed: int, positions: str | None,
                  adapter_rank: int, batch_size: int | None = None,
-                 search: str = "exhaustive") -> CloneConfig:
-    """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work."""
+                 search: str = "exhaustive", device: str = "cpu",
+                 precision: str = "fp32") -> CloneConfig:
+    """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work.
+
+    ``device`` is resolved here (``auto`` becomes what this machine has), so the
+    package's report names the device that ran, and a missing GPU is one error line
+    before anything is read or written."""
+    compute = Compute.of(device, precision)
     if len(classes) != len(sources):
         raise InvalidInputError(
             f"give one --classes per --source ({len(sources)} sources, {len(classes)} --classes)")
@@ -38,6 +45,7 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
         per_class=per_class, target_per_class=target_per_class, seed=seed,
         positions=tuple(parse_positions(positions)) if positions else None,
         insert=InsertConfig(adapter_rank=adapter_rank), search=search,
+        device=compute.device, precision=compute.precision,
     ).with_batch_size(batch_size)
 
 

@@ -24,6 +24,16 @@ err_console = Console(stderr=True)
 ZooOpt = Annotated[Path | None, typer.Option(
     "--zoo", help="Zoo folder (default: $PNC_ZOO or ~/.cache/pnc/zoo).", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="auto|cpu|cuda[:N]",
+    help="Where models compute. cpu (default) gives bit-reproducible results: the same "
+         "seed gives the same package on every CPU run. auto takes the first GPU when one "
+         "is visible, else the CPU; cuda[:N] insists on GPU N (an error without one). "
+         "A GPU run gives a package that differs from the CPU one in the last bits.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", metavar="fp32|bf16",
+    help="fp32 (default), or bf16 autocast of the forward passes without gradients "
+         "(CUDA only; not yet checked against the fingerprint tolerance).")]
 
 #: The metrics ``pnc clone``, ``pnc eval`` and ``pnc demo`` report, in this order.
 METRIC_KEYS = ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old", "source_acc_new")

@@ -20,7 +20,9 @@ from pnc_cli.common import (
     GAP_KEYS,
     METRIC_KEYS,
     RAY_LOCAL,
+    DeviceOpt,
     JsonOpt,
+    PrecisionOpt,
     ZooOpt,
     console,
     optional_value_command,
@@ -83,20 +85,26 @@ def zoo_train(
     name: Annotated[str, typer.Option("--name", help="Model name (a label).")] = "",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 6,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per training step.")] = 64,
-    seed: int = 0, zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
+    seed: int = 0, zoo_dir: ZooOpt = None, device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32", json_out: JsonOpt = False,
 ) -> None:
-    """Train a model on your own data and add it to the zoo."""
+    """Train a model on your own data and add it to the zoo.
+
+    The weights are stored from the CPU whatever --device trained them; a GPU-trained
+    model is a different model (another digest) from the CPU-trained one."""
     from pnc_net.data import load_dataset
+    from pnc_net.devices import Compute
     from pnc_net.zoo import Zoo
     from pnc_net.zoo_train import ZooSpec, train_zoo_model
 
+    compute = Compute.of(device, precision)  # before the data is read
     dataset = load_dataset(data)
     labels = split_labels(classes)
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
     spec = ZooSpec(name or f"{dataset.name}-{arch}-{'-'.join(labels)}", arch, labels, epochs,
                    seed=seed, batch_size=batch_size)
-    m = train_zoo_model(Zoo(zoo_dir), dataset, spec, progress=not json_out)
+    m = train_zoo_model(Zoo(zoo_dir), dataset, spec, progress=not json_out, compute=compute)
     if json_out:
         print_json({"name": m.name, "sha256": m.sha256, "test_accuracy": m.test_accuracy})
     else:
@@ -271,9 +279,14 @@ def clone_cmd(
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
     search: Annotated[str, typer.Option("--search", help="Position search: exhaustive (every candidate at the full budget) or halving (successive halving: short trainings prune to the top third, the finalists get the full budget; docs/method.md, Position search).")] = "exhaustive",
+    device: DeviceOpt = "cpu",
+    precision: PrecisionOpt = "fp32",
     json_out: JsonOpt = False,
 ) -> None:
-    """Clone classes of a source zoo model into a target; write the package."""
+    """Clone classes of a source zoo model into a target; write the package.
+
+    With --ray, --device is where this process plans and measures; each Ray worker
+    computes on the GPU Ray gives it (num_gpus), else on its CPU."""
     from pnc_cli.clone_run import clone_config, ray_runner, run_clone
     from pnc_net import wire
 
@@ -282,7 +295,8 @@ def clone_cmd(
         raise InvalidInputError(f"--dtype {dtype!r} is not one of {', '.join(wire.WIRE_DTYPES)}")
     cfg = clone_config(target, source, classes, per_class=per_class,
                        target_per_class=target_per_class, seed=seed, positions=positions,
-                       adapter_rank=adapter_rank, batch_size=batch_size, search=search)  # before Ray starts
+                       adapter_rank=adapter_rank, batch_size=batch_size, search=search, device=device,
+                       precision=precision)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")
@@ -317,10 +331,15 @@ def check_eval_data(dataset, input_shape: tuple[int, ...], labels: tuple[str, ..
 def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file.")],
              data: DataOpt = None, zoo_dir: ZooOpt = None,
              batch_size: Annotated[int, typer.Option("--batch-size", help="Test images per forward pass.")] = 512,
+             device: DeviceOpt = "cpu", precision: PrecisionOpt = "fp32",
              json_out: JsonOpt = False) -> None:
-    """Rebuild the superbody from the zoo and the package; report metrics and detach_exact."""
+    """Rebuild the superbody from the zoo and the package; report metrics and detach_exact.
+
+    The fingerprint and detach_exact are checked on the CPU whatever --device says
+    (they compare against CPU outputs); the test-set metrics run on --device."""
     from pnc_net import wire
     from pnc_net.data import load_dataset
+    from pnc_net.devices import Compute, on_device
     from pnc_net.metrics import clone_metrics, detach_is_exact
     from pnc_net.rebuild import load_ref, verify
     from pnc_net.zoo import Zoo, model_from_weights
@@ -328,13 +347,15 @@ def eval_cmd(package: Annotated[Path, typer.Argument(help="A .pnc package file."
     started = time.perf_counter()
     if batch_size < 1:
         raise InvalidInputError(f"--batch-size must be at least 1, got {batch_size}")
+    compute = Compute.of(device, precision)
     zoo = Zoo(zoo_dir)
     pkg, raw = wire.read_package(package)
     superbody, fp_err = verify(zoo, pkg)
     dataset = load_dataset(data)
     check_eval_data(dataset, tuple(load_ref(zoo, pkg.target)[2]), pkg.label_names)
-    sources = [load_ref(zoo, m.source)[:2] for m in pkg.modules]
-    metrics = clone_metrics(superbody, dataset, sources, batch_size)
+    sources = [(on_device(model, compute), labels)
+               for model, labels in (load_ref(zoo, m.source)[:2] for m in pkg.modules)]
+    metrics = clone_metrics(on_device(superbody, compute), dataset, sources, batch_size, compute)
     fresh_manifest = zoo.resolve(pkg.target.sha256)
     fresh = model_from_weights(fresh_manifest, zoo.read_weights(fresh_manifest))
     exact = detach_is_exact(superbody, fresh, dataset.x_test)

@@ -17,6 +17,7 @@ import torch
 
 from pnc_net import __version__
 from pnc_net.data import Dataset, select_classes
+from pnc_net.devices import CPU, PRECISIONS, Compute, on_device, parse_device
 from pnc_net.errors import IncompatibleError, InvalidInputError
 from pnc_net.insert import CloneData, InsertConfig, Prepared, insert_candidate, prepare
 from pnc_net.localize import LocalizeConfig, localize
@@ -67,8 +68,16 @@ class CloneConfig:
     # the most images any pass holds at once (None: each step's own, see with_batch_size)
     batch_size: int | None = None
     search: str = "exhaustive"  # or "halving": successive halving over positions (search.py)
+    # where the steps compute (pnc_net/devices.py): cpu (bit-reproducible), auto, cuda[:N];
+    # checked here for spelling, resolved against this machine's GPUs by ``plan``
+    device: str = "cpu"
+    precision: str = "fp32"  # or bf16: autocast of passes without gradients, CUDA only
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "device", parse_device(self.device))
+        if self.precision not in PRECISIONS:
+            raise InvalidInputError(
+                f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.search not in SEARCH_MODES:
             raise InvalidInputError(
                 f"--search {self.search!r} is not one of {', '.join(SEARCH_MODES)}")
@@ -134,6 +143,7 @@ class CloneJob:
     target: ZooNet
     target_manifest: Manifest
     modules: list[ModuleJob]
+    compute: Compute = CPU  # resolved from cfg.device/precision; the models live there
 
     @property
     def target_labels(self) -> tuple[str, ...]:
@@ -215,7 +225,11 @@ def check_input_shapes(target: Manifest, source: Manifest, data: Dataset) -> Non
 
 
 def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
-    """Resolve models, check compatibility and draw the cloning data."""
+    """Resolve models, check compatibility and draw the cloning data.
+
+    The models are moved to ``cfg.device`` as private copies (zoo models are shared);
+    the cloning data stays on the CPU."""
+    compute = Compute.of(cfg.device, cfg.precision)  # a missing GPU fails before any work
     target, t_manifest = zoo.load(cfg.target)
     all_cloned = [c for s in cfg.sources for c in s.classes]
     clash = set(all_cloned) & set(t_manifest.label_names)
@@ -242,16 +256,17 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
                       batch_size=min(default.batch_size, cfg.batch_size or default.batch_size))
         synthetic = cached_target_samples(
             target, t_manifest.sha256, len(t_manifest.label_names),
-            tuple(t_manifest.input_shape), syn, cfg.seed)
+            tuple(t_manifest.input_shape), syn, cfg.seed, compute)
     modules = []
     for spec, source, s_manifest, candidates in checked:
         others = [c for c in all_cloned if c not in spec.classes]
         modules.append(ModuleJob(
-            source, s_manifest, tuple(s_manifest.label_names.index(c) for c in spec.classes),
+            on_device(source, compute), s_manifest,
+            tuple(s_manifest.label_names.index(c) for c in spec.classes),
             spec.classes,
             _clone_data(data, spec.classes, t_manifest.label_names, cfg, others, synthetic),
             candidates))
-    return CloneJob(cfg, target, t_manifest, modules)
+    return CloneJob(cfg, on_device(target, compute), t_manifest, modules, compute)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -260,13 +275,14 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
 def localize_module(job: CloneJob, i: int) -> dict[str, torch.Tensor]:
     """Masks of the source part that serves module ``i``'s cloned classes."""
     m = job.modules[i]
-    return localize(m.source, m.data.x_new, m.data.y_new, m.cloned, job.cfg.localize, job.cfg.seed)
+    return localize(m.source, m.data.x_new, m.data.y_new, m.cloned, job.cfg.localize, job.cfg.seed,
+                    job.compute)
 
 
 def prepare_module(job: CloneJob, i: int) -> Prepared:
     """Module ``i``'s candidate-independent training tensors (``insert.prepare``)."""
     m = job.modules[i]
-    return prepare(m.source, m.data, job.cfg.insert, job.cfg.seed)
+    return prepare(m.source, m.data, job.cfg.insert, job.cfg.seed, job.compute)
 
 
 def train_position(job: CloneJob, i: int, position: tuple[int, int]) -> tuple[Branch, dict]:
@@ -275,7 +291,7 @@ def train_position(job: CloneJob, i: int, position: tuple[int, int]) -> tuple[Br
     assert m.masks is not None and m.prepared is not None, "localize the module first"
     return insert_candidate(job.target, m.source, job.target_labels, job.input_shape, position,
                             m.masks, m.cloned, m.cloned_labels, m.data, m.prepared,
-                            job.cfg.insert, job.cfg.seed)
+                            job.cfg.insert, job.cfg.seed, job.compute)
 
 
 CandidateRunner = Callable[[CloneJob, int, list[tuple[int, int]]], list[tuple[Branch, dict]]]
@@ -300,8 +316,13 @@ def run_sequential(job: CloneJob, i: int, positions: list[tuple[int, int]],
 
 
 def make_package(job: CloneJob, branches: list[Branch], report: dict) -> tuple[Package, Superbody]:
-    """The package of the chosen branches (one per module) and the superbody it rebuilds."""
+    """The package of the chosen branches (one per module) and the superbody it rebuilds.
+
+    Both are on the CPU (the branches come back from the job's device), so the
+    fingerprint is what a receiver's CPU computes."""
     superbody = Superbody(job.target, job.target_labels, branches).eval()
+    if not job.compute.is_cpu:
+        superbody.cpu()
     modules = []
     for m, b in zip(job.modules, branches):
         assert m.masks is not None, "localize the module first"
@@ -346,8 +367,9 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
         say(f"{m.manifest.name}: best position R={position[0]} S={position[1]}")
     report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches}
     package, superbody = make_package(job, branches, report)
-    metrics = clone_metrics(superbody, data, [(m.source, m.manifest.label_names)
-                                              for m in job.modules], cfg.eval_batch_size)
+    metrics = clone_metrics(on_device(superbody, job.compute), data,
+                            [(m.source, m.manifest.label_names) for m in job.modules],
+                            cfg.eval_batch_size, job.compute)
     report.update(metrics=metrics, seconds=time.perf_counter() - started)
     package.report = report
     return CloneResult(package, superbody, report)
@@ -396,6 +418,8 @@ def settings_of(cfg: CloneConfig) -> dict:
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
             "synthetic_target_samples": cfg.synthesize,
             **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
-            **({"search": cfg.search} if cfg.search != "exhaustive" else {})}
+            **({"search": cfg.search} if cfg.search != "exhaustive" else {}),
+            **({"device": cfg.device} if cfg.device != "cpu" else {}),
+            **({"precision": cfg.precision} if cfg.precision != "fp32" else {})}
 
 

@@ -85,22 +85,26 @@ def data_workers() -> int:
 
 
 def iter_batches(x: Images, index: torch.Tensor | None = None,
-                 batch_size: int = 256) -> Iterator[torch.Tensor]:
-    """``x[index]`` (all of ``x`` when ``index`` is None) in order, ``batch_size`` at a time.
+                 batch_size: int = 256, device: str = "cpu") -> Iterator[torch.Tensor]:
+    """``x[index]`` (all of ``x`` when ``index`` is None) in order, ``batch_size`` at a time,
+    each batch on ``device``.
 
     Every pass over a split goes through here, so a pass holds one batch, never the
     split: tensors are sliced; an ImageFolder's files are decoded by DataLoader
-    workers when there are enough of them to pay for the workers' start.
+    workers when there are enough of them to pay for the workers' start. The split
+    itself stays on the CPU; only the batch in use moves (nothing moves on CPU).
     """
     index = torch.arange(len(x)) if index is None else index
     if not isinstance(x, datasources.LazyImages):
         for i in range(0, len(index), batch_size):
-            yield x[index[i : i + batch_size]]
+            batch = x[index[i : i + batch_size]]
+            yield batch if device == "cpu" else batch.to(device, non_blocking=True)
         return
     workers = data_workers() if len(index) >= WORKER_THRESHOLD else 0
     loader = torch.utils.data.DataLoader(_Rows(x, index), batch_size=batch_size,
-                                         num_workers=workers)
-    yield from loader
+                                         num_workers=workers, pin_memory=device != "cpu")
+    for batch in loader:
+        yield batch if device == "cpu" else batch.to(device, non_blocking=True)
 
 
 def select_classes(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pnc_net.devices import CPU, Compute
 from pnc_net.localize import LocalizeConfig, localized_samples
 from pnc_net.models import ZooNet
 from pnc_net.superbody import NO_ENERGY_VETO, Branch, Superbody, build_branch
@@ -76,10 +77,12 @@ class Prepared:
     x_val_neg: torch.Tensor
 
 
-def prepare(source: ZooNet, data: CloneData, cfg: InsertConfig, seed: int) -> Prepared:
+def prepare(source: ZooNet, data: CloneData, cfg: InsertConfig, seed: int,
+            compute: Compute = CPU) -> Prepared:
     """Shift-augmented ``D``, the source's logits on it and the occluded negatives.
 
-    Every candidate position trains on these, so they are drawn once per module.
+    Every candidate position trains on these, so they are drawn once per module (on
+    the CPU; ``source`` runs on ``compute.device``, and every tensor is on the CPU).
     """
     gen = torch.Generator().manual_seed(seed)
     base = torch.cat([data.x_new, data.x_old])
@@ -91,8 +94,8 @@ def prepare(source: ZooNet, data: CloneData, cfg: InsertConfig, seed: int) -> Pr
     loc = LocalizeConfig(hide_prob=cfg.negative_hide_prob)
     neg, _ = localized_samples(data.x_new, loc, gen, copies=1)
     val_neg, _ = localized_samples(data.x_val_new, loc, gen, copies=1)
-    return Prepared(xs, ys, predict_logits(source, xs, cfg.eval_batch_size), neg[len(data.x_new):],
-                    val_neg[len(data.x_val_new):])
+    return Prepared(xs, ys, predict_logits(source, xs, cfg.eval_batch_size, compute=compute),
+                    neg[len(data.x_new):], val_neg[len(data.x_val_new):])
 
 
 def fit_adapter_lstsq(branch: Branch, h_r: torch.Tensor, f_s: torch.Tensor,
@@ -118,35 +121,44 @@ def fit_adapter_lstsq(branch: Branch, h_r: torch.Tensor, f_s: torch.Tensor,
 
 
 def source_features(source: ZooNet, x: torch.Tensor, position_s: int,
-                    keep: torch.Tensor | None, batch_size: int = 512) -> torch.Tensor:
-    """The source's features at boundary S, only the ``keep`` channels (what the adapter fits)."""
+                    keep: torch.Tensor | None, batch_size: int = 512,
+                    compute: Compute = CPU) -> torch.Tensor:
+    """The source's features at boundary S, only the ``keep`` channels (what the adapter
+    fits), on the CPU."""
     def at_s(xb: torch.Tensor) -> torch.Tensor:
         f = source.forward_features(xb, position_s)
         return f if keep is None else f[:, keep]
-    return predict_logits(at_s, x, batch_size)
+    return predict_logits(at_s, x, batch_size, compute=compute)
 
 
 def train_adapter(target: ZooNet, source: ZooNet, branch: Branch, keep: torch.Tensor | None,
                   prep: Prepared, cloned: torch.Tensor, cfg: InsertConfig,
-                  gen: torch.Generator) -> None:
-    """CE + distillation on cloned samples, feature MSE on all of ``D``."""
+                  gen: torch.Generator, compute: Compute = CPU) -> None:
+    """CE + distillation on cloned samples, feature MSE on all of ``D``.
+
+    The cached features stay on the CPU (the least-squares start is solved there, the
+    same on every device); each step's batch moves to ``compute.device``."""
     h_r = predict_logits(lambda xb: target.forward_features(xb, branch.position_r), prep.x,
-                         cfg.eval_batch_size)
-    f_s = source_features(source, prep.x, branch.position_s, keep, cfg.eval_batch_size)
+                         cfg.eval_batch_size, compute=compute)
+    f_s = source_features(source, prep.x, branch.position_s, keep, cfg.eval_batch_size,
+                          compute)
     sub = torch.randperm(len(prep.x), generator=gen)[: cfg.lsq_samples]
-    fit_adapter_lstsq(branch, h_r[sub], f_s[sub])
+    branch.adapter.cpu()  # solved on the CPU, with the cached features: the same start on
+    fit_adapter_lstsq(branch, h_r[sub], f_s[sub])  # every device (a no-op move on CPU)
+    branch.adapter.to(compute.device)
     opt = torch.optim.Adam(branch.adapter.parameters(), lr=cfg.lr)
     is_new = prep.y >= 0
     t = cfg.temperature
+    put = compute.put
     for _ in range(cfg.epochs):
         for idx in batches(len(prep.x), cfg.batch_size, gen):
-            u = branch.adapter(h_r[idx])
-            loss = cfg.mse_weight * F.mse_loss(u, f_s[idx])
+            u = branch.adapter(put(h_r[idx]))
+            loss = cfg.mse_weight * F.mse_loss(u, put(f_s[idx]))
             new = idx[is_new[idx]]
             if len(new):
-                z = branch.source_logits(h_r[new])[:, cloned]
-                loss = loss + F.cross_entropy(z, prep.y[new])
-                teacher = (prep.z_src[new][:, cloned] / t).softmax(1)
+                z = branch.source_logits(put(h_r[new]))[:, put(cloned)]
+                loss = loss + F.cross_entropy(z, put(prep.y[new]))
+                teacher = (put(prep.z_src[new][:, cloned]) / t).softmax(1)
                 loss = loss + cfg.kd_weight * t * t * F.kl_div(
                     (z / t).log_softmax(1), teacher, reduction="batchmean")
             opt.zero_grad()
@@ -155,15 +167,22 @@ def train_adapter(target: ZooNet, source: ZooNet, branch: Branch, keep: torch.Te
 
 
 def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
-               gen: torch.Generator) -> None:
-    """Class-balanced BCE on cached logits: 1 on cloned samples, 0 on everything else."""
+               gen: torch.Generator, compute: Compute = CPU) -> None:
+    """Class-balanced BCE on cached logits: 1 on cloned samples, 0 on everything else.
+
+    The gate trains full-batch, so its inputs (small: logits and pooled features)
+    sit on ``compute.device`` for all its steps."""
     x = torch.cat([prep.x, prep.x_neg])
-    label = torch.cat([(prep.y >= 0).float(), torch.zeros(len(prep.x_neg))])
+    label = compute.put(torch.cat([(prep.y >= 0).float(), torch.zeros(len(prep.x_neg))]))
     bs = cfg.eval_batch_size
     with torch.no_grad():
-        z_t = predict_logits(target, x, bs)
-        runs = [branch.run(target.forward_features(x[i : i + bs], branch.position_r))
-                for i in range(0, len(x), bs)]
+        z_t = compute.put(predict_logits(target, x, bs, compute=compute))
+        runs = []
+        for i in range(0, len(x), bs):
+            with compute.autocast():
+                z, f = branch.run(target.forward_features(compute.put(x[i : i + bs]),
+                                                          branch.position_r))
+            runs.append((z.float(), f.float()))
         z_s = torch.cat([r[0] for r in runs])
         f_b = torch.cat([r[1] for r in runs])
     pos = label.sum().clamp_min(1)
@@ -180,14 +199,15 @@ def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig
 
 
 def score_branch(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
-                 data: CloneData, prep: Prepared, batch_size: int = 512) -> dict[str, float]:
+                 data: CloneData, prep: Prepared, batch_size: int = 512,
+                 compute: Compute = CPU) -> dict[str, float]:
     """Validation score: new-class accuracy, locality (or negative rejection without
     target-class data), and their mean."""
     sb = Superbody(target, target_labels, [branch]).eval()
     n_t = len(target_labels)
 
     def answer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return predict_logits(model, x, batch_size).argmax(1)
+        return predict_logits(model, x, batch_size, compute=compute).argmax(1)
 
     acc_new = float((answer(sb, data.x_val_new) == data.y_val_new + n_t).float().mean())
     out = {"val_acc_new": acc_new}
@@ -202,7 +222,7 @@ def score_branch(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
 
 def calibrate_energy_veto(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
                           data: CloneData, prep: Prepared, cfg: InsertConfig,
-                          ) -> dict[str, float]:
+                          compute: Compute = CPU) -> dict[str, float]:
     """Set the gate's ``energy_max`` and return the validation score it gives.
 
     The candidates are quantiles of the target's logsumexp on the cloned *training*
@@ -211,14 +231,15 @@ def calibrate_energy_veto(target: ZooNet, target_labels: tuple[str, ...], branch
     without, validation locality would be measured on stand-ins whose energy is
     that of cloned digits, so it cannot judge a veto and the fixed quantile is used.
     """
-    lse = predict_logits(target, prep.x[prep.y >= 0], cfg.eval_batch_size).logsumexp(1)
+    lse = predict_logits(target, prep.x[prep.y >= 0], cfg.eval_batch_size,
+                         compute=compute).logsumexp(1)
     options = cfg.veto_quantiles if data.real_val_old else (cfg.veto_quantile_without_target_data,)
     best: dict[str, float] | None = None
     for q in options:
         tau = NO_ENERGY_VETO if q is None else float(torch.quantile(lse, q).half())
         branch.gate.energy_max.fill_(tau)  # fp16-exact, so an fp16 package keeps the same veto
         score = {**score_branch(target, target_labels, branch, data, prep,
-                                cfg.eval_batch_size),
+                                cfg.eval_batch_size, compute),
                  "energy_quantile": 1.0 if q is None else q, "energy_max": tau}
         if best is None or score["score"] > best["score"]:
             best = score
@@ -231,14 +252,20 @@ def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, .
                      input_shape: tuple[int, ...], position: tuple[int, int],
                      masks: dict[str, torch.Tensor], cloned: tuple[int, ...],
                      cloned_labels: tuple[str, ...], data: CloneData, prep: Prepared,
-                     cfg: InsertConfig, seed: int) -> tuple[Branch, dict[str, float]]:
-    """Train a branch at ``position = (R, S)`` and score it on validation data."""
+                     cfg: InsertConfig, seed: int,
+                     compute: Compute = CPU) -> tuple[Branch, dict[str, float]]:
+    """Train a branch at ``position = (R, S)`` and score it on validation data.
+
+    ``target`` and ``source`` must be on ``compute.device``; the new adapter and gate
+    are made on the CPU (the same initial weights on every device) and moved there."""
     gen = torch.Generator().manual_seed(seed * 1009 + position[0] * 31 + position[1])
     torch.manual_seed(seed * 1009 + position[0] * 31 + position[1])
     r, s = position
     branch, keep = build_branch(target, source, input_shape, r, s, masks, cloned, cloned_labels,
                                 cfg.adapter_rank, cfg.gate_hidden, len(target_labels))
+    branch = branch.to(compute.device)
     idx = torch.tensor(cloned, dtype=torch.long)
-    train_adapter(target, source, branch, keep, prep, idx, cfg, gen)
-    train_gate(target, branch, prep, cfg, gen)
-    return branch, calibrate_energy_veto(target, target_labels, branch, data, prep, cfg)
+    train_adapter(target, source, branch, keep, prep, idx, cfg, gen, compute)
+    train_gate(target, branch, prep, cfg, gen, compute)
+    return branch, calibrate_energy_veto(target, target_labels, branch, data, prep, cfg,
+                                         compute)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pnc_net.devices import CPU, Compute
 from pnc_net.models import ZooNet
 from pnc_net.training import predict_logits
 
@@ -74,28 +75,32 @@ def localized_samples(x: torch.Tensor, cfg: LocalizeConfig, gen: torch.Generator
 
 
 def taylor_scores(source: ZooNet, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
-                  cloned: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+                  cloned: torch.Tensor, batch_size: int = 256,
+                  compute: Compute = CPU) -> dict[str, torch.Tensor]:
     """Per-filter importance for the cloned classes (``y`` indexes ``cloned``).
 
     A filter's first-order Taylor score on one sample is ``|d loss / d g|`` for a
     gate ``g = 1`` on it, which is ``|sum_hw activation * gradient|`` where the
     gate multiplies an activation, and sums over every place a coupled channel is
-    read where it multiplies several (``graphnet``).
+    read where it multiplies several (``graphnet``). ``source`` runs on
+    ``compute.device``; the samples and the scores stay on the CPU.
     """
     widths = source.mask_widths()
     scores = {name: torch.zeros(w) for name, w in widths.items()}
     try:
         for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size]
-            gates = {name: torch.ones(len(xb), w, requires_grad=True) for name, w in widths.items()}
+            xb = compute.put(x[i : i + batch_size])
+            gates = {name: torch.ones(len(xb), w, requires_grad=True, device=xb.device)
+                     for name, w in widths.items()}
             source.set_gates(gates)
-            logits = cloned_view(source(xb), cloned)  # (b, |Y_c| + 1)
-            w = weights[i : i + batch_size]
-            loss = (F.cross_entropy(logits, y[i : i + batch_size], reduction="none") * w).sum()
+            logits = cloned_view(source(xb), compute.put(cloned))  # (b, |Y_c| + 1)
+            w = compute.put(weights[i : i + batch_size])
+            loss = (F.cross_entropy(logits, compute.put(y[i : i + batch_size]),
+                                    reduction="none") * w).sum()
             grads = torch.autograd.grad(loss, list(gates.values()), allow_unused=True)
             for name, g in zip(gates, grads):
                 if g is not None:
-                    scores[name] += g.abs().sum(0)
+                    scores[name] += g.abs().sum(0).cpu()
     finally:
         source.set_gates(None)
     return scores
@@ -115,18 +120,25 @@ def top_fraction_masks(scores: dict[str, torch.Tensor], keep_ratio: float,
 
 def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned: torch.Tensor,
                  init: dict[str, torch.Tensor], cfg: LocalizeConfig,
-                 gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Relax bits to gates, fit local fidelity + L1, threshold back (method.md step 2)."""
-    teacher = (cloned_view(predict_logits(source, x, cfg.batch_size), cloned)
+                 gen: torch.Generator, compute: Compute = CPU) -> dict[str, torch.Tensor]:
+    """Relax bits to gates, fit local fidelity + L1, threshold back (method.md step 2).
+
+    The gates' logits live on ``compute.device`` with ``source``; the batch indices are
+    drawn on the CPU generator ``gen``, and the masks come back to the CPU."""
+    teacher = (cloned_view(predict_logits(source, x, cfg.batch_size, compute=compute), cloned)
                / cfg.temperature).log_softmax(1)
-    theta = {k: torch.where(m, 2.0, -2.0).requires_grad_(True) for k, m in init.items()}
+    theta = {k: compute.put(torch.where(m, 2.0, -2.0)).requires_grad_(True)
+             for k, m in init.items()}
     opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
+    on_dev = compute.put(cloned)
     for _ in range(cfg.refine_steps):
         idx = torch.randint(0, len(x), (min(128, len(x)),), generator=gen)
         source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
-        student = (cloned_view(source(x[idx]), cloned) / cfg.temperature).log_softmax(1)
-        kl = (F.kl_div(student, teacher[idx], log_target=True, reduction="none").sum(1)
-              * weights[idx]).sum() / weights[idx].sum()
+        student = (cloned_view(source(compute.put(x[idx])), on_dev)
+                   / cfg.temperature).log_softmax(1)
+        w = compute.put(weights[idx])
+        kl = (F.kl_div(student, compute.put(teacher[idx]), log_target=True,
+                       reduction="none").sum(1) * w).sum() / w.sum()
         l1 = torch.cat([torch.sigmoid(t) for t in theta.values()]).mean()
         loss = kl * cfg.temperature**2 + cfg.sparsity * l1
         opt.zero_grad()
@@ -139,27 +151,29 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
         if m.sum() < min(cfg.min_keep, len(m)):
             m = torch.zeros_like(m)
             m[t.detach().topk(min(cfg.min_keep, len(m))).indices] = True
-        masks[k] = m
+        masks[k] = m.cpu()
     return masks
 
 
 def localize(source: ZooNet, x_new: torch.Tensor, y_new: torch.Tensor,
              cloned: tuple[int, ...], cfg: LocalizeConfig | None = None,
-             seed: int = 0) -> dict[str, torch.Tensor]:
-    """Masks (unit name -> bool per filter) of the source part that serves ``cloned``.
+             seed: int = 0, compute: Compute = CPU) -> dict[str, torch.Tensor]:
+    """Masks (unit name -> bool per filter, on the CPU) of the source part that serves
+    ``cloned``.
 
-    Works on a private copy of ``source``: the zoo model is never touched.
+    Works on a private copy of ``source``, on ``compute.device``: the zoo model is
+    never touched. The samples are drawn on the CPU whatever the device.
     """
     cfg = cfg or LocalizeConfig()
     if not source.mask_widths():
         return {}  # nothing can be dropped exactly (e.g. channel shuffles): keep the whole source
     gen = torch.Generator().manual_seed(seed)
-    work = copy.deepcopy(source).eval()
+    work = copy.deepcopy(source).to(compute.device).eval()
     x, w = localized_samples(x_new, cfg, gen)
     y = y_new.repeat(cfg.perturbations_per_sample + 1)
     idx = torch.tensor(cloned, dtype=torch.long)
-    scores = taylor_scores(work, x, y, w, idx, cfg.batch_size)
+    scores = taylor_scores(work, x, y, w, idx, cfg.batch_size, compute)
     init = top_fraction_masks(scores, cfg.keep_ratio, cfg.min_keep)
     if cfg.refine_steps <= 0:
         return init
-    return refine_masks(work, x, w, idx, init, cfg, gen)
+    return refine_masks(work, x, w, idx, init, cfg, gen, compute)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pnc_net.data import Dataset, Images, iter_batches
+from pnc_net.devices import CPU, Compute
 from pnc_net.models import ZooNet
 from pnc_net.superbody import Superbody
 from pnc_net.training import predict_logits
@@ -48,10 +49,11 @@ def _samples_of(data: Dataset, labels: tuple[str, ...], split: str = "test",
 
 def clone_metrics(superbody: Evaluable, data: Dataset,
                   sources: list[tuple[ZooNet, tuple[str, ...]]] | None = None,
-                  batch_size: int = 512) -> dict[str, float]:
+                  batch_size: int = 512, compute: Compute = CPU) -> dict[str, float]:
     """``acc_old``, ``acc_new``, ``acc_all``, ``locality``, ``target_acc_old``, and
     ``source_acc_new`` when ``sources`` (model, label names) are given; the test
-    split is read ``batch_size`` images at a time."""
+    split is read ``batch_size`` images at a time. The models must be on
+    ``compute.device``; predictions come back to the CPU."""
     names = superbody.label_names
     target_labels = superbody.target_labels
     new_labels = names[len(target_labels):]
@@ -60,9 +62,9 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
     _, i_new, y_new = _samples_of(data, new_labels)
     yo = torch.tensor([index[n] for n in y_old], dtype=torch.long)
     yn = torch.tensor([index[n] for n in y_new], dtype=torch.long)
-    p_old = predict_logits(superbody, x, batch_size, i_old).argmax(1)
-    p_new = predict_logits(superbody, x, batch_size, i_new).argmax(1)
-    t_old = predict_logits(superbody.target, x, batch_size, i_old).argmax(1)
+    p_old = predict_logits(superbody, x, batch_size, i_old, compute).argmax(1)
+    p_new = predict_logits(superbody, x, batch_size, i_new, compute).argmax(1)
+    t_old = predict_logits(superbody.target, x, batch_size, i_old, compute).argmax(1)
     n_all = len(yo) + len(yn)
     out = {
         "acc_old": float((p_old == yo).float().mean()),
@@ -77,17 +79,17 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
         for model, labels in sources:
             xs, i_s, ys = _samples_of(data, tuple(n for n in labels if n in new_labels))
             src_idx = torch.tensor([labels.index(n) for n in ys], dtype=torch.long)
-            correct += int((predict_logits(model, xs, batch_size, i_s).argmax(1)
+            correct += int((predict_logits(model, xs, batch_size, i_s, compute).argmax(1)
                             == src_idx).sum())
             total += len(ys)
         out["source_acc_new"] = correct / max(total, 1)
     if isinstance(superbody, Superbody) and superbody.attached():
-        out.update(gap_decomposition(superbody, data, batch_size=batch_size))
+        out.update(gap_decomposition(superbody, data, batch_size=batch_size, compute=compute))
     return out
 
 
 def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
-                      batch_size: int = 512) -> dict[str, float]:
+                      batch_size: int = 512, compute: Compute = CPU) -> dict[str, float]:
     """Where a superbody loses against the two networks it is made of.
 
     An *oracle gate* knows the true class set: it sends a target-class input to
@@ -112,16 +114,17 @@ def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
     _, i_new, y_new = _samples_of(data, names[n_t:], split)
     truth = torch.tensor([names.index(n) for n in y_new], dtype=torch.long)
     owner = torch.bucketize(truth, starts, right=True) - 1  # the branch holding each class
-    pred_old = predict_logits(superbody, x, batch_size, i_old).argmax(1)
-    t_old = predict_logits(superbody.target, x, batch_size, i_old).argmax(1)
+    pred_old = predict_logits(superbody, x, batch_size, i_old, compute).argmax(1)
+    t_old = predict_logits(superbody.target, x, batch_size, i_old, compute).argmax(1)
     fused, branch_votes = [], []  # per batch: the superbody's answer, each branch's own
     superbody.eval()
     with torch.no_grad():
-        for xb in iter_batches(x, i_new, batch_size):
-            parts = superbody.parts(xb)
-            fused.append(superbody.fuse(parts).argmax(1))
+        for xb in iter_batches(x, i_new, batch_size, compute.device):
+            with compute.autocast():
+                parts = superbody.parts(xb)
+                fused.append(superbody.fuse(parts).argmax(1).cpu())
             branch_votes.append(torch.stack([zs[:, b.cloned_index].argmax(1) for b, zs
-                                             in zip(branches, parts["z_s"])], 1))
+                                             in zip(branches, parts["z_s"])], 1).cpu())
     pred_new = torch.cat(fused) if fused else truth[:0]
     votes = torch.cat(branch_votes) if branch_votes else truth[:0, None]
     oracle_new = torch.empty_like(truth)  # each input's own branch decides among its labels
@@ -142,11 +145,12 @@ def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
     }
 
 
-def penultimate(model: ZooNet, x: Images) -> torch.Tensor:
-    """Pooled penultimate features ``(n, c)`` of ``model`` (gates as set), without grad."""
+def penultimate(model: ZooNet, x: Images, compute: Compute = CPU) -> torch.Tensor:
+    """Pooled penultimate features ``(n, c)`` of ``model`` (on ``compute.device``, gates as
+    set), without grad, back on the CPU."""
     with torch.no_grad():
-        return torch.cat([model.head.features(model.forward_features(xb, model.num_blocks))
-                          for xb in iter_batches(x, batch_size=512)])
+        return torch.cat([model.head.features(model.forward_features(xb, model.num_blocks)).cpu()
+                          for xb in iter_batches(x, batch_size=512, device=compute.device)])
 
 
 def sim_matrix(source: ZooNet, masks: dict[str, torch.Tensor], data: Dataset,

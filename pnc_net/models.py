@@ -252,7 +252,7 @@ class ZooNet(nn.Module):
     def feature_info(self, input_shape: tuple[int, ...]) -> list[FeatureInfo]:
         """Channels, spatial size and masking unit at every boundary 0..L."""
         with torch.no_grad():
-            h = torch.zeros(1, *input_shape)
+            h = torch.zeros(1, *input_shape, device=next(self.parameters()).device)
             infos = [FeatureInfo(0, h.shape[1], (h.shape[2], h.shape[3]), None)]
             for i in range(self.num_blocks):
                 block = self.block(i)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from pnc_net.devices import CPU, Compute
 from pnc_net.models import ZooNet
 from pnc_net.training import random_shift
 
@@ -81,36 +82,43 @@ CACHE = SynthesisCache()
 
 def cached_target_samples(target: ZooNet, target_sha256: str, num_classes: int,
                           input_shape: tuple[int, ...], cfg: SynthesizeConfig,
-                          seed: int) -> torch.Tensor:
-    """``synthesize_target_samples`` through ``CACHE`` (zoo models are identified by digest)."""
-    key = (target_sha256, num_classes, tuple(input_shape), cfg, seed)
+                          seed: int, compute: Compute = CPU) -> torch.Tensor:
+    """``synthesize_target_samples`` through ``CACHE`` (zoo models are identified by digest;
+    the device is part of the key: another device gives other floats)."""
+    key = (target_sha256, num_classes, tuple(input_shape), cfg, seed,
+           *(() if compute == CPU else (compute,)))
     return CACHE.get_or_make(key, lambda: synthesize_target_samples(
-        target, num_classes, input_shape, cfg, seed))
+        target, num_classes, input_shape, cfg, seed, compute))
 
 
 def synthesize_target_samples(target: ZooNet, num_classes: int, input_shape: tuple[int, ...],
-                              cfg: SynthesizeConfig | None = None, seed: int = 0) -> torch.Tensor:
+                              cfg: SynthesizeConfig | None = None, seed: int = 0,
+                              compute: Compute = CPU) -> torch.Tensor:
     """``(num_classes * per_class, *input_shape)`` inputs in [0, 1] that the target
     reads confidently as each of its classes, with its training feature statistics.
 
     The inputs are optimised ``cfg.batch_size`` at a time, so memory does not grow
     with the number of classes. A target without BatchNorm (a LayerNorm ViT) keeps
     no training statistics: its inversion has only the class and smoothness terms,
-    which gives less natural stand-ins (``docs/method.md``, k_t = 0)."""
+    which gives less natural stand-ins (``docs/method.md``, k_t = 0).
+
+    The inversion runs on ``compute.device`` (a private copy of the target); the
+    starting noise and the jitter are drawn on the CPU, and the inputs come back there."""
     cfg = cfg or SynthesizeConfig()
     gen = torch.Generator().manual_seed(seed)
-    model = copy.deepcopy(target).eval()
+    model = copy.deepcopy(target).to(compute.device).eval()
     y = torch.arange(num_classes).repeat(cfg.per_class)
     # in batches: a batch's statistics are what the BatchNorm term matches, and one
     # batch of every class x per_class would not fit in memory for a large target
-    return torch.cat([_invert(model, y[i : i + cfg.batch_size], input_shape, cfg, gen)
+    return torch.cat([_invert(model, y[i : i + cfg.batch_size], input_shape, cfg, gen, compute)
                       for i in range(0, len(y), cfg.batch_size)])
 
 
 def _invert(model: nn.Module, y: torch.Tensor, input_shape: tuple[int, ...],
-            cfg: SynthesizeConfig, gen: torch.Generator) -> torch.Tensor:
+            cfg: SynthesizeConfig, gen: torch.Generator, compute: Compute = CPU) -> torch.Tensor:
     """Inputs in [0, 1] that ``model`` reads as ``y``, one batch optimised together."""
-    raw = (torch.randn(len(y), *input_shape, generator=gen) - 1.5).requires_grad_(True)
+    raw = compute.put(torch.randn(len(y), *input_shape, generator=gen) - 1.5).requires_grad_(True)
+    y = compute.put(y)
     opt = torch.optim.Adam([raw], lr=cfg.lr)
     handles, bn_losses = _bn_statistics_loss(model)
     try:
@@ -127,4 +135,4 @@ def _invert(model: nn.Module, y: torch.Tensor, input_shape: tuple[int, ...],
     finally:
         for h in handles:
             h.remove()
-    return torch.sigmoid(raw).detach()
+    return torch.sigmoid(raw).detach().cpu()

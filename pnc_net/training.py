@@ -11,22 +11,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pnc_net.data import Images, iter_batches
+from pnc_net.devices import CPU, Compute
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to ``max_shift`` pixels (zero fill): cheap, label-preserving."""
+    """Shift each image by up to ``max_shift`` pixels (zero fill): cheap, label-preserving.
+
+    The shifts are drawn on ``gen`` (a CPU generator) and moved to ``x``'s device, so
+    a seed shifts the same way on every device."""
     if max_shift <= 0:
         return x
     b, _, h, w = x.shape
+    dev = x.device
     pad = F.pad(x, (max_shift,) * 4)
-    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
-    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen)
-    rows = (dy.view(b, 1) + torch.arange(h).view(1, h)).view(b, 1, h, 1)
-    cols = (dx.view(b, 1) + torch.arange(w).view(1, w)).view(b, 1, 1, w)
-    bidx = torch.arange(b).view(b, 1, 1, 1)
-    return pad[bidx, torch.arange(x.shape[1]).view(1, -1, 1, 1), rows, cols]
+    dx = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen).to(dev)
+    dy = torch.randint(0, 2 * max_shift + 1, (b,), generator=gen).to(dev)
+    rows = (dy.view(b, 1) + torch.arange(h, device=dev).view(1, h)).view(b, 1, h, 1)
+    cols = (dx.view(b, 1) + torch.arange(w, device=dev).view(1, w)).view(b, 1, 1, w)
+    bidx = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    return pad[bidx, torch.arange(x.shape[1], device=dev).view(1, -1, 1, 1), rows, cols]
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -38,11 +43,19 @@ def batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Ten
 
 @torch.no_grad()
 def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], x: Images,
-                   batch_size: int = 512, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of ``model`` over ``x`` (or ``x[index]``) in eval mode, a batch at a time."""
+                   batch_size: int = 512, index: torch.Tensor | None = None,
+                   compute: Compute = CPU) -> torch.Tensor:
+    """Logits of ``model`` over ``x`` (or ``x[index]``) in eval mode, a batch at a time.
+
+    ``model`` must already be on ``compute.device``; each batch is moved there and
+    the logits come back to the CPU as fp32 (bf16 autocast only when asked for)."""
     if isinstance(model, nn.Module):
         model.eval()
-    outs = [model(xb) for xb in iter_batches(x, index, batch_size)]
+    outs = []
+    for xb in iter_batches(x, index, batch_size, compute.device):
+        with compute.autocast():
+            out = model(xb)
+        outs.append(out if compute.is_cpu else out.float().cpu())
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
@@ -56,12 +69,14 @@ def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs
                      desc: str = "train", progress: bool = True,
                      extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None,
-                     recalibrate_bn: bool = True) -> ModuleT:
+                     recalibrate_bn: bool = True, compute: Compute = CPU) -> ModuleT:
     """Cross-entropy training with Adam, cosine decay and shift augmentation.
 
     ``extra_loss(x_batch, logits)`` adds a term (distillation for LwF/KD).
     ``recalibrate_bn`` ends with exact BatchNorm statistics over ``x``
     (``recalibrate_batchnorm``), so short runs give a usable eval-mode model.
+    ``model`` must be on ``compute.device`` already; ``x`` and ``y`` stay on the CPU
+    and each batch moves (the shuffles and shifts are drawn on a CPU generator).
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -73,9 +88,10 @@ def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs
     model.train()
     for _ in range(epochs):
         for idx in batches(len(x), batch_size, gen):
-            xb = random_shift(x[idx], max_shift, gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, y[idx])
+            xb = random_shift(compute.put(x[idx]), max_shift, gen)
+            with compute.autocast(training=True):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), compute.put(y[idx]))
             if extra_loss is not None:
                 loss = loss + extra_loss(xb, logits)
             opt.zero_grad()
@@ -85,12 +101,13 @@ def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs
             bar.update(1)
     bar.close()
     if recalibrate_bn:
-        recalibrate_batchnorm(model, x, batch_size)
+        recalibrate_batchnorm(model, x, batch_size, compute)
     return model.eval()
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64) -> None:
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 64,
+                          compute: Compute = CPU) -> None:
     """Set every BatchNorm's running statistics to their exact mean over ``x``.
 
     With momentum 0.1 the running statistics trail the weights by about ten
@@ -109,7 +126,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 6
         m.train()
     try:
         for i in range(0, len(x), batch_size):
-            model(x[i : i + batch_size])
+            model(compute.put(x[i : i + batch_size]))
     finally:
         for m, momentum, training in saved:
             m.momentum = momentum

@@ -12,6 +12,7 @@ import torch
 
 from pnc_net import checkpoints
 from pnc_net.data import Dataset, select_classes
+from pnc_net.devices import CPU, Compute
 from pnc_net.errors import InvalidInputError
 from pnc_net.models import build_model
 from pnc_net.training import accuracy, predict_logits, train_classifier
@@ -70,22 +71,26 @@ def class_subset(data: Dataset, classes: tuple[str, ...], split: str,
     return x, remap[y]
 
 
-def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = True) -> Manifest:
-    """Train ``spec`` on the train split of ``data`` and add it to ``zoo``."""
+def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = True,
+                    compute: Compute = CPU) -> Manifest:
+    """Train ``spec`` on the train split of ``data`` (on ``compute.device``) and add it to
+    ``zoo`` (the weights come back to the CPU first)."""
     if len(set(spec.classes)) != len(spec.classes) or len(spec.classes) < 2:
         raise InvalidInputError(f"a zoo model needs at least two distinct classes, got {spec.classes}")
     for c in spec.classes:
         data.label_index(c)
     if not checkpoints.is_pnc_arch(spec.arch):
-        return train_imported_model(zoo, data, spec, progress)
+        return train_imported_model(zoo, data, spec, progress, compute)
     torch.manual_seed(spec.seed)
     arch_args = {"in_channels": data.input_shape[0], "num_classes": len(spec.classes)}
-    model = build_model(spec.arch, **arch_args)
+    model = build_model(spec.arch, **arch_args).to(compute.device)  # a new model: moved in place
     x, y = class_subset(data, spec.classes, "train")
     train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
-                     batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress)
+                     batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress,
+                     compute=compute)
     xt, yt = class_subset(data, spec.classes, "test")
-    acc = accuracy(predict_logits(model, xt), yt)
+    acc = accuracy(predict_logits(model, xt, compute=compute), yt)
+    model.cpu()
     recipe = {"optimizer": "adam", "lr": spec.lr, "epochs": spec.epochs, "batch_size": spec.batch_size,
               "augment": "random shift <= 2 px", "seed": spec.seed, "train_samples": len(x)}
     return zoo.add(model, {
@@ -95,7 +100,7 @@ def train_zoo_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = Tru
 
 
 def train_imported_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool = True,
-                         ) -> Manifest:
+                         compute: Compute = CPU) -> Manifest:
     """Train a torchvision/timm ``spec``, export its state_dict and import that file
     (``Zoo.add_checkpoint``); the manifest records the measured test accuracy."""
     from safetensors.torch import save_file
@@ -103,12 +108,15 @@ def train_imported_model(zoo: Zoo, data: Dataset, spec: ZooSpec, progress: bool 
     torch.manual_seed(spec.seed)
     model = checkpoints.build_arch(spec.arch, {**dict(spec.arch_args),
                                                "num_classes": len(spec.classes)})
+    model = model.to(compute.device)
     x, y = class_subset(data, spec.classes, "train")
     train_classifier(model, x, y, epochs=spec.epochs, lr=spec.lr, seed=spec.seed,
-                     batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress)
+                     batch_size=spec.batch_size, desc=f"train {spec.name}", progress=progress,
+                     compute=compute)
     model.eval()
     xt, yt = class_subset(data, spec.classes, "test")
-    acc = accuracy(predict_logits(model, xt), yt)
+    acc = accuracy(predict_logits(model, xt, compute=compute), yt)
+    model.cpu()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{spec.name}.safetensors"
         save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path))

@@ -117,6 +117,9 @@ class BenchConfig:
     insert: InsertConfig = field(default_factory=InsertConfig)  # the defaults, except in tests
     workers: int = 1
     threads_per_worker: int = 2
+    # where PNC's own clones compute (``pnc bench --device``, resolved by the CLI); the
+    # tuning baselines and the Oracle stay on the CPU, so only PNC's seconds move
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -214,7 +217,7 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed,
                             task.positions or cfg.positions,
-                            localize=cfg.localize, insert=cfg.insert)
+                            localize=cfg.localize, insert=cfg.insert, device=cfg.device)
     td = task_data(zoo, data, clone_cfg)
     if cell.oracle:
         oracle = _row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))
@@ -431,6 +434,8 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
 
 def _config_summary(cfg: BenchConfig) -> dict:
     d = asdict(cfg)
+    if d["device"] == "cpu":  # the summaries of CPU runs stay what they were
+        d.pop("device")
     d["tasks"] = [{"name": t.name, "kind": t.kind, "target": t.target, "data": t.data,
                    "zoo_set": t.zoo_set,
                    "sources": [[s.source, list(s.classes)] for s in t.sources]} for t in cfg.tasks]
