@@ -22,7 +22,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import uuid
@@ -42,6 +41,7 @@ from pnc_net.cloning import (
     prepare_module,
     train_position,
 )
+from pnc_net.devices import Compute, gpu_ids_device, resolve_device
 from pnc_net.errors import IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.fsutil import sha256_bytes
 from pnc_net.insert import CloneData, Prepared
@@ -124,7 +124,7 @@ class ModuleShard:
 
 def weights_bytes(model: ZooNet, manifest: Manifest) -> bytes:
     """The zoo file's bytes, re-serialized from the loaded model and checked by digest."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = save_safetensors(state, metadata={"arch": manifest.arch})
     if sha256_bytes(data) != manifest.sha256:
         raise IntegrityError(
@@ -153,21 +153,35 @@ def _to_device(obj: Any, device: str) -> Any:
     return obj
 
 
+def actor_device() -> str:
+    """The device of the Ray actor this runs in: its first GPU when Ray gave it any
+    (``num_gpus`` > 0, so ``ray.get_gpu_ids()`` is not empty), else the CPU; the CPU
+    outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return "cpu"
+    if not ray.is_initialized():
+        return "cpu"
+    return gpu_ids_device(ray.get_gpu_ids())
+
+
 class CloneWorker:
     """Runs clone steps for any module; caches zoo models and module shards.
 
     Arguments arrive as ``[ref]`` (a list, so Ray does not fetch them eagerly)
     or as plain values when used without Ray.
+
+    The device comes from the worker's resources (``actor_device``) unless given.
+    It is passed explicitly to every step (``CloneJob.compute``): the worker sets no
+    process-wide default device and patches nothing, so its random draws are the
+    CPU generators' (the same numbers as in process) and a GPU package differs
+    from a CPU one only by the device's arithmetic.
     """
 
-    def __init__(self, torch_threads: int = 1, device: str = "cpu") -> None:
+    def __init__(self, torch_threads: int = 1, device: str | None = None) -> None:
         torch.set_num_threads(torch_threads)
-        self.device = device
-        if device != "cpu":  # tensors (and random draws) the steps create follow the data
-            torch.set_default_device(device)
-            # a deliberate patch: every torch.Generator() the steps create is on the device
-            torch.Generator = functools.partial(  # type: ignore[misc,assignment]
-                torch._C.Generator, device=device)
+        self.device = resolve_device(device) if device else actor_device()
         self.models: dict[str, ZooNet] = {}
         self.shards: OrderedDict[str, ModuleShard] = OrderedDict()
         self.model_loads = 0
@@ -178,14 +192,14 @@ class CloneWorker:
             if sha256_bytes(data) != manifest.sha256:
                 raise IntegrityError(f"weights received for {manifest.name} do not match "
                                      f"its digest {manifest.sha256[:12]}")
+            # built here from the bytes: a private model, so moving it touches no zoo cache
             self.models[manifest.sha256] = model_from_weights(manifest, data).to(self.device)
             self.model_loads += 1
         return self.models[manifest.sha256]
 
     def _shard(self, key: str, shard: list) -> ModuleShard:
         if key not in self.shards:
-            value = _resolve(shard[0])
-            self.shards[key] = value if self.device == "cpu" else _to_device(value, self.device)
+            self.shards[key] = _resolve(shard[0])  # data stays on the CPU: batches move
             while len(self.shards) > PAYLOAD_CACHE:
                 self.shards.popitem(last=False)
         self.shards.move_to_end(key)
@@ -195,7 +209,12 @@ class CloneWorker:
         s = self._shard(key, shard)
         module = ModuleJob(self._model(s.source, weights), s.source, s.cloned, s.cloned_labels,
                            s.data, [], s.masks, s.prepared)
-        return CloneJob(s.cfg, self._model(s.target, weights), s.target, [module])
+        return CloneJob(s.cfg, self._model(s.target, weights), s.target, [module],
+                        self.compute(s.cfg))
+
+    def compute(self, cfg: CloneConfig) -> Compute:
+        """This worker's device with the job's precision (bf16 only where it can run)."""
+        return Compute(self.device, cfg.precision if self.device.startswith("cuda") else "fp32")
 
     def localize(self, key: str, shard: list, weights: dict[str, list],
                  ) -> tuple[dict[str, torch.Tensor], Prepared]:
@@ -215,9 +234,13 @@ class CloneWorker:
         return tensors, config, result
 
     def info(self) -> dict:
-        """Where and how this worker runs, and how many zoo models it has loaded."""
-        return {"pid": os.getpid(), "model_loads": self.model_loads, "device": self.device,
-                "threads": torch.get_num_threads()}
+        """Where and how this worker runs, how many zoo models it has loaded, and on a
+        GPU the most memory torch has held there (bench/bench_devices.py reports it)."""
+        out = {"pid": os.getpid(), "model_loads": self.model_loads, "device": self.device,
+               "threads": torch.get_num_threads()}
+        if self.device.startswith("cuda"):
+            out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
+        return out
 
 
 def _remote_worker_class():
@@ -257,9 +280,9 @@ class RayRunner:
         self.cfg = cfg or ClusterConfig()
         self._owns_connection = connect(self.cfg)
         self.resources, n = WorkerResources.for_cluster(self.cfg, ray.cluster_resources())
-        device = "cuda" if self.resources.num_gpus else "cpu"
         remote = _remote_worker_class().options(**self.resources.options(self.cfg))
-        self.actors = [remote.remote(self.cfg.torch_threads, device) for _ in range(n)]
+        # each actor takes its device from the GPUs Ray assigns it (CloneWorker.__init__)
+        self.actors = [remote.remote(self.cfg.torch_threads) for _ in range(n)]
         self._weights: dict[str, Any] = {}  # sha256 -> ObjectRef, put once
         self._job: CloneJob | None = None  # the job whose shards are cached
         self._shards: dict[tuple[int, bool], tuple[str, Any]] = {}  # (i, masks?) -> key, ref

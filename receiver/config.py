@@ -35,6 +35,9 @@ FLAGS = (
     Flag("predict_engine", "--predict-engine", "Predict: jit (the superbody traced, frozen "
          "and checked against eager within the fingerprint tolerance at load; eager if the "
          "check fails) or eager [jit].", env="PNC_PREDICT_ENGINE"),
+    Flag("device", "--device", "Predict and repair: cpu, auto (the first GPU when one is "
+         "visible) or cuda[:N]; verification always runs on the CPU, where fingerprints "
+         "are made [cpu].", env="PNC_RECEIVER_DEVICE"),
     *COMMON_FLAGS,
 )
 
@@ -58,6 +61,7 @@ class ReceiverConfig(ServerSettings):
     predict_workers: int = 0
     predict_engine: str = "jit"  # pnc_net/serve/fastpath.py: jit (checked at load) or eager
     trust: tuple[str, ...] = ()  # trusted publisher keys, as hex (given as .pub files or hex)
+    device: str = "cpu"  # Predict and repair (pnc_net/devices.py); resolved when loaded
 
     SECTION = "receiver"
     DESCRIPTION = "Accept packages, rebuild and verify superbodies, serve Predict and Read."
@@ -81,6 +85,8 @@ class ReceiverConfig(ServerSettings):
             raise InvalidInputError(f"--predict-engine {self.predict_engine!r}: use jit or eager")
         if not 0 <= self.max_tolerance <= 1:
             raise InvalidInputError("--max-tolerance must be within [0, 1]")
+        from pnc_net.devices import resolve_device
+        object.__setattr__(self, "device", resolve_device(self.device))  # cuda without a GPU
         from pnc_net.signing import parse_trust
 
         object.__setattr__(self, "trust", tuple(k.hex() for k in parse_trust(self.trust)))

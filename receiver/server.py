@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from pnc_net.devices import Compute
 from pnc_net.serve.batcher import MicroBatcher
 from pnc_net.serve.client import MirrorFetcher, PncClient
 from pnc_net.serve.daemon import Metrics, announce, run_main, run_until_signal, setup_logging
@@ -24,7 +25,7 @@ def create_server(cfg: ReceiverConfig) -> tuple[Daemon, int]:
     node = Node("receiver", PackageStore(cfg.store), Zoo(cfg.zoo), fetcher, cfg.repair_data,
                 metrics, max_tolerance=cfg.max_tolerance, trust=cfg.trusted_keys(),
                 batcher=MicroBatcher.from_settings(cfg.predict_batch, cfg.predict_workers),
-                predict_engine=cfg.predict_engine)
+                predict_engine=cfg.predict_engine, compute=Compute(cfg.device))
     daemon = build_server(node, cfg.listen, cfg.tokens(), cfg.tls(), cfg.limits())
     if cfg.metrics_port is not None:
         log.info("metrics", extra={"port": metrics.start(cfg.metrics_port)})

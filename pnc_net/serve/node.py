@@ -17,6 +17,7 @@ version with other bytes (``PermissionDeniedError``, "rollback"). Both store not
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -28,6 +29,7 @@ from typing import Protocol
 import torch
 
 from pnc_net import signing, wire
+from pnc_net.devices import CPU, Compute
 from pnc_net.errors import (
     IncompatibleError,
     InvalidInputError,
@@ -66,6 +68,24 @@ class ModelFetcher(Protocol):
         """``(manifest JSON, weights)`` of the model, or None when no source has it."""
 
 
+@dataclass(frozen=True, eq=False)
+class DeviceForward:
+    """A ``fastpath.Forward`` built on a GPU copy of a superbody: each batch moves to
+    ``device`` and its probabilities come back to the CPU (what Predict answers)."""
+
+    inner: fastpath.Forward
+    device: str
+
+    @property
+    def engine(self) -> str:
+        """What runs (``jit`` or ``eager``), as ``fastpath.Forward.engine``."""
+        return self.inner.engine
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities for the batch ``x`` ``(N, C, H, W)``, on the CPU."""
+        return self.inner(x.to(self.device)).cpu()
+
+
 @dataclass(frozen=True)
 class Loaded:
     """A verified package's superbody, the input shape its models take, and the forward
@@ -74,7 +94,7 @@ class Loaded:
 
     superbody: Superbody
     input_shape: tuple[int, ...]
-    forward: fastpath.Forward
+    forward: fastpath.Forward | DeviceForward
 
 
 class Node:
@@ -84,7 +104,7 @@ class Node:
                  fetch_model: ModelFetcher | None = None, repair_data: Path | None = None,
                  metrics=None, max_tolerance: float = MAX_FINGERPRINT_TOLERANCE,
                  trust: Iterable[bytes] = (), batcher: MicroBatcher | None = None,
-                 predict_engine: str = fastpath.DEFAULT_ENGINE) -> None:
+                 predict_engine: str = fastpath.DEFAULT_ENGINE, compute: Compute = CPU) -> None:
         if role not in ("sender", "receiver"):
             raise InvalidInputError(f"unknown role {role!r}")
         if role == "receiver" and zoo is None:
@@ -110,6 +130,8 @@ class Node:
             self.warm.set()
         self.batcher = batcher  # Predict calls of all clients, batched (None: one by one)
         self.predict_engine = fastpath.check_engine(predict_engine)  # jit or eager
+        # where Predict and repair compute (receiver --device); verification stays on CPU
+        self.compute = compute
 
     def _warm_up(self) -> None:
         """Load (digest-checked) every zoo model once at start, so the first package a
@@ -216,7 +238,7 @@ class Node:
             record.state, record.detail = "failed", reason + "; no repair data configured"
             return
         x, y = self._repair_xy(sb)
-        result = repair(sb, fp, shape, x, y, RepairConfig())
+        result = repair(sb, fp, shape, x, y, RepairConfig(), self.compute)
         self._observe("repair", result.seconds)
         record.fingerprint_error_before, record.fingerprint_error = err, result.error_after
         record.metadata["repair"] = {"seconds": result.seconds, "steps": result.steps,
@@ -329,9 +351,15 @@ class Node:
                 fp, self.max_tolerance)
         else:  # not verifiable, so never loaded as verified; checked all the same
             seed, count, tol = PROBE_SEED, PROBE_COUNT, self.max_tolerance
-        forward = fastpath.prepare(sb, shape, probe_batch(seed, count, shape), tol,
+        probes = probe_batch(seed, count, shape)
+        if self.compute.is_cpu:
+            return Loaded(sb, shape, fastpath.prepare(sb, shape, probes, tol, self.predict_engine,
+                                                      name=f"package {pid[:12]}"))
+        # a private GPU copy: sb's target is the zoo's shared (CPU) model
+        on_gpu = copy.deepcopy(sb).to(self.compute.device)
+        forward = fastpath.prepare(on_gpu, shape, self.compute.put(probes), tol,
                                    self.predict_engine, name=f"package {pid[:12]}")
-        return Loaded(sb, shape, forward)
+        return Loaded(sb, shape, DeviceForward(forward, self.compute.device))
 
     def predict(self, id_or_prefix: str, x: torch.Tensor) -> tuple[str, Superbody, torch.Tensor]:
         """Probabilities of the package's superbody for ``x``: one image of the models'

@@ -10,12 +10,14 @@ is frozen, and ``repair`` checks the zoo models' digests before and after.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pnc_net.devices import CPU, Compute
 from pnc_net.errors import IntegrityError, InvalidInputError
 from pnc_net.package import Fingerprint, probe_batch
 from pnc_net.rebuild import fingerprint_error
@@ -71,11 +73,15 @@ def zoo_digests(sb: Superbody) -> dict[str, str]:
 
 
 def repair(sb: Superbody, fingerprint: Fingerprint, input_shape: tuple[int, ...],
-           x: torch.Tensor, y: torch.Tensor, cfg: RepairConfig = RepairConfig()) -> RepairResult:
+           x: torch.Tensor, y: torch.Tensor, cfg: RepairConfig = RepairConfig(),
+           compute: Compute = CPU) -> RepairResult:
     """Fit adapters and gates to labelled data plus the fingerprint's probe outputs.
 
     ``y`` indexes ``sb.label_names``. Returns errors before and after; the caller
-    decides whether ``error_after`` is within tolerance.
+    decides whether ``error_after`` is within tolerance. Off the CPU, the fine-tuning
+    runs on a copy of ``sb`` on ``compute.device`` (``sb``'s target is the zoo's
+    shared model, never moved) and only the adapters and gates are copied back; both
+    fingerprint errors are measured on the CPU superbody, as verification does.
     """
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_shape) or len(x) != len(y) or not len(x):
         raise InvalidInputError(f"repair data of shape {tuple(x.shape)} does not fit inputs "
@@ -83,24 +89,30 @@ def repair(sb: Superbody, fingerprint: Fingerprint, input_shape: tuple[int, ...]
     start = time.perf_counter()
     before_digests = zoo_digests(sb)
     err_before = fingerprint_error(sb, fingerprint, input_shape)
-    params = trainable_parameters(sb)
+    work = sb if compute.is_cpu else copy.deepcopy(sb).to(compute.device)
+    params = trainable_parameters(work)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    probes = probe_batch(fingerprint.probe_seed, fingerprint.probe_count, input_shape)
-    target_probs = fingerprint.probabilities.float()
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sb.eval()  # zoo parts stay in eval mode: their batch-norm statistics never move
-    for branch in sb.attached():
+    put = compute.put
+    probes = put(probe_batch(fingerprint.probe_seed, fingerprint.probe_count, input_shape))
+    target_probs = put(fingerprint.probabilities.float())
+    gen = torch.Generator().manual_seed(cfg.seed)  # CPU draws: the same batches on any device
+    work.eval()  # zoo parts stay in eval mode: their batch-norm statistics never move
+    for branch in work.attached():
         branch.adapter.train()
         branch.gate.train()
     for _ in range(cfg.steps):
         idx = torch.randint(len(x), (min(cfg.batch, len(x)),), generator=gen)
-        probs = sb(x[idx]).clamp_min(1e-7)
-        loss = F.nll_loss(probs.log(), y[idx])
-        probe_probs = sb(probes)
+        probs = work(put(x[idx])).clamp_min(1e-7)
+        loss = F.nll_loss(probs.log(), put(y[idx]))
+        probe_probs = work(probes)
         loss = loss + cfg.distill_weight * (probe_probs - target_probs).abs().mean() * 10
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if work is not sb:  # only the trained parts come back; zoo parts are never written
+        for mine, fitted in zip(sb.attached(), work.attached()):
+            mine.adapter.load_state_dict(fitted.adapter.state_dict())
+            mine.gate.load_state_dict(fitted.gate.state_dict())
     sb.eval()
     for p in sb.parameters():
         p.requires_grad_(False)
