@@ -237,7 +237,8 @@ class CloneWorker:
         """Where and how this worker runs, how many zoo models it has loaded, and on a
         GPU the most memory torch has held there (bench/bench_devices.py reports it)."""
         out = {"pid": os.getpid(), "model_loads": self.model_loads, "device": self.device,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(),
+               "default_device": str(torch.get_default_device())}  # never changed: cpu
         if self.device.startswith("cuda"):
             out["cuda_max_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
         return out

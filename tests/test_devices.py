@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_fixtures import ray_cluster  # noqa: F401 - the shared session cluster
 
 from pnc_net import wire
 from pnc_net.devices import (
@@ -124,6 +125,19 @@ def test_a_clone_worker_sets_no_process_wide_defaults():
         with pytest.raises(InvalidInputError, match="no CUDA GPU"):
             CloneWorker(device="cuda")
         assert torch.get_default_device() == torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_a_ray_cpu_actor_runs_on_the_cpu_with_no_default_device(ray_cluster):  # noqa: F811
+    from pnc_net.cluster import ClusterConfig, RayRunner
+
+    runner = RayRunner(ClusterConfig(num_workers=1, use_gpu=False))
+    try:
+        (info,) = runner.worker_info()
+    finally:
+        runner.close()
+    assert info["device"] == "cpu" and info["default_device"] == "cpu"
+    assert "cuda_max_allocated" not in info
 
 
 def test_clone_config_checks_the_device_spelling_only():
