@@ -155,3 +155,14 @@ def test_unknown_search_mode_is_refused():
     with pytest.raises(InvalidInputError, match="--search"):
         CloneConfig.single("t", "s", ("5",), search="random")
     assert "search" not in settings_of(CloneConfig.single("t", "s", ("5",)))
+
+
+def test_cli_search_option_reaches_the_config():
+    from pnc_cli.clone_run import clone_config
+
+    kw = dict(per_class=10, target_per_class=5, seed=0, positions=None, adapter_rank=8)
+    cfg = clone_config("t", ["s"], ["5,6"], search="halving", **kw)
+    assert cfg.search == "halving"
+    assert clone_config("t", ["s"], ["5,6"], **kw).search == "exhaustive"
+    with pytest.raises(InvalidInputError, match="--search"):
+        clone_config("t", ["s"], ["5,6"], search="grid", **kw)
