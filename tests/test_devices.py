@@ -224,3 +224,52 @@ def test_receiver_refuses_a_missing_gpu(tmp_path, monkeypatch):
     assert ReceiverConfig.load([*args, "--device", "auto"]).device == "cpu"
     with pytest.raises(InvalidInputError, match="no CUDA GPU"):
         ReceiverConfig.load([*args, "--device", "cuda"])
+
+
+# A second name for the CPU ("cpu:0") takes every branch a GPU takes (private copies,
+# moves, results brought back) with the CPU's arithmetic, so the device path must give
+# exactly the CPU's answer: what is checked here stands in for a GPU this machine lacks.
+OTHER = Compute("cpu:0")
+
+
+@pytest.mark.slow
+def test_the_device_path_gives_the_cpu_package(default_clone, zoo, mnist, monkeypatch):
+    from pnc_net.cloning import clone
+    from pnc_net.zoo import state_digest
+
+    models = [zoo.load(n)[0] for n in ("mnist-cnn-0to4", "mnist-cnn-5to9")]
+    digests = [state_digest(m) for m in models]
+    monkeypatch.setattr(Compute, "of", classmethod(lambda cls, device="cpu", precision="fp32":
+                                                   OTHER))
+    result = clone(zoo, mnist, default_clone_config())
+    first = default_clone.package
+    assert torch.equal(result.package.fingerprint.probabilities, first.fingerprint.probabilities)
+    for a, b in zip(result.package.modules, first.modules):
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)
+        assert all(torch.equal(a.masks[k], b.masks[k]) for k in b.masks)
+    assert result.report["metrics"] == default_clone.report["metrics"]
+    assert [state_digest(m) for m in models] == digests  # zoo models copied, never written
+    assert all(p.device.type == "cpu" for p in result.superbody.parameters())
+
+
+def test_repair_on_the_device_path_copies_back_only_adapters_and_gates(default_clone, zoo,
+                                                                       mnist):
+    from lossy import damaged
+
+    from pnc_net.rebuild import build_superbody, load_ref
+    from pnc_net.serve.repair import RepairConfig, repair
+
+    pkg = damaged(default_clone.package, zoo, seed=1)
+    _, _, shape = load_ref(zoo, pkg.target)
+    results, states = [], []
+    for compute in (CPU, OTHER):
+        sb = build_superbody(zoo, pkg)
+        names = list(sb.label_names)
+        keep = [i for i, c in enumerate(mnist.y_train.tolist()) if mnist.label_names[c] in names]
+        y = torch.tensor([names.index(mnist.label_names[c]) for c in mnist.y_train[keep][::12]])
+        results.append(repair(sb, pkg.fingerprint, shape, mnist.x_train[keep][::12], y,
+                              RepairConfig(steps=8, batch=16), compute))
+        states.append(sb.state_dict())
+    assert results[1].error_after == results[0].error_after < results[1].error_before
+    assert results[1].zoo_digests == results[0].zoo_digests
+    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
