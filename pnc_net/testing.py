@@ -8,8 +8,33 @@ every BatchNorm statistics and affine terms that differ per channel.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+
+from pnc_net import wire
+from pnc_net.models import build_model
+from pnc_net.package import ClonedModule, Package, ZooRef
+from pnc_net.rebuild import branch_tensors, fingerprint_of
+from pnc_net.superbody import Superbody, build_branch
+from pnc_net.zoo import Zoo
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the caller's count.
+
+    A CPU reduction splits its work by the thread count, so two runs agree bit for
+    bit only under the same count: tests that compare runs fix it with this.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
@@ -44,3 +69,26 @@ def random_masks(widths: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
         m[0], m[-1] = True, False
         masks[name] = m
     return masks
+
+
+def two_cnn_package(zoo: Zoo, shape: tuple[int, ...], names: tuple[str, str],
+                    seed: int = 0) -> bytes:
+    """An encoded package over two random-init pnc CNNs taking ``shape``, added to ``zoo``
+    as ``names`` (target with labels a-c, source with d-f; d and e cloned at 3:3): a
+    real branch and a real fingerprint, so a receiver verifies and serves it."""
+    torch.manual_seed(seed)
+    manifests, nets = [], []
+    for name, labels in zip(names, (("a", "b", "c"), ("d", "e", "f"))):
+        net = build_model("cnn", in_channels=shape[0], num_classes=3).eval()
+        manifests.append(zoo.add(net, {"name": name, "arch": "cnn",
+                                       "arch_args": {"in_channels": shape[0], "num_classes": 3},
+                                       "input_shape": shape, "label_names": labels,
+                                       "dataset": "synthetic"}))
+        nets.append(net)
+    (mt, ms), (target, source) = manifests, nets
+    masks = {k: torch.ones(w, dtype=torch.bool) for k, w in source.mask_widths().items()}
+    branch, _ = build_branch(target, source, shape, 3, 3, masks, (0, 1), ("d", "e"), 8, 8, 3)
+    sb = Superbody(target, mt.label_names, [branch]).eval()
+    module = ClonedModule(ZooRef.of(ms), (0, 1), 3, 3, masks, branch_tensors(branch),
+                          {"adapter_rank": 8, "gate_hidden": 8})
+    return wire.encode(Package(ZooRef.of(mt), [module], sb.label_names, fingerprint_of(sb, shape)))

@@ -15,6 +15,7 @@ import torch
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 torch.set_num_threads(2)
+DEFAULT_CLONE_THREADS = 2  # the count the shared default_clone ran under
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +47,19 @@ def zoo(zoo_dir):
 def default_clone(zoo_dir, mnist):
     """One real clone of the default task with small budgets, shared by many tests."""
     from pnc_net.cloning import CloneConfig, clone
+    from pnc_net.testing import torch_threads
     from pnc_net.zoo import Zoo
 
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,
                              target_per_class=10, positions=((3, 3),))
-    return clone(Zoo(zoo_dir), mnist, cfg)
+    with torch_threads(DEFAULT_CLONE_THREADS):  # tests that re-run it compare bit for bit
+        return clone(Zoo(zoo_dir), mnist, cfg)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that changes torch's thread count (a bench cell, a worker run in process)
+    must not change the arithmetic, and so the bit-exact results, of the tests after it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)

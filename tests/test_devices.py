@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEFAULT_CLONE_THREADS
 from ray_fixtures import ray_cluster  # noqa: F401 - the shared session cluster
 
 from pnc_net import wire
@@ -29,6 +30,7 @@ from pnc_net.devices import (
     resolve_device,
 )
 from pnc_net.errors import InvalidInputError
+from pnc_net.testing import torch_threads
 
 _BIN = Path(sys.executable).parent / "pnc"
 PNC = [str(_BIN)] if _BIN.exists() else [sys.executable, "-c", "import pnc_cli; pnc_cli.main()"]
@@ -168,7 +170,8 @@ def test_a_cpu_clone_is_the_same_package_with_or_without_the_flag(default_clone,
 
     cfg = default_clone_config()
     assert cfg.device == "cpu"
-    again = clone(zoo, mnist, dataclasses.replace(cfg, device="cpu")).package
+    with torch_threads(DEFAULT_CLONE_THREADS):  # bit for bit needs the fixture's thread count
+        again = clone(zoo, mnist, dataclasses.replace(cfg, device="cpu")).package
     first = default_clone.package
     again.created_unix_s = first.created_unix_s
     again.report = {**again.report, "seconds": first.report["seconds"]}
@@ -241,7 +244,8 @@ def test_the_device_path_gives_the_cpu_package(default_clone, zoo, mnist, monkey
     digests = [state_digest(m) for m in models]
     monkeypatch.setattr(Compute, "of", classmethod(lambda cls, device="cpu", precision="fp32":
                                                    OTHER))
-    result = clone(zoo, mnist, default_clone_config())
+    with torch_threads(DEFAULT_CLONE_THREADS):
+        result = clone(zoo, mnist, default_clone_config())
     first = default_clone.package
     assert torch.equal(result.package.fingerprint.probabilities, first.fingerprint.probabilities)
     for a, b in zip(result.package.modules, first.modules):

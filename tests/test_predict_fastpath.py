@@ -14,13 +14,12 @@ from torch import nn
 
 from pnc_net import wire
 from pnc_net.errors import IncompatibleError, InvalidInputError, PncError
-from pnc_net.models import build_model
-from pnc_net.package import ClonedModule, Package, ZooRef, probe_batch
-from pnc_net.rebuild import accepted_tolerance, branch_tensors, build_superbody, fingerprint_of
+from pnc_net.package import probe_batch
+from pnc_net.rebuild import accepted_tolerance, build_superbody
 from pnc_net.serve import fastpath
 from pnc_net.serve.node import Node, as_batch
 from pnc_net.serve.store import PackageStore
-from pnc_net.superbody import Superbody, build_branch
+from pnc_net.testing import two_cnn_package
 from pnc_net.zoo import Zoo
 
 MNIST = (1, 28, 28)
@@ -208,26 +207,8 @@ def test_as_batch_refuses_other_shapes(shape, want):
 
 
 def rgb_package(zoo_root) -> bytes:
-    """A package over two random-init RGB CNNs (3, 32, 32): a real branch, a real
-    fingerprint, so a receiver verifies and serves it."""
-    torch.manual_seed(0)
-    zoo = Zoo(zoo_root)
-    manifests, nets = [], []
-    for name, labels in (("rgb-t", ("a", "b", "c")), ("rgb-s", ("d", "e", "f"))):
-        net = build_model("cnn", in_channels=3, num_classes=3).eval()
-        manifests.append(zoo.add(net, {"name": name, "arch": "cnn",
-                                       "arch_args": {"in_channels": 3, "num_classes": 3},
-                                       "input_shape": RGB, "label_names": labels,
-                                       "dataset": "synthetic"}))
-        nets.append(net)
-    (mt, ms), (target, source) = manifests, nets
-    masks = {k: torch.ones(w, dtype=torch.bool) for k, w in source.mask_widths().items()}
-    branch, _ = build_branch(target, source, RGB, 3, 3, masks, (0, 1), ("d", "e"), 8, 8, 3)
-    sb = Superbody(target, mt.label_names, [branch]).eval()
-    module = ClonedModule(ZooRef.of(ms), (0, 1), 3, 3, masks, branch_tensors(branch),
-                          {"adapter_rank": 8, "gate_hidden": 8})
-    package = Package(ZooRef.of(mt), [module], sb.label_names, fingerprint_of(sb, RGB))
-    return wire.encode(package)
+    """A package over two random-init RGB CNNs (3, 32, 32) that a receiver serves."""
+    return two_cnn_package(Zoo(zoo_root), RGB, ("rgb-t", "rgb-s"), seed=0)
 
 
 def _probs(resp) -> np.ndarray:

@@ -13,18 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_light_client import UNREACHABLE, run_fresh
 
 from pnc_cli.net import load_images
-from pnc_net import wire
 from pnc_net.errors import ExitCode, InvalidInputError
 from pnc_net.images import channels_of, picture_batch
-from pnc_net.models import build_model
-from pnc_net.package import ClonedModule, Package, ZooRef
-from pnc_net.rebuild import branch_tensors, fingerprint_of
-from pnc_net.superbody import Superbody, build_branch
+from pnc_net.testing import two_cnn_package
 from pnc_net.zoo import Zoo
 
 RGB, GRAY = (3, 32, 32), (1, 32, 32)
@@ -92,27 +87,6 @@ def test_predict_on_a_picture_is_light(tmp_path):
 # ----------------------------------------------------------------------------- a real receiver
 
 
-def _package(zoo: Zoo, shape: tuple[int, ...], names: tuple[str, str], seed: int) -> bytes:
-    """A package over two random-init pnc CNNs taking ``shape``: a real branch, a real
-    fingerprint, so a receiver verifies and serves it."""
-    torch.manual_seed(seed)
-    manifests, nets = [], []
-    for name, labels in zip(names, (("a", "b", "c"), ("d", "e", "f"))):
-        net = build_model("cnn", in_channels=shape[0], num_classes=3).eval()
-        manifests.append(zoo.add(net, {"name": name, "arch": "cnn",
-                                       "arch_args": {"in_channels": shape[0], "num_classes": 3},
-                                       "input_shape": shape, "label_names": labels,
-                                       "dataset": "synthetic"}))
-        nets.append(net)
-    (mt, ms), (target, source) = manifests, nets
-    masks = {k: torch.ones(w, dtype=torch.bool) for k, w in source.mask_widths().items()}
-    branch, _ = build_branch(target, source, shape, 3, 3, masks, (0, 1), ("d", "e"), 8, 8, 3)
-    sb = Superbody(target, mt.label_names, [branch]).eval()
-    module = ClonedModule(ZooRef.of(ms), (0, 1), 3, 3, masks, branch_tensors(branch),
-                          {"adapter_rank": 8, "gate_hidden": 8})
-    return wire.encode(Package(ZooRef.of(mt), [module], sb.label_names, fingerprint_of(sb, shape)))
-
-
 def _cli_predict(addr: str, pid: str, *args: str) -> subprocess.CompletedProcess:
     cli = [sys.executable, "-c", "import pnc_cli; pnc_cli.main()"]
     return subprocess.run([*cli, "predict", "--from", addr, "--package", pid[:12], *args,
@@ -130,8 +104,8 @@ def test_pnc_predict_pictures_against_rgb_and_grayscale_packages(tmp_path):
     from pnc_net.serve.client import PncClient
 
     zoo = Zoo(tmp_path / "zoo")
-    rgb_data = _package(zoo, RGB, ("rgb-t", "rgb-s"), 0)
-    gray_data = _package(zoo, GRAY, ("gray-t", "gray-s"), 1)
+    rgb_data = two_cnn_package(zoo, RGB, ("rgb-t", "rgb-s"), 0)
+    gray_data = two_cnn_package(zoo, GRAY, ("gray-t", "gray-s"), 1)
     pngs = [tmp_path / f"rgb{i}.png" for i in range(2)]
     pixels = np.stack([_rgb_png(p, i) for i, p in enumerate(pngs)])  # (2, H, W, 3)
     proc, port = spawn_daemon("receiver", ["--listen", "127.0.0.1:0", "--zoo",

@@ -19,7 +19,7 @@ from pnc_net.data import Dataset
 from pnc_net.insert import InsertConfig
 from pnc_net.localize import LocalizeConfig
 from pnc_net.rebuild import verify
-from pnc_net.testing import frozen_randomized
+from pnc_net.testing import frozen_randomized, torch_threads
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)
@@ -33,7 +33,11 @@ def random_images(seed: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor
 
 @pytest.fixture(scope="module")
 def whole_source_clone(tmp_path_factory):
-    torch.set_num_threads(1)
+    with torch_threads(1):
+        return _whole_source_clone(tmp_path_factory)
+
+
+def _whole_source_clone(tmp_path_factory):
     root = tmp_path_factory.mktemp("whole")
     torch.manual_seed(0)
     files = {"r18": root / "r18.pth", "shuffle": root / "shuffle.pth"}

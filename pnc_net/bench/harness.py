@@ -210,8 +210,20 @@ def _row(cell: Cell, task: Task, r: BaselineResult | dict) -> dict:
 
 
 def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
-    """Every method of one cell, in this process. Returns rows plus the cell's extras."""
+    """Every method of one cell, in this process. Returns rows plus the cell's extras.
+
+    Runs under ``cfg.threads_per_worker`` intra-op threads and gives the caller's
+    count back, so a cell run in process leaves the process's arithmetic as it was.
+    """
+    before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads_per_worker)
+    try:
+        return _run_cell(zoo_root, cfg, cell)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     task = cfg.tasks[cell.task]
     zoo, data = Zoo(zoo_root), _dataset(task.data)
     t0, cpu0 = time.perf_counter(), time.process_time()
