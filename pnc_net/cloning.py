@@ -21,6 +21,7 @@ from pnc_net.devices import CPU, PRECISIONS, Compute, on_device, parse_device
 from pnc_net.errors import IncompatibleError, InvalidInputError
 from pnc_net.insert import CloneData, InsertConfig, Prepared, insert_candidate, prepare
 from pnc_net.localize import LocalizeConfig, localize
+from pnc_net.memory import LARGEST_DEFAULT_BATCH, activation_budget, batch_cap
 from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet
 from pnc_net.package import ClonedModule, Package, ZooRef
@@ -249,6 +250,7 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
         check_candidates(candidates, target.num_blocks, source.num_blocks)
         _data_indices(data, [*spec.classes, *t_manifest.label_names], "cloned or target")
         checked.append((spec, source, s_manifest, candidates))
+    cfg = with_batch_cap(cfg, [(target, t_manifest), *((s, sm) for _, s, sm, _ in checked)])
     synthetic = None
     if cfg.synthesize:  # without target data, twice as many: half of them validate
         default = SynthesizeConfig()
@@ -267,6 +269,21 @@ def plan(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> CloneJob:
             _clone_data(data, spec.classes, t_manifest.label_names, cfg, others, synthetic),
             candidates))
     return CloneJob(cfg, on_device(target, compute), t_manifest, modules, compute)
+
+
+def with_batch_cap(cfg: CloneConfig, models: list[tuple[ZooNet, Manifest]]) -> CloneConfig:
+    """``cfg`` with every step's batch lowered to what the activation budget allows
+    (``memory.batch_cap``, ``$PNC_ACTIVATION_BUDGET``) when the user set no batch size.
+
+    The MNIST zoo's cap is far above the largest default batch, so its clones are
+    unchanged; a resnet50 at 224x224 gets batches of about 16 and clones in bounded
+    memory. The cap a clone ran with is in its report's settings (``batch_size``).
+    """
+    if cfg.batch_size is not None:
+        return cfg
+    budget = activation_budget()
+    cap = min(batch_cap([model], manifest.input_shape, budget) for model, manifest in models)
+    return cfg.with_batch_size(cap) if cap < LARGEST_DEFAULT_BATCH else cfg
 
 
 # ----------------------------------------------------------------------------- steps
@@ -351,6 +368,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
     started = time.perf_counter()
     say = log or (lambda _msg: None)
     job = plan(zoo, data, cfg)
+    cfg = job.cfg  # with the batch cap plan() may have set
     for m, (masks, prepared) in zip(job.modules, (localizer or localize_sequential)(job)):
         m.masks, m.prepared = masks, prepared
     say(f"localized {len(job.modules)} source(s) in {time.perf_counter() - started:.1f}s")

@@ -24,6 +24,8 @@ from pnc_net.devices import CPU, Compute
 from pnc_net.models import ZooNet
 from pnc_net.training import predict_logits
 
+#: Samples per refinement step (drawn with replacement; fewer when there are fewer).
+REFINE_SAMPLES = 128
 
 @dataclass(frozen=True)
 class LocalizeConfig:
@@ -39,7 +41,7 @@ class LocalizeConfig:
     sparsity: float = 0.02  # lambda of the L1 term
     temperature: float = 2.0
     min_keep: int = 4  # never drop a unit below this many filters
-    batch_size: int = 256  # samples per forward pass (scores and the refinement's teacher)
+    batch_size: int = 256  # samples per forward pass (scores, the teacher, refinement chunks)
 
 
 def cloned_view(logits: torch.Tensor, cloned: torch.Tensor) -> torch.Tensor:
@@ -132,17 +134,24 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
     opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
     on_dev = compute.put(cloned)
     for _ in range(cfg.refine_steps):
-        idx = torch.randint(0, len(x), (min(128, len(x)),), generator=gen)
-        source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
-        student = (cloned_view(source(compute.put(x[idx])), on_dev)
-                   / cfg.temperature).log_softmax(1)
-        w = compute.put(weights[idx])
-        kl = (F.kl_div(student, compute.put(teacher[idx]), log_target=True,
-                       reduction="none").sum(1) * w).sum() / w.sum()
-        l1 = torch.cat([torch.sigmoid(t) for t in theta.values()]).mean()
-        loss = kl * cfg.temperature**2 + cfg.sparsity * l1
+        idx = torch.randint(0, len(x), (min(REFINE_SAMPLES, len(x)),), generator=gen)
+        w_total = weights[idx].sum()
         opt.zero_grad()
-        loss.backward()
+        # The step's samples go through in chunks of at most cfg.batch_size with their
+        # gradients summed, so a large model's step holds one chunk's activations;
+        # one chunk (the MNIST default) is the plain step, bit for bit.
+        for first, chunk in enumerate(idx.split(cfg.batch_size)):
+            source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
+            student = (cloned_view(source(compute.put(x[chunk])), on_dev)
+                       / cfg.temperature).log_softmax(1)
+            w = compute.put(weights[chunk])
+            kl = (F.kl_div(student, compute.put(teacher[chunk]), log_target=True,
+                           reduction="none").sum(1) * w).sum() / compute.put(w_total)
+            loss = kl * cfg.temperature**2
+            if first == 0:  # the sparsity term once per step
+                l1 = torch.cat([torch.sigmoid(t) for t in theta.values()]).mean()
+                loss = loss + cfg.sparsity * l1
+            loss.backward()
         opt.step()
     source.set_gates(None)
     masks = {}

@@ -3,6 +3,8 @@ where memory is not short."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -54,3 +56,47 @@ def test_the_budget_is_read_from_the_environment(monkeypatch):
         monkeypatch.setenv("PNC_ACTIVATION_BUDGET", bad)
         with pytest.raises(InvalidInputError, match="is not a size"):
             activation_budget()
+
+
+def test_plan_lowers_every_step_to_the_cap_and_the_report_says_so(zoo, mnist, monkeypatch):
+    from pnc_net.cloning import CloneConfig, plan, settings_of
+
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5",), per_class=4,
+                             target_per_class=2, positions=((3, 3),), synthesize=False)
+    monkeypatch.delenv("PNC_ACTIVATION_BUDGET", raising=False)
+    assert plan(zoo, mnist, cfg).cfg == cfg  # the default budget leaves MNIST as it was
+    per_image = max(activation_bytes(zoo.load(n)[0], (1, 28, 28))
+                    for n in ("mnist-cnn-0to4", "mnist-cnn-5to9"))
+    monkeypatch.setenv("PNC_ACTIVATION_BUDGET", str(int(per_image * 2 * 24)))
+    capped = plan(zoo, mnist, cfg).cfg
+    assert capped.batch_size == 24
+    assert capped.localize.batch_size == capped.insert.eval_batch_size == 24
+    assert capped.insert.batch_size == 24
+    assert settings_of(capped)["batch_size"] == 24
+    given = cfg.with_batch_size(100)  # a batch the user chose is theirs
+    assert plan(zoo, mnist, given).cfg == given
+
+
+def test_mask_refinement_in_chunks_holds_a_chunk_and_steps_as_one_batch(zoo, monkeypatch):
+    from pnc_net.localize import LocalizeConfig, refine_masks
+
+    source = copy.deepcopy(zoo.load("mnist-cnn-5to9")[0])  # gates are set on it
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(100, 1, 28, 28, generator=gen)
+    weights = torch.rand(100, generator=gen) + 0.5
+    init = {k: torch.rand(n, generator=gen) > 0.5 for k, n in source.mask_widths().items()}
+    cloned = torch.tensor([0, 1])
+    # a large learning rate: one Adam step moves every gate by about lr in the
+    # direction of its gradient's sign, so the masks show the gradient of the step
+    cfg = LocalizeConfig(refine_steps=1, refine_lr=5.0, batch_size=256)
+    whole = refine_masks(source, x, weights, cloned, init, cfg, torch.Generator().manual_seed(1))
+    seen: list[int] = []
+    hook = source.register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    chunked = refine_masks(source, x, weights, cloned, init,
+                           LocalizeConfig(refine_steps=1, refine_lr=5.0, batch_size=32),
+                           torch.Generator().manual_seed(1))
+    hook.remove()
+    assert max(seen) <= 32 and sum(seen) >= 100  # the teacher and the step, in chunks
+    flips = {k: int((whole[k] != init[k]).sum()) for k in init}
+    assert sum(flips.values()) > 0  # the step did move gates across the threshold
+    assert all(torch.equal(chunked[k], whole[k]) for k in whole)
