@@ -48,9 +48,9 @@ def zoo_build(
              "(build it into another --zoo) to check that a result holds across zoos.")] = 0,
     zoo_set: Annotated[str, typer.Option(
         "--set", help="default: pnc's CNN and ResNet on the MNIST digits (about a minute on "
-                      "2 cores). rgb: torchvision resnet18 (0-4) and mobilenet_v3_small "
-                      "(5-9) on the colour digits (--data rgb-digits), imported as "
-                      "ordinary checkpoints.")] = "default",
+                      "2 cores). rgb: torchvision resnet18 (0-4), mobilenet_v3_small "
+                      "(5-9) and a small VisionTransformer (5-9) on the colour digits "
+                      "(--data rgb-digits), imported as ordinary checkpoints.")] = "default",
     zoo_dir: ZooOpt = None, json_out: JsonOpt = False,
 ) -> None:
     """Train a zoo: the default MNIST one (CNN and ResNet, digits 0-4 and 5-9) or

@@ -13,11 +13,11 @@ import shutil
 import pytest
 import torch
 import torchvision
-from test_models import randomize_batchnorm
 from torch import nn
 
 from pnc_net.errors import IncompatibleError, PreconditionError
 from pnc_net.graphnet import GraphNet
+from pnc_net.testing import frozen_randomized, random_masks
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)
@@ -34,30 +34,11 @@ FAMILIES = {
 }
 
 
-def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Eval mode, frozen, with BatchNorm statistics and affine terms that are not the
-    identity, so a wrong slice anywhere changes the outputs."""
-    randomize_batchnorm(model, seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def random_masks(net: GraphNet, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    masks = {}
-    for name, width in net.mask_widths().items():
-        m = torch.rand(width, generator=gen) < 0.5
-        m[0], m[-1] = True, False  # never empty, never full
-        masks[name] = m
-    return masks
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
     torch.manual_seed(0)
     build, min_boundaries, min_units = FAMILIES[request.param]
-    module = randomized(build())
+    module = frozen_randomized(build())
     return request.param, module, GraphNet(module, SHAPE), min_boundaries, min_units
 
 
@@ -87,7 +68,7 @@ def test_the_wrapped_net_is_the_module(family):
 def test_pruned_tail_equals_masked_net(family):
     name, module, net, _, _ = family
     before = state_digest(module)
-    masks = random_masks(net, seed=1)
+    masks = random_masks(net.mask_widths(), seed=1)
     x = torch.rand(3, *SHAPE)
     for s in sorted({net.num_blocks // 2, net.num_blocks - 1, net.num_blocks}):
         with torch.no_grad():
@@ -123,7 +104,7 @@ def test_gates_of_ones_change_nothing_and_none_resets(family):
 
 
 def test_normalization_is_applied_first():
-    module = randomized(torchvision.models.resnet18(num_classes=3))
+    module = frozen_randomized(torchvision.models.resnet18(num_classes=3))
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     net = GraphNet(module, SHAPE, mean=mean, std=std)
     x = torch.rand(2, *SHAPE)
@@ -149,7 +130,7 @@ def test_a_model_without_feature_boundaries_is_refused_clearly():
 
 
 def test_layernorm_groups_are_not_masked():
-    net = GraphNet(randomized(torchvision.models.convnext_tiny(num_classes=3)), SHAPE)
+    net = GraphNet(frozen_randomized(torchvision.models.convnext_tiny(num_classes=3)), SHAPE)
     # the residual streams pass through LayerNorms: only the MLP hidden units are units
     assert net.mask_widths() and all(".block." in name for name in net.mask_widths())
 

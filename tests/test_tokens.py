@@ -16,11 +16,11 @@ from typing import cast
 import pytest
 import torch
 import torchvision
-from test_graphnet import random_masks, randomized
 
 from pnc_net.graphnet import GraphNet, LayoutInfo
 from pnc_net.models import build_model
 from pnc_net.superbody import Adapter, Branch, Layout
+from pnc_net.testing import frozen_randomized, random_masks
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)
@@ -41,7 +41,7 @@ def tiny_vit(seed: int = 0, **kw) -> torchvision.models.VisionTransformer:
 
 
 def test_vit_boundaries_are_its_encoder_layers():
-    vit = randomized(tiny_vit())
+    vit = frozen_randomized(tiny_vit())
     net = GraphNet(vit, SHAPE)
     # the embedding (after position and dropout), each layer's output, the final norm
     assert net.boundary_names == ("encoder_dropout", "add_2", "add_4", "add_6", "add_8",
@@ -63,10 +63,10 @@ def test_vit_boundaries_are_its_encoder_layers():
 
 
 def test_vit_source_masked_equals_pruned():
-    vit = randomized(tiny_vit(1))
+    vit = frozen_randomized(tiny_vit(1))
     net = GraphNet(vit, SHAPE)
     before = state_digest(vit)
-    masks = random_masks(net, seed=2)
+    masks = random_masks(net.mask_widths(), seed=2)
     x = torch.rand(3, *SHAPE)
     for s in (1, 3, 4):  # boundary 4 is after layer 2: layer 3 is pruned
         with torch.no_grad():
@@ -170,7 +170,7 @@ def token_zoo(tmp_path_factory):
         zoo.add_checkpoint(path, VIT, tuple(labels), SHAPE, name=name, arch_args=args)
     for name, labels, seed in (("cnn-old", "01234", 3), ("cnn-new", "56789", 4)):
         torch.manual_seed(seed)
-        model = randomized(build_model("cnn", in_channels=3, num_classes=5,
+        model = frozen_randomized(build_model("cnn", in_channels=3, num_classes=5,
                                        widths=(16, 32, 32, 32)))
         path = root / f"{name}.pth"
         torch.save(model.state_dict(), path)
