@@ -141,7 +141,7 @@ def _pruned_checks(net, shape: tuple[int, ...]) -> dict[str, Any]:
     import torch
 
     from pnc_net.errors import IncompatibleError
-    from pnc_net.testing import random_masks
+    from pnc_net.testing import masked_and_pruned, random_masks
 
     k = net.num_blocks
     bounds = sorted({max(1, k // 2), max(1, round(0.75 * k)), max(1, k - 1), k})
@@ -149,24 +149,14 @@ def _pruned_checks(net, shape: tuple[int, ...]) -> dict[str, Any]:
     x = torch.rand(2, *shape)
     accepted, refused, worst, equal = [], [], 0.0, True
     for s in bounds:
-        with torch.no_grad():
-            h = net.forward_features(x, s)
-            net.set_gates({n: m.float() for n, m in masks.items()})
-            try:
-                masked = net.forward_from(h, s)
-            finally:
-                net.set_gates(None)
-            try:
-                blocks, head, keep = net.pruned_tail(s, masks)
-            except IncompatibleError as err:
-                if "concatenation" not in str(err):
-                    raise
-                refused.append(s)
-                continue
-            u = h if keep is None else h[:, keep]
-            for block in blocks:
-                u = block(u)
-            pruned = head(u)
+        try:
+            check = masked_and_pruned(net, masks, x, s)
+        except IncompatibleError as err:
+            if "concatenation" not in str(err):
+                raise
+            refused.append(s)
+            continue
+        masked, pruned = check.masked, check.pruned
         diff = float((pruned - masked).abs().max())
         worst = max(worst, diff)
         equal = equal and diff <= PRUNED_RTOL * max(float(masked.abs().max()), 1.0)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pnc_net import wire
-from pnc_net.models import build_model
+from pnc_net.models import ZooNet, build_model
 from pnc_net.package import ClonedModule, Package, ZooRef
 from pnc_net.rebuild import branch_tensors, fingerprint_of
 from pnc_net.superbody import Superbody, build_branch
@@ -69,6 +70,42 @@ def random_masks(widths: dict[str, int], seed: int) -> dict[str, torch.Tensor]:
         m[0], m[-1] = True, False
         masks[name] = m
     return masks
+
+
+@dataclass
+class PruneCheck:
+    """A net's tail from one boundary, gated by masks and physically pruned."""
+
+    masked: torch.Tensor  # logits of the net's own tail with the masks as gates
+    pruned: torch.Tensor  # logits of the pruned copy's tail on the channels it keeps
+    keep: torch.Tensor | None  # those channels at the boundary (None: all of them)
+    pruned_params: int
+    full_params: int
+
+
+def masked_and_pruned(net: ZooNet, masks: dict[str, torch.Tensor], x: torch.Tensor,
+                      start: int) -> PruneCheck:
+    """``net``'s tail from boundary ``start``, masked and pruned (``pruned_tail``).
+
+    The two logits must agree to float rounding, and the parameter counts show that
+    pruning removed something. Raises what ``pruned_tail`` raises (a boundary it
+    refuses, e.g. a concatenation of several units).
+    """
+    with torch.no_grad():
+        h = net.forward_features(x, start)
+        net.set_gates({k: m.float() for k, m in masks.items()})
+        try:
+            masked = net.forward_from(h, start)
+        finally:
+            net.set_gates(None)
+        blocks, head, keep = net.pruned_tail(start, masks)
+        u = h if keep is None else h[:, keep]
+        for block in blocks:
+            u = block(u)
+        pruned = head(u)
+    smaller = sum(p.numel() for p in [*blocks.parameters(), *head.parameters()])
+    full = sum(p.numel() for m in [*list(net.blocks)[start:], net.head] for p in m.parameters())
+    return PruneCheck(masked, pruned, keep, smaller, full)
 
 
 def two_cnn_package(zoo: Zoo, shape: tuple[int, ...], names: tuple[str, str],

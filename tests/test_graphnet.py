@@ -17,7 +17,7 @@ from torch import nn
 
 from pnc_net.errors import IncompatibleError, PreconditionError
 from pnc_net.graphnet import GraphNet
-from pnc_net.testing import frozen_randomized, random_masks
+from pnc_net.testing import frozen_randomized, masked_and_pruned, random_masks
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)
@@ -71,23 +71,11 @@ def test_pruned_tail_equals_masked_net(family):
     masks = random_masks(net.mask_widths(), seed=1)
     x = torch.rand(3, *SHAPE)
     for s in sorted({net.num_blocks // 2, net.num_blocks - 1, net.num_blocks}):
-        with torch.no_grad():
-            h = net.forward_features(x, s)
-            net.set_gates({k: m.float() for k, m in masks.items()})
-            try:
-                masked = net.forward_from(h, s)
-            finally:
-                net.set_gates(None)
-            blocks, head, keep = net.pruned_tail(s, masks)
-            u = h if keep is None else h[:, keep]
-            for block in blocks:
-                u = block(u)
-            pruned = head(u)
-        scale = float(masked.abs().max())
-        assert torch.allclose(pruned, masked, atol=1e-5 * max(scale, 1.0)), (name, s)
-        smaller = sum(p.numel() for p in [*blocks.parameters(), *head.parameters()])
-        full = sum(p.numel() for m in [*list(net.blocks)[s:], net.head] for p in m.parameters())
-        assert smaller < full or (s == net.num_blocks and keep is None), (name, s)
+        check = masked_and_pruned(net, masks, x, s)
+        scale = float(check.masked.abs().max())
+        assert torch.allclose(check.pruned, check.masked, atol=1e-5 * max(scale, 1.0)), (name, s)
+        assert check.pruned_params < check.full_params or (
+            s == net.num_blocks and check.keep is None), (name, s)
     assert state_digest(module) == before  # the module handed in is never written
 
 

@@ -20,7 +20,7 @@ import torchvision
 from pnc_net.graphnet import GraphNet, LayoutInfo
 from pnc_net.models import build_model
 from pnc_net.superbody import Adapter, Branch, Layout
-from pnc_net.testing import frozen_randomized, random_masks
+from pnc_net.testing import frozen_randomized, masked_and_pruned, random_masks
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)
@@ -69,23 +69,10 @@ def test_vit_source_masked_equals_pruned():
     masks = random_masks(net.mask_widths(), seed=2)
     x = torch.rand(3, *SHAPE)
     for s in (1, 3, 4):  # boundary 4 is after layer 2: layer 3 is pruned
-        with torch.no_grad():
-            h = net.forward_features(x, s)
-            net.set_gates({k: m.float() for k, m in masks.items()})
-            try:
-                masked = net.forward_from(h, s)
-            finally:
-                net.set_gates(None)
-            blocks, head, keep = net.pruned_tail(s, masks)
-            assert keep is None  # tokens: every channel of the stream is kept
-            u = h
-            for block in blocks:
-                u = block(u)
-            pruned = head(u)
-        assert torch.allclose(pruned, masked, atol=1e-5), s
-        smaller = sum(p.numel() for p in [*blocks.parameters(), *head.parameters()])
-        full = sum(p.numel() for m in [*list(net.blocks)[s:], net.head] for p in m.parameters())
-        assert smaller < full, s
+        check = masked_and_pruned(net, masks, x, s)
+        assert check.keep is None  # tokens: every channel of the stream is kept
+        assert torch.allclose(check.pruned, check.masked, atol=1e-5), s
+        assert check.pruned_params < check.full_params, s
     assert state_digest(vit) == before
 
 
