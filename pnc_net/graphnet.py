@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -364,12 +365,11 @@ def _dependency_graph(module: nn.Module, input_shape: tuple[int, ...]):  # -> tp
     gradients are switched on even where a caller (a receiver's Predict) turned them off.
     Its warning about parameters outside a layer (ConvNeXt's layer scales, a ViT's class
     token) is silenced: their groups hold a LayerNorm or attention and are not masked."""
-    import warnings
-
     import torch_pruning as tp
 
     with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters")
+        warnings.filterwarnings("ignore", message="Maximum recursive depth")
         return tp.DependencyGraph().build_dependency(
             module, example_inputs=torch.zeros(1, *input_shape))
 
@@ -381,6 +381,32 @@ def _traceable_copy(module: nn.Module) -> nn.Module:
     return copy_
 
 
+def _norm_fed_roots(graph) -> list[nn.Module]:  # graph: tp.DependencyGraph
+    """Convs and linears whose outputs reach an op that pruning changes (``_UNPRUNABLE``:
+    a LayerNorm, ...) through parameter-free ops (activations, adds, reshapes).
+
+    Their groups hold that op, so ``mask_units`` would drop them; not grouping them
+    at all saves the time: Torch-Pruning's index mappings for a Swin's last stage (a
+    residual stream through windows, rolls and LayerNorms) did not finish in minutes
+    and took over 14 GB. A search stops at the next conv or linear, whose inputs are
+    where a channel ends."""
+    fed: list[nn.Module] = []
+    for module, node in graph.module2node.items():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        todo, seen = list(node.outputs), set()
+        while todo:
+            nxt = todo.pop()
+            if id(nxt) in seen or isinstance(nxt.module, (nn.Conv2d, nn.Linear)):
+                continue
+            seen.add(id(nxt))
+            if isinstance(nxt.module, _UNPRUNABLE):
+                fed.append(module)
+                break
+            todo.extend(nxt.outputs)
+    return fed
+
+
 def mask_units(module: nn.Module, input_shape: tuple[int, ...], final_fc_name: str,
                ) -> list[MaskUnit]:
     """Torch-Pruning's coupled-channel groups that can be masked exactly (module docstring)."""
@@ -389,8 +415,11 @@ def mask_units(module: nn.Module, input_shape: tuple[int, ...], final_fc_name: s
     final_fc = module.get_submodule(final_fc_name)
     try:
         graph = _dependency_graph(module, input_shape)
-        groups = [list(g) for g in graph.get_all_groups(
-            ignored_layers=[final_fc], root_module_types=[nn.Conv2d, nn.Linear])]
+        with warnings.catch_warnings():  # its shape inference warns on long reshape chains
+            warnings.filterwarnings("ignore", message="Maximum recursive depth")
+            groups = [list(g) for g in graph.get_all_groups(
+                ignored_layers=[final_fc, *_norm_fed_roots(graph)],
+                root_module_types=[nn.Conv2d, nn.Linear])]
     except Exception as exc:  # noqa: BLE001 - Torch-Pruning's index mappings raise anything
         raise IncompatibleError(
             f"Torch-Pruning cannot group the coupled channels of {type(module).__name__} "

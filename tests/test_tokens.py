@@ -62,6 +62,32 @@ def test_vit_boundaries_are_its_encoder_layers():
                                          for i in range(4)]
 
 
+def test_swin_boundaries_are_channels_last_and_its_mlp_units_masked():
+    """A Swin transformer's stages are (b, h, w, c) streams through LayerNorms; its last
+    stage's stream grouping took Torch-Pruning minutes and 14 GB before groups that reach
+    a LayerNorm were left out up front (``graphnet._norm_fed_roots``)."""
+    torch.manual_seed(0)
+    swin = frozen_randomized(torchvision.models.swin_t(num_classes=5))
+    before = state_digest(swin)
+    net = GraphNet(swin, SHAPE)
+    infos = net.feature_info(SHAPE)[1:]
+    assert len(infos) >= 8 and {i.layout for i in infos[:-1]} == {"hwc"}
+    assert infos[-1].layout == "chw"  # the final norm, permuted for the head's pooling
+    x = torch.rand(2, *SHAPE)
+    with torch.no_grad():
+        for info in infos[::3]:
+            h = net.forward_features(x, info.boundary)
+            assert torch.equal(net.forward_from(h, info.boundary), swin(x))
+    depths = (2, 2, 6, 2)  # blocks per stage, in features.1, .3, .5, .7
+    assert sorted(net.mask_widths()) == sorted(
+        f"features.{2 * s + 1}.{b}.mlp.0" for s, n in enumerate(depths) for b in range(n))
+    masks = random_masks(net.mask_widths(), seed=3)
+    check = masked_and_pruned(net, masks, x, infos[4].boundary)  # before stage 3's blocks
+    assert torch.allclose(check.pruned, check.masked, atol=1e-5)
+    assert check.pruned_params < check.full_params
+    assert state_digest(swin) == before
+
+
 def test_vit_source_masked_equals_pruned():
     vit = frozen_randomized(tiny_vit(1))
     net = GraphNet(vit, SHAPE)
