@@ -358,6 +358,13 @@ def render(rows: list[dict], out: Path) -> None:
         lines.append("None.")
     for r in failed:
         lines.append(f"- `{r['model']}`: {r['error'] or _failed_check(r)}")
+    whole = [r for r in rows if r["ok"] and not r["mask_units"]]
+    if whole:
+        lines += ["", "## Cloned whole", "",
+                  "These work, but with no mask units: a branch keeps every channel of the "
+                  "source's tail (exact, only less localized).", ""]
+        lines += [f"- `{r['model']}`: {r.get('unmasked_reason') or 'no coupled group can be masked'}"
+                  for r in whole]
     lines += ["", "## Every model", "",
               "| model | input | params (M) | traced | boundaries | mask units "
               "| pruned == masked (max diff) | detach exact (T / S) | package bytes (T / S) "
