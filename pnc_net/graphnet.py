@@ -136,10 +136,23 @@ class MaskUnit:
     out_modules: tuple[str, ...]  # modules whose output channels are this unit's
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, with every subclass of ``nn.Linear`` and of BatchNorm kept whole.
+
+    fx keeps only ``torch.nn``'s own modules as leaves. timm's ``Linear`` (a subclass
+    that casts its input) would otherwise become a bare ``F.linear`` with no head to
+    find, and its ``BatchNormAct2d`` (BatchNorm, then an activation) a bare
+    ``F.batch_norm`` that the walk from a boundary to its mask unit cannot cross."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (isinstance(m, (nn.Linear, nn.modules.batchnorm._BatchNorm))
+                or super().is_leaf_module(m, module_qualified_name))
+
+
 def trace(module: nn.Module, input_shape: tuple[int, ...]) -> fx.GraphModule:
     """The module's fx graph, with each node's output shape in ``meta["tensor_meta"]``."""
     try:
-        gm = fx.symbolic_trace(module)
+        gm = fx.GraphModule(module, _Tracer().trace(module), type(module).__name__)
     except Exception as exc:  # fx raises TraceError, TypeError, ...: all mean "not traceable"
         raise IncompatibleError(
             f"{type(module).__name__} cannot be traced by torch.fx ({type(exc).__name__}: "
@@ -322,6 +335,9 @@ def _channel_dim(gm: fx.GraphModule, node: fx.Node) -> int:
 def _final_linear(gm: fx.GraphModule) -> fx.Node:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     node = out.args[0]
+    while (isinstance(node, fx.Node) and node.op == "call_module"  # timm's head.flatten
+           and isinstance(gm.get_submodule(str(node.target)), nn.Identity)):
+        node = node.args[0]
     if (isinstance(node, fx.Node) and node.op == "call_module"
             and isinstance(gm.get_submodule(str(node.target)), nn.Linear)):
         return node

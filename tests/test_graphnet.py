@@ -31,7 +31,18 @@ FAMILIES = {
     "regnet": (lambda: torchvision.models.regnet_y_400mf(num_classes=5), 16, 15),
     "vgg": (lambda: torchvision.models.vgg11_bn(num_classes=5), 12, 8),
     "convnext": (lambda: torchvision.models.convnext_tiny(num_classes=5), 8, 10),
+    # timm (random init): BatchNormAct2d (BatchNorm then an activation, in one module),
+    # timm's own Linear subclass as the head, and a head followed by an Identity
+    "timm-efficientnet": (lambda: timm_model("efficientnet_b0"), 8, 30),
+    "timm-mobilenetv3": (lambda: timm_model("mobilenetv3_small_100"), 12, 20),
+    "timm-regnetx": (lambda: timm_model("regnetx_002"), 12, 5),
 }
+
+
+def timm_model(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, num_classes=5, pretrained=False)
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
