@@ -8,6 +8,7 @@ every BatchNorm statistics and affine terms that differ per channel.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,3 +130,36 @@ def two_cnn_package(zoo: Zoo, shape: tuple[int, ...], names: tuple[str, str],
     module = ClonedModule(ZooRef.of(ms), (0, 1), 3, 3, masks, branch_tensors(branch),
                           {"adapter_rank": 8, "gate_hidden": 8})
     return wire.encode(Package(ZooRef.of(mt), [module], sb.label_names, fingerprint_of(sb, shape)))
+
+
+def short_rgb_clone(zoo: Zoo, target: str, source: str, position: tuple[int, int],
+                    per_class: int = 4, target_per_class: int = 2):  # -> CloneResult
+    """A clone of {5, 6} that checks mechanics, not accuracy: one position, a few colour
+    digits (12/4/8 per class), 3 refinement steps, one adapter epoch, no inversion."""
+    from pnc_net.cloning import CloneConfig, clone
+    from pnc_net.data import load_rgb_digits
+    from pnc_net.insert import InsertConfig
+    from pnc_net.localize import LocalizeConfig
+
+    cfg = CloneConfig.single(target, source, ("5", "6"), per_class=per_class,
+                             target_per_class=target_per_class, positions=(position,),
+                             synthesize=False, localize=LocalizeConfig(refine_steps=3),
+                             insert=InsertConfig(epochs=1, gate_steps=10))
+    return clone(zoo, load_rgb_digits(split=(12, 4, 8)), cfg)
+
+
+def assert_round_trip(zoo: Zoo, package: Package, x: torch.Tensor) -> Superbody:
+    """``package`` through the wire format, rebuilt and verified on a fresh instance of
+    ``zoo`` (a receiver's), and detached to exactly the target; returns the rebuild."""
+    from pnc_net.rebuild import verify
+
+    decoded = wire.decode(wire.encode(package))
+    fresh = Zoo(zoo.root)
+    superbody, err = verify(fresh, decoded)
+    assert decoded.fingerprint is not None and err <= decoded.fingerprint.tolerance, err
+    target = fresh.load_module(decoded.target.name)[0]
+    with torch.no_grad():
+        assert superbody(x).shape == (len(x), len(superbody.label_names))
+        detached = copy.deepcopy(superbody).detach()  # detach() empties the superbody
+        assert torch.equal(detached(x), target(x))  # the exact target comes back
+    return superbody

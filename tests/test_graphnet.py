@@ -17,7 +17,13 @@ from torch import nn
 
 from pnc_net.errors import IncompatibleError, PreconditionError
 from pnc_net.graphnet import GraphNet
-from pnc_net.testing import frozen_randomized, masked_and_pruned, random_masks
+from pnc_net.testing import (
+    assert_round_trip,
+    frozen_randomized,
+    masked_and_pruned,
+    random_masks,
+    short_rgb_clone,
+)
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)
@@ -211,13 +217,6 @@ def test_timm_models_clone_as_target_and_source(tmp_path):
     """timm's efficientnet_b0 <- mobilenetv3_small_100 (random init, BatchNorms
     randomized), imported from .pth files as ``timm:NAME``: a short clone round-trips
     through the wire, rebuilds on a fresh zoo and detaches to the exact target."""
-    from pnc_net import wire
-    from pnc_net.cloning import CloneConfig, clone
-    from pnc_net.data import load_rgb_digits
-    from pnc_net.insert import InsertConfig
-    from pnc_net.localize import LocalizeConfig
-    from pnc_net.rebuild import verify
-
     zoo = Zoo(tmp_path / "zoo")
     for name, labels, seed in (("efficientnet_b0", "01234", 0), ("mobilenetv3_small_100",
                                                                  "56789", 1)):
@@ -231,19 +230,10 @@ def test_timm_models_clone_as_target_and_source(tmp_path):
     digests = {n: state_digest(zoo.load_module(n)[0])
                for n in ("efficientnet_b0", "mobilenetv3_small_100")}
     position = (round(0.75 * target.num_blocks), round(0.75 * source.num_blocks))
-    cfg = CloneConfig.single("efficientnet_b0", "mobilenetv3_small_100", ("5", "6"),
-                             per_class=4, target_per_class=2, positions=(position,),
-                             synthesize=False, localize=LocalizeConfig(refine_steps=3),
-                             insert=InsertConfig(epochs=1, gate_steps=10))
-    result = clone(zoo, load_rgb_digits(split=(12, 4, 8)), cfg)
-    package = wire.decode(wire.encode(result.package))
-    fresh = Zoo(zoo.root)  # a receiver's zoo instance
-    sb, err = verify(fresh, package)
-    assert err <= package.fingerprint.tolerance
+    result = short_rgb_clone(zoo, "efficientnet_b0", "mobilenetv3_small_100", position)
     x = torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        assert sb(x).shape == (4, 7)
-        assert torch.equal(sb.detach()(x), fresh.load_module("efficientnet_b0")[0](x))
+    sb = assert_round_trip(zoo, result.package, x)
+    assert sb(x).shape == (4, 7)
     for name, digest in digests.items():  # zoo weights are never written
         assert state_digest(zoo.load_module(name)[0]) == digest
 
