@@ -276,8 +276,8 @@ def with_batch_cap(cfg: CloneConfig, models: list[tuple[ZooNet, Manifest]]) -> C
     (``memory.batch_cap``, ``$PNC_ACTIVATION_BUDGET``) when the user set no batch size.
 
     The MNIST zoo's cap is far above the largest default batch, so its clones are
-    unchanged; a resnet50 at 224x224 gets batches of about 16 and clones in bounded
-    memory. The cap a clone ran with is in its report's settings (``batch_size``).
+    unchanged; a resnet50 at 224x224 gets batches of 12 and clones in bounded
+    memory (``bench/bench_large_model.py``). The cap a clone ran with is in its report's settings (``batch_size``).
     """
     if cfg.batch_size is not None:
         return cfg

@@ -27,6 +27,7 @@ from pnc_net.training import predict_logits
 #: Samples per refinement step (drawn with replacement; fewer when there are fewer).
 REFINE_SAMPLES = 128
 
+
 @dataclass(frozen=True)
 class LocalizeConfig:
     """Settings of the three localization steps (the defaults are the measured ones)."""
@@ -140,7 +141,7 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
         # The step's samples go through in chunks of at most cfg.batch_size with their
         # gradients summed, so a large model's step holds one chunk's activations;
         # one chunk (the MNIST default) is the plain step, bit for bit.
-        for first, chunk in enumerate(idx.split(cfg.batch_size)):
+        for i, chunk in enumerate(idx.split(cfg.batch_size)):
             source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
             student = (cloned_view(source(compute.put(x[chunk])), on_dev)
                        / cfg.temperature).log_softmax(1)
@@ -148,7 +149,7 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
             kl = (F.kl_div(student, compute.put(teacher[chunk]), log_target=True,
                            reduction="none").sum(1) * w).sum() / compute.put(w_total)
             loss = kl * cfg.temperature**2
-            if first == 0:  # the sparsity term once per step
+            if i == 0:  # the sparsity term once per step
                 l1 = torch.cat([torch.sigmoid(t) for t in theta.values()]).mean()
                 loss = loss + cfg.sparsity * l1
             loss.backward()
