@@ -9,8 +9,6 @@ every BatchNorm statistics and affine terms that differ per channel.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,21 +20,6 @@ from pnc_net.package import ClonedModule, Package, ZooRef
 from pnc_net.rebuild import branch_tensors, fingerprint_of
 from pnc_net.superbody import Superbody, build_branch
 from pnc_net.zoo import Zoo
-
-
-@contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with ``count`` intra-op threads, then restore the caller's count.
-
-    A CPU reduction splits its work by the thread count, so two runs agree bit for
-    bit only under the same count: tests that compare runs fix it with this.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
@@ -14,6 +15,22 @@ from pnc_net.data import Images, iter_batches
 from pnc_net.devices import CPU, Compute
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads, then restore the caller's count.
+
+    A CPU reduction splits its work by the thread count, so two runs agree bit for
+    bit only under the same count, and work run in process (a bench cell, a test)
+    must leave the process's count as it found it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:

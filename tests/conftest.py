@@ -47,7 +47,7 @@ def zoo(zoo_dir):
 def default_clone(zoo_dir, mnist):
     """One real clone of the default task with small budgets, shared by many tests."""
     from pnc_net.cloning import CloneConfig, clone
-    from pnc_net.testing import torch_threads
+    from pnc_net.training import torch_threads
     from pnc_net.zoo import Zoo
 
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,

@@ -30,7 +30,7 @@ from pnc_net.devices import (
     resolve_device,
 )
 from pnc_net.errors import InvalidInputError
-from pnc_net.testing import torch_threads
+from pnc_net.training import torch_threads
 
 _BIN = Path(sys.executable).parent / "pnc"
 PNC = [str(_BIN)] if _BIN.exists() else [sys.executable, "-c", "import pnc_cli; pnc_cli.main()"]

@@ -23,6 +23,7 @@ from pnc_net.errors import InvalidInputError, NotFoundError, PncError, Precondit
 from pnc_net.insert import InsertConfig
 from pnc_net.jobs import BatchSpec, load_spec, parse_task, publish_sink, run_batch, store_sink
 from pnc_net.localize import LocalizeConfig
+from pnc_net.training import torch_threads
 
 POSITIONS = ((2, 2), (3, 3), (3, 4), (4, 4))
 
@@ -54,10 +55,8 @@ def assert_same_package(a, b) -> None:
 @pytest.fixture(scope="module")
 def one_thread():
     """Ray workers run torch on 1 intra-op thread; the in-process reference must too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

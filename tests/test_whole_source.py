@@ -19,7 +19,8 @@ from pnc_net.data import Dataset
 from pnc_net.insert import InsertConfig
 from pnc_net.localize import LocalizeConfig
 from pnc_net.rebuild import verify
-from pnc_net.testing import frozen_randomized, torch_threads
+from pnc_net.testing import frozen_randomized
+from pnc_net.training import torch_threads
 from pnc_net.zoo import Zoo, state_digest
 
 SHAPE = (3, 32, 32)

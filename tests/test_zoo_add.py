@@ -25,6 +25,7 @@ from test_cli import assert_user_error  # one line on stderr, no traceback, the 
 from pnc_net.checkpoints import read_checkpoint, tensors_digest
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError
 from pnc_net.fsutil import sha256_file
+from pnc_net.training import torch_threads
 from pnc_net.zoo import Zoo, state_digest
 
 _BIN = Path(sys.executable).parent / "pnc"
@@ -35,10 +36,8 @@ R18 = ("--arch", "torchvision:resnet18", "--labels", "a,b,c", "--input", "3x32x3
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One torch thread: the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def pnc(*args: str | Path, zoo: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -49,6 +49,7 @@ from pnc_net.data import Dataset, load_dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.insert import InsertConfig
 from pnc_net.localize import LocalizeConfig
+from pnc_net.training import torch_threads
 from pnc_net.zoo import Zoo
 from pnc_net.zoo_train import ZOO_SETS, build_default_zoo
 
@@ -215,12 +216,8 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     Runs under ``cfg.threads_per_worker`` intra-op threads and gives the caller's
     count back, so a cell run in process leaves the process's arithmetic as it was.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads_per_worker)
-    try:
+    with torch_threads(cfg.threads_per_worker):
         return _run_cell(zoo_root, cfg, cell)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
