@@ -1,10 +1,11 @@
 """A Gaussian-discriminant router against the built gate, on one real clone (issue 14).
 
-    OMP_NUM_THREADS=1 python bench/bench_lda_gate.py ZOO_SEED CLONE_SEED K_T \\
-        >> bench/results/lda_gate.jsonl
+    OMP_NUM_THREADS=1 python bench/bench_lda_gate.py [ZOO_SEED [CLONE_SEED [K_T]]] \\
+        [--zoo-root /tmp/pnc] >> bench/results/lda_gate.jsonl
 
-Clones ``{5, 6}`` of ``mnist-cnn-5to9`` into ``mnist-cnn-0to4`` (k = 20) on the zoo in
-``/tmp/pnc/zoo<ZOO_SEED>`` exactly as ``pnc clone`` does (same plan, masks, search),
+Clones ``{5, 6}`` of ``mnist-cnn-5to9`` into ``mnist-cnn-0to4`` (k = 20) on the zoo
+trained from ``ZOO_SEED`` in ``ZOO_ROOT/zoo<ZOO_SEED>`` (built when missing, about a
+minute) exactly as ``pnc clone`` does (same plan, masks, search),
 then scores routers on the test split, the branch unchanged:
 
 - ``built``: the package's gate (MLP x energy veto); ``mlp_only``, ``veto_only``;
@@ -23,28 +24,38 @@ Prints one JSON line.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
+from pathlib import Path
 
 import torch
 
 from pnc_net.cloning import CloneConfig, localize_sequential, plan, run_sequential, search_module
 from pnc_net.data import load_mnist
 from pnc_net.zoo import Zoo
+from pnc_net.zoo_train import build_default_zoo
 
 Features = dict[str, torch.Tensor]
 CLONED = ("5", "6")
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("zoo_seed", type=int, nargs="?", default=0)
+    ap.add_argument("seed", type=int, nargs="?", default=0, help="clone seed")
+    ap.add_argument("k_t", type=int, nargs="?", default=20, help="target samples per class")
+    ap.add_argument("--zoo-root", type=Path, default=Path("/tmp/pnc"))
+    args = ap.parse_args()
+    zoo_seed, seed, k_t = args.zoo_seed, args.seed, args.k_t
     torch.set_num_threads(1)
-    zoo_seed, seed, k_t = (int(a) for a in argv[:3])
     data = load_mnist()
+    zoo = Zoo(args.zoo_root / f"zoo{zoo_seed}")
+    build_default_zoo(zoo, data, progress=False, seed=zoo_seed)
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", CLONED, per_class=20,
                              target_per_class=k_t, seed=seed)
     started = time.time()
-    job = plan(Zoo(f"/tmp/pnc/zoo{zoo_seed}"), data, cfg)
+    job = plan(zoo, data, cfg)
     module = job.modules[0]
     module.masks, module.prepared = localize_sequential(job)[0]
     position, branch, _ = search_module(job, 0, run_sequential)
@@ -140,4 +151,4 @@ def lda_gate(train: Features, y: torch.Tensor, keys: tuple[str, ...], shrink: fl
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
