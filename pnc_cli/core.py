@@ -275,7 +275,8 @@ def clone_cmd(
     seed: Annotated[int, typer.Option(help="Seed for sampling and training.")] = 0,
     positions: Annotated[str | None, typer.Option("--positions", help="Candidate R:S pairs, e.g. 3:3,4:4 (default: depth-matched pairs).")] = None,
     adapter_rank: Annotated[int, typer.Option("--adapter-rank", help="Rank of the adapter's 1x1 map.")] = 8,
-    dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16, fp32, int8.")] = "fp16",
+    gate: Annotated[str, typer.Option("--gate", help="The router: auto (a linear discriminant over both networks' features when --target-per-class > 0, else the MLP gate with its energy veto), mlp or lda (docs/method.md, the router).")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (a discriminant gate's weight as int8), fp32, int8.")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
     search: Annotated[str, typer.Option("--search", help="Position search: exhaustive (every candidate at the full budget) or halving (successive halving: short trainings prune to the top third, the finalists get the full budget; docs/method.md, Position search).")] = "exhaustive",
@@ -296,7 +297,7 @@ def clone_cmd(
     cfg = clone_config(target, source, classes, per_class=per_class,
                        target_per_class=target_per_class, seed=seed, positions=positions,
                        adapter_rank=adapter_rank, batch_size=batch_size, search=search, device=device,
-                       precision=precision)  # before Ray starts
+                       precision=precision, gate=gate)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -25,7 +25,7 @@ from pnc_net.memory import LARGEST_DEFAULT_BATCH, activation_budget, batch_cap
 from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet
 from pnc_net.package import ClonedModule, Package, ZooRef
-from pnc_net.rebuild import branch_tensors, fingerprint_of
+from pnc_net.rebuild import branch_config, branch_tensors, fingerprint_of
 from pnc_net.search import (
     SEARCH_MODES,
     best_candidate,
@@ -346,8 +346,7 @@ def make_package(job: CloneJob, branches: list[Branch], report: dict) -> tuple[P
         modules.append(ClonedModule(
             ZooRef.of(m.manifest), m.cloned, b.position_r, b.position_s,
             {k: v.clone() for k, v in m.masks.items()}, branch_tensors(b),
-            {"adapter_rank": b.adapter.down.out_channels,
-             "gate_hidden": b.gate.net[0].out_features}))
+            branch_config(b)))
     package = Package(
         target=ZooRef.of(job.target_manifest), modules=modules,
         label_names=superbody.label_names, fingerprint=fingerprint_of(superbody, job.input_shape),

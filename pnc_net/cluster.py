@@ -47,7 +47,7 @@ from pnc_net.fsutil import sha256_bytes
 from pnc_net.insert import CloneData, Prepared
 from pnc_net.models import ZooNet
 from pnc_net.package import ClonedModule, ZooRef
-from pnc_net.rebuild import branch_from_module, branch_tensors
+from pnc_net.rebuild import branch_config, branch_from_module, branch_tensors
 from pnc_net.superbody import Branch
 from pnc_net.zoo import Manifest, model_from_weights
 
@@ -228,8 +228,7 @@ class CloneWorker:
         """One candidate: ``(adapter+gate tensors, branch config, score dict)``."""
         branch, result = train_position(self._job(key, shard, weights), 0,
                                         (position[0], position[1]))
-        config = {"adapter_rank": branch.adapter.down.out_channels,
-                  "gate_hidden": branch.gate.net[0].out_features}
+        config = branch_config(branch)
         tensors = {k: v.cpu() for k, v in branch_tensors(branch).items()}
         return tensors, config, result
 

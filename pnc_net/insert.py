@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from pnc_net.devices import CPU, Compute
+from pnc_net.errors import InvalidInputError, PreconditionError
 from pnc_net.localize import LocalizeConfig, localized_samples
 from pnc_net.models import ZooNet
-from pnc_net.superbody import NO_ENERGY_VETO, Branch, Superbody, build_branch
+from pnc_net.superbody import NO_ENERGY_VETO, Branch, DiscriminantGate, Superbody, build_branch
 from pnc_net.training import batches, predict_logits, random_shift
 
 
@@ -47,6 +48,19 @@ class InsertConfig:
     # samples (None = no veto); without any, the fixed one below (docs/method.md, router)
     veto_quantiles: tuple[float | None, ...] = (None, 0.98, 0.95, 0.9)
     veto_quantile_without_target_data: float | None = 0.95
+    # the router: "auto" (a DiscriminantGate with real target samples, else FusionGate),
+    # "mlp" (always FusionGate) or "lda" (always DiscriminantGate); docs/method.md
+    gate: str = "auto"
+    gate_shrink: float = 0.1  # the discriminant's covariance shrinkage toward its mean variance
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATE_KINDS:
+            raise InvalidInputError(f"unknown gate {self.gate!r}; use one of {', '.join(GATE_KINDS)}")
+        if not 0 < self.gate_shrink <= 1:
+            raise InvalidInputError(f"gate_shrink {self.gate_shrink} must be in (0, 1]")
+
+
+GATE_KINDS = ("auto", "mlp", "lda")
 
 
 @dataclass
@@ -166,25 +180,31 @@ def train_adapter(target: ZooNet, source: ZooNet, branch: Branch, keep: torch.Te
             opt.step()
 
 
-def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
-               gen: torch.Generator, compute: Compute = CPU) -> None:
-    """Class-balanced BCE on cached logits: 1 on cloned samples, 0 on everything else.
+def gate_inputs(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
+                compute: Compute = CPU) -> tuple[torch.Tensor, ...]:
+    """``(label, z_t, z_s, f_b, f_t)`` on the gate's training samples (augmented ``D``,
+    then the occluded negatives), on ``compute.device``; ``label`` is 1 on cloned samples.
 
-    The gate trains full-batch, so its inputs (small: logits and pooled features)
-    sit on ``compute.device`` for all its steps."""
+    Both gates fit full-batch on these, so they are computed once, without grad."""
     x = torch.cat([prep.x, prep.x_neg])
     label = compute.put(torch.cat([(prep.y >= 0).float(), torch.zeros(len(prep.x_neg))]))
-    bs = cfg.eval_batch_size
+    bs, parts = cfg.eval_batch_size, []
     with torch.no_grad():
-        z_t = compute.put(predict_logits(target, x, bs, compute=compute))
-        runs = []
         for i in range(0, len(x), bs):
+            xb = compute.put(x[i : i + bs])
             with compute.autocast():
-                z, f = branch.run(target.forward_features(compute.put(x[i : i + bs]),
-                                                          branch.position_r))
-            runs.append((z.float(), f.float()))
-        z_s = torch.cat([r[0] for r in runs])
-        f_b = torch.cat([r[1] for r in runs])
+                h_t = target.forward_features(xb, target.num_blocks)
+                f_t = target.head.features(h_t)
+                z_s, f_b = branch.run(target.forward_features(xb, branch.position_r))
+            parts.append([t.float() for t in (target.head.fc(f_t), z_s, f_b, f_t)])
+    z_t, z_s, f_b, f_t = (torch.cat(p) for p in zip(*parts))
+    return label, z_t, z_s, f_b, f_t
+
+
+def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
+               gen: torch.Generator, compute: Compute = CPU) -> None:
+    """Class-balanced BCE on cached logits: 1 on cloned samples, 0 on everything else."""
+    label, z_t, z_s, f_b, _ = gate_inputs(target, branch, prep, cfg, compute)
     pos = label.sum().clamp_min(1)
     neg = (1 - label).sum().clamp_min(1)
     weight = torch.where(label > 0, 0.5 / pos, 0.5 / neg)
@@ -196,6 +216,58 @@ def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
+                          compute: Compute = CPU) -> DiscriminantGate:
+    """A ``DiscriminantGate`` fitted in closed form on the gate's training samples.
+
+    The features ``[f_t, f_b]`` are standardized; each cloned class is one Gaussian
+    and the target-side samples (real target digits and the occluded negatives) are
+    split by the target's own predicted class, since one Gaussian for "every target
+    digit" fits five clusters badly. The shared covariance is shrunk by
+    ``cfg.gate_shrink`` toward its mean variance (0.1 won over 0.3 and 0.6 in
+    ``bench/bench_lda_gate.py``), and the priors are class-balanced: half the mass on
+    the cloned classes. The standardization is folded into the one linear layer.
+    """
+    _, z_t, _, f_b, f_t = gate_inputs(target, branch, prep, cfg, compute)
+    x = torch.cat([f_t, f_b], 1).double()
+    n_cloned = len(branch.cloned_index)
+    y = compute.put(prep.y).clone()
+    y = torch.cat([y, torch.full((len(x) - len(y),), -1, dtype=torch.long, device=y.device)])
+    group = torch.where(y >= 0, y, n_cloned + z_t.argmax(1))
+    classes = group.unique()  # sorted: the cloned classes first
+    mu, sd = x.mean(0), x.std(0) + 1e-3
+    z = (x - mu) / sd
+    means = torch.stack([z[group == c].mean(0) for c in classes])
+    resid = z - means[torch.searchsorted(classes, group)]
+    cov = resid.T @ resid / len(z)
+    eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    cov = (1 - cfg.gate_shrink) * cov + cfg.gate_shrink * eye * cov.diagonal().mean()
+    coef = torch.linalg.solve(cov, means.T).T  # (classes, d): precision @ mean per class
+    is_cloned = classes < n_cloned
+    n_old = int((~is_cloned).sum())
+    if int(is_cloned.sum()) != n_cloned or n_old == 0:
+        raise PreconditionError("the discriminant gate needs samples of every cloned class "
+                                "and of at least one target class; use --gate mlp")
+    prior = torch.where(is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
+    weight = coef / sd
+    bias = -weight @ mu - 0.5 * (coef * means).sum(1) + prior
+    gate = DiscriminantGate(n_cloned, len(classes), x.shape[1]).to(compute.device)
+    with torch.no_grad():  # wire-exact, so the fingerprint holds after an fp16 package
+        gate.linear.weight.copy_(on_int8_grid(weight.float()))
+        gate.linear.bias.copy_(bias.float().half().float())
+    return gate
+
+
+def on_int8_grid(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (2-d) rounded to the values an int8 tensor with per-row scales decodes to
+    (``codec.array_to_proto``: scale = row peak / 127): an fp16 package writes the
+    discriminant's weight that way (``wire.INT8_WHEN_FP16``), and rounding it before
+    the fingerprint is taken keeps the receiver's rebuild within float error of it."""
+    peak = w.abs().amax(1, keepdim=True)
+    scale = torch.where(peak > 0, peak / 127, torch.ones_like(peak))
+    return (w / scale).round().clamp(-127, 127) * scale
 
 
 def score_branch(target: ZooNet, target_labels: tuple[str, ...], branch: Branch,
@@ -248,6 +320,13 @@ def calibrate_energy_veto(target: ZooNet, target_labels: tuple[str, ...], branch
     return best
 
 
+def uses_discriminant_gate(cfg: InsertConfig, data: CloneData) -> bool:
+    """Whether a branch gets a ``DiscriminantGate``: ``cfg.gate`` ``"lda"``, or ``"auto"``
+    with real target samples (without them its target classes would be inverted
+    stand-ins, and there it lost to the MLP with its energy veto: ``docs/method.md``)."""
+    return cfg.gate == "lda" or (cfg.gate == "auto" and data.real_val_old)
+
+
 def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, ...],
                      input_shape: tuple[int, ...], position: tuple[int, int],
                      masks: dict[str, torch.Tensor], cloned: tuple[int, ...],
@@ -266,6 +345,9 @@ def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, .
     branch = branch.to(compute.device)
     idx = torch.tensor(cloned, dtype=torch.long)
     train_adapter(target, source, branch, keep, prep, idx, cfg, gen, compute)
-    train_gate(target, branch, prep, cfg, gen, compute)
+    if uses_discriminant_gate(cfg, data):
+        branch.gate = fit_discriminant_gate(target, branch, prep, cfg, compute)
+    else:
+        train_gate(target, branch, prep, cfg, gen, compute)
     return branch, calibrate_energy_veto(target, target_labels, branch, data, prep, cfg,
                                          compute)

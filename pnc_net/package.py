@@ -50,8 +50,10 @@ class ModuleConfig:
 
     adapter_rank: int = 8  # rank of the adapter's 1x1 map
     gate_hidden: int = 8  # hidden units of the fusion gate
+    # 0: the MLP FusionGate; more: a DiscriminantGate with that many classes (cloned first)
+    gate_classes: int = 0
 
-    BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096)}
+    BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096), "gate_classes": (0, 4096)}
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -74,8 +76,14 @@ class ModuleConfig:
         return cls(**raw)
 
     def as_dict(self) -> dict[str, int]:
-        """Every field (defaults included), as ``config_json`` writes it."""
-        return asdict(self)
+        """The fields as ``config_json`` writes them: every one, defaults included, except
+        ``gate_classes`` 0, so an MLP-gated package is byte for byte what pnc wrote before
+        the discriminant gate (and a reader older than it refuses a discriminant-gated
+        package by the unknown-key rule rather than misreading it)."""
+        out = asdict(self)
+        if not out["gate_classes"]:
+            del out["gate_classes"]
+        return out
 
 
 @dataclass

@@ -18,8 +18,8 @@ import torch
 from pnc_net.codec import MAX_PROBE_COUNT
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.models import ZooNet
-from pnc_net.package import ClonedModule, Fingerprint, Package, ZooRef, probe_batch
-from pnc_net.superbody import Branch, Superbody, build_branch
+from pnc_net.package import ClonedModule, Fingerprint, ModuleConfig, Package, ZooRef, probe_batch
+from pnc_net.superbody import Branch, DiscriminantGate, Superbody, build_branch
 from pnc_net.zoo import Zoo
 
 PROBE_SEED = 20230317
@@ -45,6 +45,18 @@ def branch_tensors(branch: Branch) -> dict[str, torch.Tensor]:
     out = {f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()}
     out.update({f"gate.{k}": v for k, v in branch.gate.state_dict().items()})
     return {k: v.detach().clone().float() for k, v in out.items()}
+
+
+def branch_config(branch: Branch) -> dict[str, int]:
+    """The shape of a branch's adapter and gate, as ``ClonedModule.config`` holds it."""
+    gate = branch.gate
+    if isinstance(gate, DiscriminantGate):
+        shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
+                             gate_classes=gate.linear.out_features)
+    else:
+        shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
+                             gate_hidden=gate.hidden)
+    return shape.as_dict()
 
 
 def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
@@ -75,9 +87,14 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
                                 "the target's or source's block boundaries")
     labels = tuple(source_labels[c] for c in module.cloned_classes)
     settings = module.settings()  # typed and bounded: InvalidInputError before any allocation
+    n_cloned = len(module.cloned_classes)
+    if settings.gate_classes and not n_cloned < settings.gate_classes <= n_cloned + len(target_labels):
+        raise IncompatibleError(
+            f"gate_classes {settings.gate_classes} does not fit {n_cloned} cloned and "
+            f"{len(target_labels)} target classes; the package is corrupt")
     branch, _ = build_branch(target, source, input_shape, module.position_r, module.position_s,
                           module.masks, module.cloned_classes, labels, settings.adapter_rank,
-                          settings.gate_hidden, len(target_labels))
+                          settings.gate_hidden, len(target_labels), settings.gate_classes)
     state = {**{f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()},
              **{f"gate.{k}": v for k, v in branch.gate.state_dict().items()}}
     tensors = dict(module.tensors)

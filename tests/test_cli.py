@@ -126,6 +126,8 @@ CLONE_MISTAKES = {
         (*CLONE, "--classes", "5", "--classes", "6"), 2, ("one --classes per --source",)),
     "dtype bogus": ((*CLONE, "--classes", "5,6", "--dtype", "bogus"), 2,
                     ("--dtype 'bogus'", "fp16")),
+    "gate bogus": ((*CLONE, "--classes", "5,6", "--gate", "knn"), 2,
+                   ("unknown gate 'knn'", "auto, mlp, lda")),
     "positions not R:S": ((*CLONE, "--classes", "5,6", "--positions", "3-3"), 2,
                           ("'3-3' is not R:S",)),
     "positions not numbers": ((*CLONE, "--classes", "5,6", "--positions", "3:x"), 2,

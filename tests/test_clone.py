@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pnc_net import wire
+from pnc_net._proto import package_pb2 as pb
 from pnc_net.cloning import CloneConfig, SourceSpec, clone
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.metrics import detach_is_exact
@@ -51,10 +52,52 @@ def test_fingerprint_catches_a_tampered_adapter(default_clone, zoo):
     package = wire.decode(wire.encode(default_clone.package, "fp32"))
     up = package.modules[0].tensors["adapter.up.weight"]
     package.modules[0].tensors["adapter.up.weight"] = up + 0.5 * up.abs().max()
-    gate_bias = package.modules[0].tensors["gate.net.2.bias"]
-    package.modules[0].tensors["gate.net.2.bias"] = gate_bias + 10.0  # gate wide open
+    bias = package.modules[0].tensors["gate.linear.bias"].clone()  # the discriminant gate
+    bias[:2] += 1e3  # wide open: the cloned classes' rows win everywhere
+    package.modules[0].tensors["gate.linear.bias"] = bias
     with pytest.raises(IntegrityError, match="fingerprint"):
         verify(zoo, package)
+
+
+def test_with_target_data_the_router_is_the_discriminant_and_travels_int8(default_clone, zoo):
+    """k_t > 0: ``auto`` fits a DiscriminantGate (7 classes: 2 cloned, 5 target); an fp16
+    package writes its weight int8, and the rebuild verifies and decides as the sender."""
+    from pnc_net.superbody import DiscriminantGate
+
+    module = default_clone.package.modules[0]
+    assert module.settings().gate_classes == 7
+    assert isinstance(default_clone.superbody.branches[0].gate, DiscriminantGate)
+    msg = wire.to_proto(default_clone.package)
+    dtypes = {t.name: t.dtype for t in msg.modules[0].tensors}
+    assert dtypes["gate.linear.weight"] == pb.INT8
+    assert dtypes["adapter.up.weight"] == pb.FLOAT16
+    rebuilt, err = verify(zoo, wire.decode(wire.encode(default_clone.package)))
+    assert err <= 1e-3  # the weight was fitted on the int8 grid: nearly exact
+    gate = rebuilt.branches[0].gate
+    assert torch.allclose(gate.linear.weight, default_clone.superbody.branches[0].gate.linear.weight,
+                          rtol=1e-5, atol=1e-6)
+
+
+def test_gate_mlp_keeps_the_mlp_router_with_target_data(zoo, mnist):
+    from dataclasses import replace
+
+    from pnc_net.superbody import FusionGate
+
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
+                             target_per_class=5, positions=((4, 4),))
+    result = clone(zoo, mnist, replace(cfg, insert=replace(cfg.insert, gate="mlp")))
+    assert isinstance(result.superbody.branches[0].gate, FusionGate)
+    assert "gate_classes" not in wire.to_proto(result.package).modules[0].config_json
+    assert verify(zoo, wire.decode(wire.encode(result.package)))[1] <= 0.02
+
+
+@pytest.mark.parametrize("classes", [2, 8, 4096])
+def test_rebuild_refuses_gate_classes_that_do_not_fit(default_clone, zoo, classes):
+    """2 cloned + 5 target classes: a discriminant needs 3..7 rows."""
+    package = wire.decode(wire.encode(default_clone.package, "fp32"))
+    package.modules[0].config = {**package.modules[0].config, "gate_classes": classes}
+    with pytest.raises(IncompatibleError, match="gate_classes"):
+        build_superbody(zoo, package)
 
 
 def test_rebuild_refuses_a_package_for_another_source(default_clone, zoo):
@@ -93,6 +136,7 @@ def test_without_target_data_the_article_setting(zoo, mnist):
                              target_per_class=0, positions=((4, 4),))
     result = clone(zoo, mnist, cfg)
     m = result.report["metrics"]
+    assert type(result.superbody.branches[0].gate).__name__ == "FusionGate"  # auto, k_t = 0
     assert result.superbody.label_names[-1] == "7"
     assert m["acc_new"] >= 0.7 and m["locality"] >= 0.7, m
 
@@ -139,6 +183,12 @@ def test_config_validates_itself():
         CloneConfig(target="a", sources=(SourceSpec("b", ("5",)), SourceSpec("c", ("5",))))
     with pytest.raises(InvalidInputError):
         SourceSpec("b", ())
+    from pnc_net.insert import InsertConfig
+
+    with pytest.raises(InvalidInputError, match="unknown gate 'knn'; use one of auto, mlp, lda"):
+        InsertConfig(gate="knn")
+    with pytest.raises(InvalidInputError, match="gate_shrink"):
+        InsertConfig(gate_shrink=0.0)
 
 
 def test_candidates_and_positions():

@@ -13,7 +13,7 @@ import torch
 from pnc_net.errors import IncompatibleError
 from pnc_net.models import ZooNet
 from pnc_net.rebuild import build_superbody
-from pnc_net.superbody import NO_ENERGY_VETO, Superbody
+from pnc_net.superbody import NO_ENERGY_VETO, DiscriminantGate, Superbody
 from pnc_net.zoo import Zoo, model_from_weights, state_digest
 
 pytestmark = pytest.mark.slow  # every test here needs the shared clone
@@ -142,10 +142,20 @@ def test_disable_branches_restores_after_an_error(sb):
 # ----------------------------------------------------------------------------- fusion
 
 
+def _force_gate(gate, logit: float) -> None:
+    """Make either gate kind's pre-sigmoid logit ``logit`` on every input."""
+    if isinstance(gate, DiscriminantGate):  # logsumexp(cloned rows) - logsumexp(target rows)
+        gate.linear.weight.data.zero_()
+        gate.linear.bias.data.zero_()
+        gate.linear.bias.data[: gate.n_cloned] = logit
+    else:
+        last = gate.net[-1]
+        last.weight.data.zero_()
+        last.bias.data.fill_(logit)
+
+
 def test_gate_zero_is_the_target(sb, x_mix):
-    last = sb.branches[0].gate.net[-1]
-    last.weight.data.zero_()
-    last.bias.data.fill_(-1e4)  # sigmoid(-1e4) == 0.0 exactly in float32
+    _force_gate(sb.branches[0].gate, -1e4)  # sigmoid(-1e4) == 0.0 exactly in float32
     with torch.no_grad():
         parts = sb.parts(x_mix)
         assert torch.equal(parts["gates"][0], torch.zeros(len(x_mix)))
@@ -158,9 +168,7 @@ def test_gate_zero_is_the_target(sb, x_mix):
 
 
 def test_gate_one_gives_the_source_head(sb, x_mix):
-    last = sb.branches[0].gate.net[-1]
-    last.weight.data.zero_()
-    last.bias.data.fill_(1e4)
+    _force_gate(sb.branches[0].gate, 1e4)
     sb.branches[0].gate.energy_max.fill_(NO_ENERGY_VETO)  # no veto: g = 1 everywhere
     with torch.no_grad():
         parts = sb.parts(x_mix)

@@ -183,6 +183,8 @@ def test_one_package_has_one_id(package, extra):
     ('{"adapter_rank": 8, "gate_hidden": 10000000}', "gate_hidden=10000000"),
     ('{"adapter_rank": "x"}', "adapter_rank='x'"),
     ('{"gate_hidden": -1}', "gate_hidden=-1"),
+    ('{"gate_classes": 4097}', "gate_classes=4097"),
+    ('{"gate_classes": -1}', "gate_classes=-1"),
     ('{"gate_hidden": null}', "gate_hidden=None"),
     ('{"adapter_rank": [8]}', "adapter_rank=\\[8\\]"),
     ('{"adapter_rank": true}', "adapter_rank=True"),
@@ -199,6 +201,9 @@ def test_poison_configs_are_refused_at_decode(package, config, needle):
 
 def test_module_config_defaults_keep_old_packages_readable():
     assert ModuleConfig.from_mapping({}) == ModuleConfig(8, 8)
+    assert ModuleConfig.from_mapping({}).gate_classes == 0  # the MLP gate
+    assert "gate_classes" not in ModuleConfig(8, 8).as_dict()  # MLP packages: bytes as before
+    assert ModuleConfig(8, 8, 7).as_dict()["gate_classes"] == 7
     assert ModuleConfig.from_mapping({"adapter_rank": 8, "gate_hidden": 16}).gate_hidden == 16
 
 
