@@ -5,7 +5,7 @@
 fp32 superbody, the zstd-compressed fp16 cloned model (what shipping the whole
 model would cost), and a lower bound for the payload: the entropy of the mask
 bits (``n * H2(kept / n)`` per layer, the cost of naming which filters stay)
-plus the adapter and fusion tensors at fp16. Encode, decode and rebuild times
+plus the adapter and fusion tensors as an fp16 package stores them. Encode, decode and rebuild times
 are medians of a few repeats. The int8 package's own test metrics say what its
 extra third of savings costs.
 """
@@ -40,15 +40,20 @@ def _h2(p: float) -> float:
 
 
 def information_bound(package: Package) -> dict[str, float]:
-    """Mask entropy in bytes plus fp16 adapter/fusion bytes (names and refs excluded)."""
+    """Mask entropy in bytes plus the adapter/fusion bytes of an fp16 package (names and
+    refs excluded; a discriminant gate's weight is int8 there, ``wire.INT8_WHEN_FP16``)."""
     mask_bits = 0.0
     adapter = gate = 0
+
+    def size(name: str, t) -> int:
+        return t.numel() * (1 if wire.wire_dtype(name, "fp16") == "int8" else 2)
+
     for m in package.modules:
         for mask in m.masks.values():
             n = mask.numel()
             mask_bits += n * _h2(int(mask.sum()) / n)
-        adapter += sum(t.numel() * 2 for k, t in m.tensors.items() if k.startswith("adapter."))
-        gate += sum(t.numel() * 2 for k, t in m.tensors.items() if k.startswith("gate."))
+        adapter += sum(size(k, t) for k, t in m.tensors.items() if k.startswith("adapter."))
+        gate += sum(size(k, t) for k, t in m.tensors.items() if k.startswith("gate."))
     mask_bytes = mask_bits / 8
     return {"mask_entropy_bytes": mask_bytes, "adapter_fp16_bytes": adapter,
             "fusion_fp16_bytes": gate, "bound_bytes": mask_bytes + adapter + gate}
