@@ -253,6 +253,11 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     prior = torch.where(is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
     weight = coef / sd
     bias = -weight @ mu - 0.5 * (coef * means).sum(1) + prior
+    bias = bias - bias.mean()  # softmax-invariant; keeps the bias small for fp16
+    # a bias beyond fp16's range (random-init timm models gave some above 65,504) makes
+    # the scores cooler instead: the same decisions, a softer gate
+    cool = max(1.0, float(bias.abs().max()) / 3e4)
+    weight, bias = weight / cool, bias / cool
     gate = DiscriminantGate(n_cloned, len(classes), x.shape[1]).to(compute.device)
     with torch.no_grad():  # wire-exact, so the fingerprint holds after an fp16 package
         gate.linear.weight.copy_(on_int8_grid(weight.float()))

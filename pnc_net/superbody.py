@@ -226,6 +226,13 @@ def energy_allowed(z_t: torch.Tensor, energy_max: torch.Tensor) -> torch.Tensor:
     return (z_t.logsumexp(1) <= energy_max).to(z_t.dtype)
 
 
+#: ``DiscriminantGate``'s log-odds are bounded softly (softsign) to +-8: an LDA's run to
+#: hundreds, which makes ``sigmoid`` exactly 0 or 1 in float32 with no gradient, so a
+#: receiver's repair could not move a gate that transmission loss had flipped. Near the
+#: decision boundary the slope is 1; a gate stays within 3.4e-4 of 0 or 1 beyond it.
+LOG_ODDS_BOUND = 8.0
+
+
 class DiscriminantGate(nn.Module):
     """``g(x)``: the posterior mass of the cloned classes under a linear discriminant
     (LDA) over the target's and the branch's pooled penultimate features, vetoed like
@@ -261,7 +268,8 @@ class DiscriminantGate(nn.Module):
             raise InvalidInputError("a discriminant gate reads the target's features f_t")
         scores = self.linear(torch.cat([f_t, f_b], dim=1))
         k = self.n_cloned
-        return scores[:, :k].logsumexp(1) - scores[:, k:].logsumexp(1)
+        log_odds = scores[:, :k].logsumexp(1) - scores[:, k:].logsumexp(1)
+        return LOG_ODDS_BOUND * log_odds / (LOG_ODDS_BOUND + log_odds.abs())
 
     def forward(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor,
                 f_t: torch.Tensor | None = None) -> torch.Tensor:
