@@ -13,7 +13,7 @@ import torch
 from pnc_net.errors import IncompatibleError
 from pnc_net.models import ZooNet
 from pnc_net.rebuild import build_superbody
-from pnc_net.superbody import NO_ENERGY_VETO, DiscriminantGate, Superbody
+from pnc_net.superbody import NO_ENERGY_VETO, DiscriminantGate, FusionGate, Superbody
 from pnc_net.zoo import Zoo, model_from_weights, state_digest
 
 pytestmark = pytest.mark.slow  # every test here needs the shared clone
@@ -142,20 +142,21 @@ def test_disable_branches_restores_after_an_error(sb):
 # ----------------------------------------------------------------------------- fusion
 
 
-def _force_gate(gate, logit: float) -> None:
-    """Make either gate kind's pre-sigmoid logit ``logit`` on every input."""
-    if isinstance(gate, DiscriminantGate):  # logsumexp(cloned rows) - logsumexp(target rows)
-        gate.linear.weight.data.zero_()
-        gate.linear.bias.data.zero_()
-        gate.linear.bias.data[: gate.n_cloned] = logit
-    else:
-        last = gate.net[-1]
-        last.weight.data.zero_()
-        last.bias.data.fill_(logit)
+def _force_gate(branch, logit: float) -> None:
+    """Give ``branch`` an MLP gate whose pre-sigmoid logit is ``logit`` on every input:
+    these tests check the fusion arithmetic, and a discriminant gate's log-odds are
+    bounded (``LOG_ODDS_BOUND``), so it never reaches exactly 0 or 1 by itself."""
+    head = branch.head.fc
+    gate = FusionGate(5, head.out_features, head.in_features, 8)
+    gate.energy_max.copy_(branch.gate.energy_max)
+    last = gate.net[-1]
+    last.weight.data.zero_()
+    last.bias.data.fill_(logit)
+    branch.gate = gate
 
 
 def test_gate_zero_is_the_target(sb, x_mix):
-    _force_gate(sb.branches[0].gate, -1e4)  # sigmoid(-1e4) == 0.0 exactly in float32
+    _force_gate(sb.branches[0], -1e4)  # sigmoid(-1e4) == 0.0 exactly in float32
     with torch.no_grad():
         parts = sb.parts(x_mix)
         assert torch.equal(parts["gates"][0], torch.zeros(len(x_mix)))
@@ -168,7 +169,7 @@ def test_gate_zero_is_the_target(sb, x_mix):
 
 
 def test_gate_one_gives_the_source_head(sb, x_mix):
-    _force_gate(sb.branches[0].gate, 1e4)
+    _force_gate(sb.branches[0], 1e4)
     sb.branches[0].gate.energy_max.fill_(NO_ENERGY_VETO)  # no veto: g = 1 everywhere
     with torch.no_grad():
         parts = sb.parts(x_mix)
@@ -247,3 +248,18 @@ def test_clone_result_metrics_match_a_rebuild(sb, default_clone, mnist):
     for key in ("acc_old", "acc_new", "acc_all", "locality", "target_acc_old"):
         assert m[key] == pytest.approx(reported[key], abs=1e-6), key
     assert m["superbody_bytes"] == reported["superbody_bytes"]
+
+
+def test_discriminant_gate_log_odds_are_bounded_and_keep_a_gradient():
+    """An LDA's log-odds run to hundreds; bounded, its gate is never exactly 0 or 1, so
+    a receiver's repair still has a gradient through it (``serve.repair``)."""
+    torch.manual_seed(0)
+    gate = DiscriminantGate(n_cloned=2, n_classes=7, n_features=6)
+    gate.linear.weight.data = 1e3 * torch.randn(7, 6)
+    f_t, f_b = torch.randn(8, 3), torch.randn(8, 3, requires_grad=True)
+    g = gate(torch.zeros(8, 5), torch.zeros(8, 10), f_b, f_t)
+    raw = gate.linear(torch.cat([f_t, f_b], 1)).detach()
+    assert float((raw[:, :2].logsumexp(1) - raw[:, 2:].logsumexp(1)).abs().min()) > 50
+    assert bool(((g > 0) & (g < 1)).all()), g
+    g.sum().backward()
+    assert f_b.grad is not None and bool((f_b.grad.abs().sum(1) > 0).all())
