@@ -3,9 +3,11 @@
 ``docs/method.md`` step 3. The adapter starts from a least-squares fit of the
 source's own features at ``S`` (then truncated to low rank by SVD) and is
 trained with cross-entropy and distillation on the cloned classes plus a
-feature-matching MSE. The gate is then trained on cached logits with
-class-balanced BCE: open on cloned-class samples, closed on target-class
-samples and on *evidence-free negatives* (heavily occluded cloned samples).
+feature-matching MSE. The gate is then fitted on cached features: with real
+target samples a linear discriminant in closed form (``fit_discriminant_gate``),
+otherwise the MLP with class-balanced BCE (``train_gate``): open on cloned-class
+samples, closed on target-class samples and on *evidence-free negatives*
+(heavily occluded cloned samples).
 """
 
 from __future__ import annotations
