@@ -195,9 +195,10 @@ def gate_inputs(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfi
         for i in range(0, len(x), bs):
             xb = compute.put(x[i : i + bs])
             with compute.autocast():
-                h_t = target.forward_features(xb, target.num_blocks)
-                f_t = target.head.features(h_t)
-                z_s, f_b = branch.run(target.forward_features(xb, branch.position_r))
+                h_r = target.forward_features(xb, branch.position_r)  # the target runs once
+                f_t = target.head.features(
+                    target.forward_features(h_r, target.num_blocks, start=branch.position_r))
+                z_s, f_b = branch.run(h_r)
             parts.append([t.float() for t in (target.head.fc(f_t), z_s, f_b, f_t)])
     z_t, z_s, f_b, f_t = (torch.cat(p) for p in zip(*parts))
     return label, z_t, z_s, f_b, f_t
