@@ -52,7 +52,9 @@ def main() -> None:
         "gate_kind": type(result.superbody.branches[0].gate).__name__,
         "package_bytes": len(wire.encode(result.package)), "seconds": round(seconds, 1),
         **{k: round(float(m[k]), 4) for k in ("acc_old", "target_acc_old", "acc_new",
-                                               "source_acc_new", "locality")}}))
+                                               "source_acc_new", "locality")},
+        "gap": {k: round(float(m[k]), 4) for k in ("routing_error_old", "routing_error_new",
+                                                    "branch_error_new") if k in m}}))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Crash-safe file writes: temp file in the same folder, fsync, rename."""
+"""Crash-safe file writes (temp file in the same folder, fsync, rename) and sha256 helpers."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 from pathlib import Path
 
 
@@ -51,3 +53,49 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+class Sha256Stream:
+    """sha256 fed in order; past ``inline_bytes`` the hashing moves to a thread of its own
+    (hashlib releases the GIL), so it overlaps receiving or writing the bytes. Small
+    streams never start one. At most ``max_pending`` pieces wait for the thread (then
+    ``update`` blocks), so a fast sender cannot pile up memory behind a slow hash.
+
+    The pieces must stay unchanged until hashed: pass bytes or views of bytes."""
+
+    def __init__(self, inline_bytes: int = 4 << 20, max_pending: int = 8) -> None:
+        self._h = hashlib.sha256()
+        self._inline = inline_bytes
+        self._max_pending = max_pending
+        self._queue: queue.Queue[bytes | memoryview | None] | None = None
+        self._thread: threading.Thread | None = None
+
+    def update(self, piece: bytes | memoryview) -> None:
+        """Feed the next piece (hashed now, or queued for the thread)."""
+        if self._queue is None:
+            self._h.update(piece)
+            self._inline -= len(piece)
+            if self._inline <= 0:
+                self._queue = queue.Queue(self._max_pending)
+                self._thread = threading.Thread(target=self._run, name="pnc-sha256",
+                                                daemon=True)
+                self._thread.start()
+        else:
+            self._queue.put(piece)
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        while (piece := self._queue.get()) is not None:
+            self._h.update(piece)
+
+    def hexdigest(self) -> str:
+        """The digest of everything fed (waits for the thread)."""
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread once it has hashed what it was given (idempotent)."""
+        if self._thread is not None and self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None

@@ -8,20 +8,16 @@ import hashlib
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pnc_net._proto import transport_pb2 as tpb
 from pnc_net.errors import IntegrityError, InvalidInputError, PncError
-from pnc_net.fsutil import sha256_bytes
+from pnc_net.fsutil import Sha256Stream, sha256_bytes
 from pnc_net.serve import client as client_mod
 from pnc_net.serve import store as store_mod
-from pnc_net.serve.client import (
-    CHUNK_BYTES,
-    PncClient,
-    _chunks,
-    _Hasher,
-    _read_payload,
-    _write_request,
-)
+from pnc_net.serve.client import CHUNK_BYTES, PncClient, _chunks
+from pnc_net.serve.framing import frame_write_request, parse_write_request, read_payload
 from pnc_net.serve.node import Node
 from pnc_net.serve.server import build_server
 from pnc_net.serve.store import PackageStore
@@ -33,7 +29,7 @@ SIZES = (0, 1, 127, 128, 300, 16383, 16384, 2097151, 2097152)
 def test_read_payload_is_what_protobuf_parses(n):
     data = os.urandom(n)
     raw = tpb.ReadResponse(data=data).SerializeToString()
-    holder, at = _read_payload(raw)
+    holder, at = read_payload(raw)
     assert holder[at:] == data and (holder is raw or not data)
 
 
@@ -41,23 +37,74 @@ def test_read_payload_falls_back_to_protobuf_for_other_encodings():
     a, b = os.urandom(50), os.urandom(70)
     repeated = (tpb.ReadResponse(data=a).SerializeToString()
                 + tpb.ReadResponse(data=b).SerializeToString())  # the last one wins
-    holder, at = _read_payload(repeated)
+    holder, at = read_payload(repeated)
     assert holder[at:] == b == tpb.ReadResponse.FromString(repeated).data
     unknown = tpb.ReadResponse(data=a).SerializeToString() + bytes([2 << 3 | 0, 5])
-    holder, at = _read_payload(unknown)
+    holder, at = read_payload(unknown)
     assert holder[at:] == a
     truncated = tpb.ReadResponse(data=a).SerializeToString()[:-1]
     with pytest.raises(Exception):  # noqa: B017 - protobuf's DecodeError
-        _read_payload(truncated)
+        read_payload(truncated)
 
 
 @pytest.mark.parametrize("n", SIZES)
 def test_write_request_is_the_protobuf_message(n):
     piece = os.urandom(n)
-    raw = _write_request("blobs/x/1", 12345678901, n % 2 == 1, memoryview(piece))
+    raw = frame_write_request("blobs/x/1", 12345678901, n % 2 == 1, memoryview(piece))
     req = tpb.WriteRequest.FromString(raw)
     assert (req.resource_name, req.write_offset, req.finish_write, req.data) == (
         "blobs/x/1", 12345678901, n % 2 == 1, piece)
+
+
+def _as_protobuf_reads(raw: bytes) -> tuple:
+    req = tpb.WriteRequest.FromString(raw)
+    return req.resource_name, req.write_offset, req.finish_write, req.data
+
+
+def _parsed(raw: bytes) -> tuple:
+    chunk = parse_write_request(raw)
+    return chunk.resource_name, chunk.write_offset, chunk.finish_write, bytes(chunk.data)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_parse_write_request_reads_what_protobuf_reads_without_a_copy(n):
+    piece = os.urandom(n)
+    for raw in (frame_write_request("blobs/x/1", 7 * n, n % 2 == 0, memoryview(piece)),
+                tpb.WriteRequest(resource_name="b", write_offset=n, data=piece).SerializeToString()):
+        assert _parsed(raw) == _as_protobuf_reads(raw)
+        if n:  # the data is a view of the message itself, not a copy
+            assert parse_write_request(raw).data.obj is raw
+
+
+def test_parse_write_request_falls_back_to_protobuf_for_other_encodings():
+    a, b = os.urandom(50), os.urandom(70)
+    repeated = frame_write_request("n", 1, False, memoryview(a)) + \
+        tpb.WriteRequest(data=b).SerializeToString()  # the last data wins
+    data_first = tpb.WriteRequest(data=a).SerializeToString() + \
+        tpb.WriteRequest(resource_name="late", write_offset=9).SerializeToString()
+    unknown_after = frame_write_request("n", 1, True, memoryview(a)) + bytes([9 << 3 | 0, 5])
+    for raw in (repeated, data_first, unknown_after, b""):
+        assert _parsed(raw) == _as_protobuf_reads(raw)
+    assert _parsed(repeated)[3] == b and _parsed(data_first)[:2] == ("late", 9)
+
+
+def test_parse_write_request_refuses_malformed_messages():
+    good = frame_write_request("blobs/x/1", 5, False, memoryview(os.urandom(300)))
+    for bad in (good[:-1], good + bytes([0x22]), bytes([0x22, 0xFF]), bytes([0x80] * 11)):
+        with pytest.raises(InvalidInputError, match="malformed WriteRequest"):
+            parse_write_request(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_parse_write_request_agrees_with_protobuf_on_any_bytes(raw):
+    try:
+        expected = _as_protobuf_reads(raw)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError
+        with pytest.raises(InvalidInputError):
+            parse_write_request(raw)
+        return
+    assert _parsed(raw) == expected
 
 
 def test_chunks_cover_the_data_once_from_the_offset():
@@ -76,7 +123,7 @@ def test_chunks_cover_the_data_once_from_the_offset():
 @pytest.mark.parametrize("n_pieces", [1, 3, 40])
 def test_hasher_matches_hashlib_inline_and_threaded(n_pieces):
     pieces = [os.urandom(300_001) for _ in range(n_pieces)]
-    h = _Hasher(inline_bytes=600_000)
+    h = Sha256Stream(inline_bytes=600_000, max_pending=2)  # a short queue: update blocks
     for p in pieces:
         h.update(memoryview(p))
     assert h.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()

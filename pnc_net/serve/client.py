@@ -10,9 +10,7 @@ server's status in one line.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +32,7 @@ from pnc_net.errors import (
     RemoteError,
     error_from_status,
 )
-from pnc_net.fsutil import sha256_bytes
+from pnc_net.fsutil import Sha256Stream, sha256_bytes
 from pnc_net.serve.channel import (
     CHANNEL_OPTIONS,
     CHUNK_BYTES,
@@ -42,6 +40,7 @@ from pnc_net.serve.channel import (
     check_address,
     check_digest,
 )
+from pnc_net.serve.framing import frame_write_request, read_payload
 from pnc_net.serve.retry import retry
 
 T = TypeVar("T")
@@ -104,7 +103,7 @@ class PncClient:
         self.packages = tgrpc.PackagesStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         # Blob bytes travel without protobuf copies: Read answers arrive as the serialized
-        # message (``_read_payload`` takes the data out as a view) and Write requests are
+        # message (``framing.read_payload`` takes the data out as a view) and Write requests are
         # framed by hand (``_chunks``). The stubs above stay for everything else.
         self._read_raw = self.channel.unary_stream(
             "/pnc.v1.ByteStream/Read", request_serializer=tpb.ReadRequest.SerializeToString,
@@ -274,7 +273,7 @@ class PncClient:
         cap = MAX_BLOB_BYTES if size is None else size
         blob = _Assembly(size)
         held = [0]  # bytes arrived so far (where the next attempt resumes)
-        digest = _Hasher()
+        digest = Sha256Stream(inline_bytes=4 * CHUNK_BYTES)
         learned = self._link_chunk  # what this link carried before
         window = [0 if learned >= CHUNK_BYTES else learned]  # 0: the rest in one Read
 
@@ -288,7 +287,7 @@ class PncClient:
                             tpb.ReadRequest(resource_name=name, read_offset=held[0],
                                             read_limit=limit),
                             timeout=_deadline(self.timeout_s, rest), metadata=self.metadata):
-                        holder, at = _read_payload(raw)
+                        holder, at = read_payload(raw)
                         n = len(holder) - at
                         if held[0] + n > cap:
                             raise IntegrityError(
@@ -433,12 +432,12 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
     start = offset
     first = True
     if offset >= len(data):
-        yield _write_request(name, offset, True, view[0:0])
+        yield frame_write_request(name, offset, True, view[0:0])
         return
     while offset < len(data):
         piece = view[offset: offset + chunk_bytes]
         end = offset + len(piece)
-        req = _write_request(name if first else "", offset, end == len(data), piece)
+        req = frame_write_request(name if first else "", offset, end == len(data), piece)
         first = False
         if pace is not None and offset - max_unacked > start and not pace(offset - max_unacked):
             return  # the stream failed: the caller resumes from the committed size or raises
@@ -447,49 +446,6 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
             on_chunk(end)
         yield req
         offset = end
-
-
-_DATA_TAG = bytes([4 << 3 | 2])  # WriteRequest.data: field 4, length-delimited
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _write_request(name: str, offset: int, finish: bool, piece: memoryview) -> bytes:
-    """A serialized ``WriteRequest``: protobuf's encoding of the small fields, then the
-    data field appended (concatenated encodings are one message), ``piece`` copied once."""
-    head = tpb.WriteRequest(resource_name=name, write_offset=offset,
-                            finish_write=finish).SerializeToString()
-    if not len(piece):
-        return head
-    return b"".join((head, _DATA_TAG, _varint(len(piece)), piece))
-
-
-def _read_payload(raw: bytes) -> tuple[bytes, int]:
-    """Where the data of a serialized ``ReadResponse`` is: ``(holder, start)``, the data
-    being ``holder[start:]``, found without copying it.
-
-    A pnc server's answer is exactly field 1 (tag ``0x0a``, a varint length, the bytes):
-    then ``holder`` is ``raw``. Anything else (empty, other or repeated fields) goes
-    through protobuf's parser and ``holder`` is the data it returns."""
-    n, shift, i = 0, 0, 1
-    if len(raw) > 1 and raw[0] == 0x0A:
-        while i < len(raw) and i <= 10:
-            b = raw[i]
-            n |= (b & 0x7F) << shift
-            i += 1
-            if not b & 0x80:
-                if i + n == len(raw):
-                    return raw, i
-                break
-            shift += 7
-    return tpb.ReadResponse.FromString(raw).data, 0
 
 
 def _bytes_allocator() -> Callable[[int], bytes] | None:
@@ -550,45 +506,6 @@ class _Assembly:
         data = b"".join(self._parts)
         self._parts = []
         return data
-
-
-class _Hasher:
-    """sha256 fed in order; past ``inline_bytes`` the hashing moves to a thread of its own
-    (hashlib releases the GIL), so it overlaps receiving. Small blobs never start one."""
-
-    def __init__(self, inline_bytes: int = 4 * CHUNK_BYTES) -> None:
-        self._h = hashlib.sha256()
-        self._inline = inline_bytes
-        self._queue: queue.SimpleQueue[memoryview | None] | None = None
-        self._thread: threading.Thread | None = None
-
-    def update(self, piece: memoryview) -> None:
-        if self._queue is None:
-            self._h.update(piece)
-            self._inline -= len(piece)
-            if self._inline <= 0:
-                self._queue = queue.SimpleQueue()
-                self._thread = threading.Thread(target=self._run, name="pnc-sha256",
-                                                daemon=True)
-                self._thread.start()
-        else:
-            self._queue.put(piece)
-
-    def _run(self) -> None:
-        assert self._queue is not None
-        while (piece := self._queue.get()) is not None:
-            self._h.update(piece)
-
-    def hexdigest(self) -> str:
-        """The digest of everything fed (waits for the thread)."""
-        self.close()
-        return self._h.hexdigest()
-
-    def close(self) -> None:
-        if self._thread is not None and self._queue is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
 
 
 __all__ = ["PncClient", "RemoteError", "remote_error"]

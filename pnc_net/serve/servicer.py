@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pnc_net._proto import transport_pb2 as tpb
 from pnc_net._proto import transport_pb2_grpc as tgrpc
 from pnc_net.errors import BusyError, InvalidInputError
 from pnc_net.serve.channel import CHUNK_BYTES, MAX_BLOB_BYTES, MAX_MESSAGE_BYTES
+from pnc_net.serve.framing import WriteChunk, parse_write_request
 from pnc_net.serve.limits import Limits, UploadSlot, UploadSlots
 from pnc_net.serve.node import Node
 from pnc_net.serve.store import KINDS, PackageRecord, check_digest
@@ -120,11 +122,15 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                 yield tpb.ReadResponse(data=data)
 
     def Write(self, request_iterator, context):
+        """Each request arrives serialized (``server.add_bytestream``) and is parsed by
+        ``framing.parse_write_request``: its data is a view, never copied by protobuf."""
         with self.slots.admit(context) as slot:  # before the first read: a stall holds a slot
-            return self._admitted_write(request_iterator, context, slot)
+            requests = map(parse_write_request, request_iterator)
+            return self._admitted_write(requests, context, slot)
 
-    def _admitted_write(self, request_iterator, context, slot: UploadSlot) -> tpb.WriteResponse:
-        first = next(request_iterator, None)
+    def _admitted_write(self, requests: Iterator[WriteChunk], context,
+                        slot: UploadSlot) -> tpb.WriteResponse:
+        first = next(requests, None)
         if first is None:
             raise InvalidInputError("empty write stream")
         kind, sha, size = parse_resource(first.resource_name, need_size=True)
@@ -139,7 +145,7 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                                 "finishes")
             self._writing.add(name)
         try:
-            return self._write(kind, sha, size, chain([first], request_iterator), slot)
+            return self._write(kind, sha, size, chain([first], requests), slot)
         finally:
             with self._writing_lock:
                 self._writing.discard(name)
@@ -148,7 +154,8 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
         state = self.node.store.record(sha).state if kind == "packages" else ""
         return tpb.WriteResponse(committed_size=size, state=state)
 
-    def _write(self, kind, sha, size, requests, slot: UploadSlot) -> tpb.WriteResponse:
+    def _write(self, kind: str, sha: str, size: int, requests: Iterator[WriteChunk],
+               slot: UploadSlot) -> tpb.WriteResponse:
         upload = self.node.store.upload(kind, sha, size)
         expected, finished = None, False
         try:
@@ -159,7 +166,7 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                 elif req.write_offset != expected:
                     raise InvalidInputError(f"write_offset {req.write_offset} where {expected} "
                                             "was expected")
-                data = req.data  # each access of a bytes field copies it: once
+                data = req.data  # a view of the received message
                 expected = upload.append(data)
                 slot.progress()
                 self.node.stats_bytes("in", len(data))

@@ -16,7 +16,6 @@ go near a path (``../x`` is refused, never resolved).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -27,7 +26,7 @@ from typing import BinaryIO
 
 from pnc_net import wire
 from pnc_net.errors import IntegrityError, InvalidInputError, NotFoundError
-from pnc_net.fsutil import atomic_write_bytes, sha256_bytes
+from pnc_net.fsutil import Sha256Stream, atomic_write_bytes, sha256_bytes
 from pnc_net.package import Package
 from pnc_net.serve.channel import HEX, check_digest  # noqa: F401 - re-exported
 
@@ -196,6 +195,7 @@ class PackageStore:
 
 
 WRITEBACK_BYTES = 8 << 20  # an upload asks the kernel to start writing back every 8 MiB
+HASH_THREAD_AFTER_BYTES = 4 << 20  # an upload hashes on a second thread past this
 
 
 class Upload:
@@ -203,7 +203,8 @@ class Upload:
     digest and returns the bytes' path, or raises ``IntegrityError`` and deletes them.
 
     Each chunk is written straight to the unbuffered ``.part`` file and hashed as it
-    arrives: one pass over the bytes, nothing buffered. Every ``WRITEBACK_BYTES`` the
+    arrives: one pass over the bytes, nothing buffered; past ``HASH_THREAD_AFTER_BYTES``
+    the hash runs on a second thread while the chunk is written (``Sha256Stream``). Every ``WRITEBACK_BYTES`` the
     kernel is asked to start writing the new range to disk (``posix_fadvise``
     ``DONTNEED`` starts writeback of dirty pages on Linux; the pages stay cached while
     dirty), so the fsync in ``finish`` waits for the tail only, not the whole blob."""
@@ -211,7 +212,7 @@ class Upload:
     def __init__(self, store: PackageStore, kind: str, sha256: str, size: int) -> None:
         self.store, self.kind, self.sha256, self.size = store, kind, sha256, size
         self.path = store.uploads_dir / f"{kind}-{sha256}-{size}.part"
-        self._hash: hashlib._Hash | None = None
+        self._hash: Sha256Stream | None = None
         self._file: BinaryIO | None = None
         self._offset = 0  # bytes in the .part file (the committed size)
         self._flushed = 0  # where the last writeback request ended
@@ -230,7 +231,7 @@ class Upload:
         if committed > self.size:
             raise InvalidInputError(f"the partial upload holds {committed} bytes, more than the "
                                     f"declared size {self.size}")
-        self._hash = hashlib.sha256()
+        self._hash = Sha256Stream(inline_bytes=HASH_THREAD_AFTER_BYTES)
         if committed:
             with open(self.path, "rb") as f:
                 while chunk := f.read(1 << 22):
@@ -247,12 +248,12 @@ class Upload:
         if self._offset + n > self.size:
             raise InvalidInputError(f"write runs past the declared size {self.size}")
         view, done = memoryview(data), 0
+        self._hash.update(view)  # on its own thread past the first chunks: overlaps the write
         while done < n:  # a raw write may take less than it was given
             wrote = self._file.write(view[done:])
             if not wrote:
                 raise OSError(f"no progress writing {self.path}")
             done += wrote
-        self._hash.update(view)
         self._offset += n
         if self._offset - self._flushed >= WRITEBACK_BYTES:
             self._start_writeback()
@@ -267,6 +268,8 @@ class Upload:
 
     def close(self) -> None:
         """Close the ``.part`` file; what arrived stays for resumption."""
+        if self._hash is not None:
+            self._hash.close()
         if self._file is not None:
             self._file.close()
             self._file = None
