@@ -51,6 +51,9 @@ log = logging.getLogger("pnc.client")
 # moving bytes does not count against max_attempts, and the next resumes.
 MIN_RATE_BYTES_S = 64 << 10
 MIN_CHUNK_BYTES = 16 << 10  # the smallest chunk (or read window) stalls shrink to
+# a paced write polls QueryWriteStatus after PACE_FIRST_S, then at doubling intervals up to
+# PACE_MAX_S (each poll costs the server a call; an interval too long idles both ends)
+PACE_FIRST_S, PACE_MAX_S = 0.0002, 0.005
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
              grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -230,7 +233,7 @@ class PncClient:
         stream has failed, so no further chunk is handed to a dead stream (a chunk counted
         as sent then really was in flight); True, pacing given up, after ``timeout_s`` plus
         one ``chunk`` at ``MIN_RATE_BYTES_S``. ``seen(n)`` hears each committed size."""
-        pause = 0.0002
+        pause = PACE_FIRST_S
         end = time.monotonic() + _deadline(self.timeout_s, chunk)
         while not failed.is_set():
             if time.monotonic() >= end:
@@ -246,7 +249,7 @@ class PncClient:
             if st is not None and (st.complete or st.committed_size >= target):
                 return True
             failed.wait(pause)
-            pause = min(pause * 2, 0.005)
+            pause = min(pause * 2, PACE_MAX_S)
         return False
 
     def _state(self, kind: str, sha: str) -> str:
