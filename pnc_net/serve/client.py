@@ -429,7 +429,7 @@ def _chunks(name: str, data: bytes, offset: int, counter: list[int], on_chunk=No
     ``counter`` adds up the payload handed out, ``pace(target)`` (False: stop) waits for
     the server to commit up to ``max_unacked`` bytes behind the chunk about to go.
 
-    Each request is framed by hand (``_write_request``): the bytes are copied once, from
+    Each request is framed by hand (``framing.frame_write_request``): the bytes are copied once, from
     ``data`` into the message, where a protobuf message would copy them three times."""
     view = memoryview(data)
     start = offset
