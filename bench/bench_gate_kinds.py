@@ -2,7 +2,8 @@
 ``--gate auto`` (a ``DiscriminantGate`` when target samples exist).
 
     OMP_NUM_THREADS=1 python bench/bench_gate_kinds.py [ZOO_SEED [CLONE_SEED [K_T]]] \\
-        [--gate auto|mlp|lda] [--zoo-root /tmp/pnc] >> bench/results/gate_kinds.jsonl
+        [--gate auto|mlp|lda] [--adapter-rank 8] [--zoo-root /tmp/pnc] \\
+        >> bench/results/gate_kinds.jsonl
 
 Clones ``{5, 6}`` of ``mnist-cnn-5to9`` into ``mnist-cnn-0to4`` (k = 20) on the zoo
 trained from ``ZOO_SEED`` in ``ZOO_ROOT/zoo<ZOO_SEED>`` (built when missing) with
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("seed", type=int, nargs="?", default=0, help="clone seed")
     ap.add_argument("k_t", type=int, nargs="?", default=20, help="target samples per class")
     ap.add_argument("--gate", choices=GATE_KINDS, default="auto")
+    ap.add_argument("--adapter-rank", type=int, default=8)
     ap.add_argument("--zoo-root", type=Path, default=Path("/tmp/pnc"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -42,13 +44,14 @@ def main() -> None:
     build_default_zoo(zoo, data, progress=False, seed=args.zoo_seed)
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
                              target_per_class=args.k_t, seed=args.seed)
-    cfg = replace(cfg, insert=replace(cfg.insert, gate=args.gate))
+    cfg = replace(cfg, insert=replace(cfg.insert, gate=args.gate, adapter_rank=args.adapter_rank))
     started = time.perf_counter()
     result = clone(zoo, data, cfg)
     seconds = time.perf_counter() - started
     m = result.report["metrics"]
     print(json.dumps({
         "zoo_seed": args.zoo_seed, "seed": args.seed, "k_t": args.k_t, "gate": args.gate,
+        **({"adapter_rank": args.adapter_rank} if args.adapter_rank != 8 else {}),
         "gate_kind": type(result.superbody.branches[0].gate).__name__,
         "package_bytes": len(wire.encode(result.package)), "seconds": round(seconds, 1),
         **{k: round(float(m[k]), 4) for k in ("acc_old", "target_acc_old", "acc_new",
