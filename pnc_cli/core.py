@@ -274,7 +274,9 @@ def clone_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Package file to write.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling and training.")] = 0,
     positions: Annotated[str | None, typer.Option("--positions", help="Candidate R:S pairs, e.g. 3:3,4:4 (default: depth-matched pairs).")] = None,
-    adapter_rank: Annotated[int, typer.Option("--adapter-rank", help="Rank of the adapter's 1x1 map.")] = 8,
+    adapter_rank: Annotated[int, typer.Option(
+        "--adapter-rank",
+        help="Rank of the adapter's 1x1 map (its weights travel as int8 in an fp16 package).")] = 16,
     gate: Annotated[str, typer.Option("--gate", help="The router: auto (a linear discriminant over both networks' features when --target-per-class > 0, else the MLP gate with its energy veto), mlp or lda (docs/method.md, the router).")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (a discriminant gate's weight as int8), fp32, int8.")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,

@@ -104,7 +104,7 @@ class TaskEntry(BaseModel):
     target_per_class: StrictInt = 20
     seed: StrictInt = 0
     positions: Positions | None = None
-    adapter_rank: StrictInt = 8
+    adapter_rank: StrictInt = 16
     dtype: Literal["fp32", "fp16", "int8"] = "fp16"
 
     @model_validator(mode="after")

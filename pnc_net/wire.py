@@ -93,8 +93,10 @@ def _ref_from_proto(msg: pb.ZooRef, role: str) -> ZooRef:
 #: Tensors a package written as fp16 stores as int8 with per-row scales instead: the
 #: discriminant gate's weight (``superbody.DiscriminantGate``) is most of its branch's
 #: bytes, and int8 left every test decision of the default task unchanged (fingerprint
-#: error 3e-5, 1.4 KB less: ``docs/method.md``). fp32 stays fp32 for whoever asks for it.
-INT8_WHEN_FP16 = frozenset({"gate.linear.weight"})
+#: error 3e-5, 1.4 KB less: ``docs/method.md``); the adapter's weights, whose int8
+#: grid the training ends on (``insert.round_adapter_weights``), pay for an adapter of
+#: twice the rank (``docs/method.md``). fp32 stays fp32 for whoever asks for it.
+INT8_WHEN_FP16 = frozenset({"gate.linear.weight", "adapter.down.weight", "adapter.up.weight"})
 
 
 def wire_dtype(name: str, dtype: str) -> str:

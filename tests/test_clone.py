@@ -61,7 +61,8 @@ def test_fingerprint_catches_a_tampered_adapter(default_clone, zoo):
 
 def test_with_target_data_the_router_is_the_discriminant_and_travels_int8(default_clone, zoo):
     """k_t > 0: ``auto`` fits a DiscriminantGate (7 classes: 2 cloned, 5 target); an fp16
-    package writes its weight int8, and the rebuild verifies and decides as the sender."""
+    package writes its weight and the adapter's weights int8, and the rebuild verifies
+    and decides as the sender."""
     from pnc_net.superbody import DiscriminantGate
 
     module = default_clone.package.modules[0]
@@ -70,12 +71,14 @@ def test_with_target_data_the_router_is_the_discriminant_and_travels_int8(defaul
     msg = wire.to_proto(default_clone.package)
     dtypes = {t.name: t.dtype for t in msg.modules[0].tensors}
     assert dtypes["gate.linear.weight"] == pb.INT8
-    assert dtypes["adapter.up.weight"] == pb.FLOAT16
+    assert dtypes["adapter.down.weight"] == dtypes["adapter.up.weight"] == pb.INT8
+    assert dtypes["adapter.up.bias"] == pb.FLOAT16
     rebuilt, err = verify(zoo, wire.decode(wire.encode(default_clone.package)))
-    assert err <= 1e-3  # the weight was fitted on the int8 grid: nearly exact
-    gate = rebuilt.branches[0].gate
-    assert torch.allclose(gate.linear.weight, default_clone.superbody.branches[0].gate.linear.weight,
-                          rtol=1e-5, atol=1e-6)
+    assert err <= 1e-3  # the weights were fitted or trained onto the int8 grid: nearly exact
+    sent, got = default_clone.superbody.branches[0], rebuilt.branches[0]
+    for name in ("gate.linear.weight", "adapter.down.weight", "adapter.up.weight"):
+        assert torch.allclose(got.get_parameter(name), sent.get_parameter(name),
+                              rtol=1e-5, atol=1e-6), name
 
 
 def test_gate_mlp_keeps_the_mlp_router_with_target_data(zoo, mnist):

@@ -90,7 +90,8 @@ def test_round_trip(package, dtype, tol):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
         for k, v in a.tensors.items():
             scale = max(float(v.abs().max()), 1e-6)
-            assert float((b.tensors[k] - v).abs().max()) <= tol * scale, k
+            bound = 2e-2 if wire.wire_dtype(k, dtype) == "int8" else tol  # INT8_WHEN_FP16
+            assert float((b.tensors[k] - v).abs().max()) <= bound * scale, k
     assert torch.equal(back.fingerprint.probabilities, package.fingerprint.probabilities)
     assert wire.encode(package, dtype) == data  # deterministic: same id every time
 
