@@ -2,7 +2,7 @@
 ``--gate auto`` (a ``DiscriminantGate`` when target samples exist).
 
     OMP_NUM_THREADS=1 python bench/bench_gate_kinds.py [ZOO_SEED [CLONE_SEED [K_T]]] \\
-        [--gate auto|mlp|lda] [--adapter-rank 8] [--zoo-root /tmp/pnc] \\
+        [--gate auto|mlp|lda] [--adapter-rank 16] [--zoo-root /tmp/pnc] \\
         >> bench/results/gate_kinds.jsonl
 
 Clones ``{5, 6}`` of ``mnist-cnn-5to9`` into ``mnist-cnn-0to4`` (k = 20) on the zoo
@@ -24,7 +24,7 @@ import torch
 from pnc_net import wire
 from pnc_net.cloning import CloneConfig, clone
 from pnc_net.data import load_mnist
-from pnc_net.insert import GATE_KINDS
+from pnc_net.insert import GATE_KINDS, InsertConfig
 from pnc_net.zoo import Zoo
 from pnc_net.zoo_train import build_default_zoo
 
@@ -35,7 +35,8 @@ def main() -> None:
     ap.add_argument("seed", type=int, nargs="?", default=0, help="clone seed")
     ap.add_argument("k_t", type=int, nargs="?", default=20, help="target samples per class")
     ap.add_argument("--gate", choices=GATE_KINDS, default="auto")
-    ap.add_argument("--adapter-rank", type=int, default=8)
+    ap.add_argument("--adapter-rank", type=int, default=InsertConfig().adapter_rank,
+                    help="the adapter's rank (default: the clone's default)")
     ap.add_argument("--zoo-root", type=Path, default=Path("/tmp/pnc"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -51,7 +52,7 @@ def main() -> None:
     m = result.report["metrics"]
     print(json.dumps({
         "zoo_seed": args.zoo_seed, "seed": args.seed, "k_t": args.k_t, "gate": args.gate,
-        **({"adapter_rank": args.adapter_rank} if args.adapter_rank != 8 else {}),
+        "adapter_rank": args.adapter_rank,
         "gate_kind": type(result.superbody.branches[0].gate).__name__,
         "package_bytes": len(wire.encode(result.package)), "seconds": round(seconds, 1),
         **{k: round(float(m[k]), 4) for k in ("acc_old", "target_acc_old", "acc_new",

@@ -53,10 +53,11 @@ def bench(
     reduce_only: Annotated[bool, typer.Option(
         "--reduce-only", help="Run nothing: report the finished cells in --out.")] = False,
     zoo_seeds: Annotated[str, typer.Option(
-        "--zoo-seeds", help="Comma-separated zoo seeds, e.g. 0,1,2: the tasks run on a zoo "
-        "trained from each (the --zoo for its own seed, --out/zoo-seed<N> for the others, "
-        "trained when missing); rows are means over zoo and clone seeds, and by_zoo_seed in "
-        "the JSON gives each zoo's.")] = "0",
+        "--zoo-seeds", help="Comma-separated zoo seeds, e.g. 0,1,2 (the full run's default; "
+        "--quick: 0): the tasks run on a zoo trained from each (the --zoo for its own seed, "
+        "--out/zoo-seed<N> for the others, trained when missing); rows are means over zoo "
+        "and clone seeds, and by_zoo_seed in the JSON gives each zoo's.",
+        show_default=False)] = "",
     tasks: Annotated[str, typer.Option(
         "--tasks", help="default: the MNIST tasks; rgb: torchvision resnet18 <- "
         "mobilenet_v3_small on the colour digits (trains the rgb zoo set when missing; "
@@ -78,8 +79,8 @@ def bench(
         raise InvalidInputError(f"--tasks {tasks!r} is not a task set; choose "
                                 f"{', '.join(TASK_SETS)}")
     make = BenchConfig.quick if quick else BenchConfig
-    cfg = make(workers=workers, threads_per_worker=threads, zoo_seeds=_seeds(zoo_seeds),
-               device=resolve_device(device),
+    cfg = make(workers=workers, threads_per_worker=threads, device=resolve_device(device),
+               **({"zoo_seeds": _seeds(zoo_seeds)} if zoo_seeds else {}),
                **({} if tasks == "default" else {"tasks": TASK_SETS[tasks]}))
     zoo = Zoo(zoo_dir)
     roots = seeded_zoos(zoo, cfg, out, lambda msg: err_console.print(msg, highlight=False))

@@ -88,6 +88,12 @@ def clone_metrics(superbody: Evaluable, data: Dataset,
     return out
 
 
+#: What ``gap_decomposition`` returns (``pnc_cli.common.GAP_KEYS`` repeats it so that the
+#: CLI starts without importing torch; a test checks they agree).
+GAP_KEYS = ("routing_error_old", "routing_error_new", "branch_error_new", "oracle_acc_old",
+            "oracle_acc_new")
+
+
 def gap_decomposition(superbody: Superbody, data: Dataset, split: str = "test",
                       batch_size: int = 512, compute: Compute = CPU) -> dict[str, float]:
     """Where a superbody loses against the two networks it is made of.

@@ -32,7 +32,7 @@ from pnc_net.insert import InsertConfig
 from pnc_net.localize import LocalizeConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-MICRO = BenchConfig(mode="micro", tasks=DEFAULT_TASKS[:1], seeds=(0,), budget=5,
+MICRO = BenchConfig(mode="micro", tasks=DEFAULT_TASKS[:1], seeds=(0,), zoo_seeds=(0,), budget=5,
                     target_budgets=(5, 0), sweep_budgets=(5,), sweep_target_budget=5,
                     sweep_seeds=(0,), positions=((4, 4),),
                     tune=TuneConfig(lrs=(1e-3,), epochs=1, min_steps=3, max_steps=3,
@@ -53,7 +53,7 @@ def _render_module():
 
 
 def test_sweep_reuses_main_cells_and_oracle_runs_once_per_task_and_seed():
-    cfg = BenchConfig()
+    cfg = BenchConfig(zoo_seeds=(0,))
     cells = plan_cells(cfg)
     keys = [(c.task, c.seed, c.budget, c.target_budget, c.oracle) for c in cells]
     assert len(keys) == len(set(keys))
@@ -79,7 +79,7 @@ def test_aggregate_is_mean_and_population_std_over_seeds():
 
 
 def test_every_zoo_seed_gets_the_main_grid_and_its_oracles_but_one_sweep():
-    one, three = plan_cells(BenchConfig()), plan_cells(BenchConfig(zoo_seeds=(0, 1, 2)))
+    one, three = plan_cells(BenchConfig(zoo_seeds=(0,))), plan_cells(BenchConfig())
     main = 3 * 2 * 3  # tasks x regimes x clone seeds
     assert len(three) == len(one) + 2 * (main + 3 * 3)  # + main grid and Oracles per zoo
     assert {c.zoo_seed for c in three} == {0, 1, 2}
@@ -166,6 +166,50 @@ def test_micro_run_reports_every_method_regime_and_budget(micro):
         assert 0.0 <= t5[f"{dtype}_acc_all"] <= 1.0 and 0.0 <= t5[f"{dtype}_locality"] <= 1.0
     sim = micro["sim"][0]["modules"][0]
     assert len(sim["per_class"]) == 10 and sim["cloned"] == ["5", "6"]
+    for r in micro["by_zoo_seed"]:  # PNC's rows say where the loss is, and it adds up
+        if r["method"] == "PNC":
+            assert r["routing_error_new"] + r["branch_error_new"] == pytest.approx(
+                1 - r["acc_new"], abs=1e-6)
+            assert r["routing_error_old"] == pytest.approx(1 - r["locality"], abs=1e-6)
+            assert r["locality_min"] <= r["locality"]
+        else:
+            assert "routing_error_new" not in r
+
+
+def test_cli_gap_keys_are_the_ones_the_library_reports():
+    from pnc_cli.common import GAP_KEYS as CLI_KEYS
+    from pnc_net.metrics import GAP_KEYS
+
+    assert CLI_KEYS == GAP_KEYS
+
+
+def _zoo_row(kt: int, zoo: int, locality: float, worst: float) -> dict:
+    return {"task": "t", "method": "PNC", "target_budget": kt, "zoo_seeds": [zoo],
+            "acc_old": 0.99, "target_acc_old": 1.0, "acc_new": 0.9, "source_acc_new": 0.98,
+            "locality": locality, "locality_min": worst, "routing_error_old": 1 - locality,
+            "routing_error_new": 0.08, "branch_error_new": 0.02}
+
+
+def test_across_zoos_section_checks_issue_14_targets_per_zoo_seed():
+    render = _render_module()
+    by_zoo = [_zoo_row(20, z, 0.995, 0.99) for z in range(3)] + [
+        _zoo_row(0, 0, 0.99, 0.98), _zoo_row(0, 1, 0.98, 0.96), _zoo_row(0, 2, 0.99, 0.94)]
+    pooled = {"task": "t", "method": "PNC", "target_budget": 20, "locality": 0.995,
+              "acc_old": 0.994, "target_acc_old": 1.0, "acc_new": 0.9, "source_acc_new": 0.98}
+    lwf = {"task": "t", "method": "LwF", "target_budget": 20, "locality": 0.98,
+           "locality_std": 0.004}
+    res = {"config": {"tasks": [{"name": "t"}], "zoo_seeds": [0, 1, 2], "seeds": [0, 1, 2],
+                      "budget": 20}, "rows": [pooled, lwf], "by_zoo_seed": by_zoo}
+    table = render.zoo_table(res)
+    assert len([line for line in table if line.startswith("| t |")]) == 6
+    verdicts = "\n".join(render.zoo_verdicts(res))
+    assert "locality 0.9950 >= 0.99: met" in verdicts
+    assert "acc_old 0.9940 >= target's 1.0000 - 0.005: **not met**" in verdicts
+    assert "acc_new 0.9000 >= source's 0.9800 - 0.02: **not met**" in verdicts
+    assert "by +0.0150, more than their largest spread over seeds (0.0040): met" in verdicts
+    assert "every zoo seed (0.990, 0.980, 0.990): **not met**" in verdicts
+    assert "(worst 0.940): **not met**" in verdicts
+    assert render.zoo_verdicts({**res, "config": {**res["config"], "zoo_seeds": [0]}}) == []
 
 
 @pytest.mark.slow
