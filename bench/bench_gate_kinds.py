@@ -2,7 +2,7 @@
 ``--gate auto`` (a ``DiscriminantGate`` when target samples exist).
 
     OMP_NUM_THREADS=1 python bench/bench_gate_kinds.py [ZOO_SEED [CLONE_SEED [K_T]]] \\
-        [--gate auto|mlp|lda] [--adapter-rank 16] [--zoo-root /tmp/pnc] \\
+        [--gate auto|mlp|lda] [--adapter-rank 16] [--joint-rounds N] [--zoo-root /tmp/pnc] \\
         >> bench/results/gate_kinds.jsonl
 
 Clones ``{5, 6}`` of ``mnist-cnn-5to9`` into ``mnist-cnn-0to4`` (k = 20) on the zoo
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--gate", choices=GATE_KINDS, default="auto")
     ap.add_argument("--adapter-rank", type=int, default=InsertConfig().adapter_rank,
                     help="the adapter's rank (default: the clone's default)")
+    ap.add_argument("--joint-rounds", type=int, default=0,
+                    help="rounds of joint refinement of the chosen branch (method.md step 4)")
     ap.add_argument("--zoo-root", type=Path, default=Path("/tmp/pnc"))
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -45,7 +47,8 @@ def main() -> None:
     build_default_zoo(zoo, data, progress=False, seed=args.zoo_seed)
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
                              target_per_class=args.k_t, seed=args.seed)
-    cfg = replace(cfg, insert=replace(cfg.insert, gate=args.gate, adapter_rank=args.adapter_rank))
+    cfg = replace(cfg, insert=replace(cfg.insert, gate=args.gate, adapter_rank=args.adapter_rank,
+                                      joint_rounds=args.joint_rounds))
     started = time.perf_counter()
     result = clone(zoo, data, cfg)
     seconds = time.perf_counter() - started
@@ -53,6 +56,8 @@ def main() -> None:
     print(json.dumps({
         "zoo_seed": args.zoo_seed, "seed": args.seed, "k_t": args.k_t, "gate": args.gate,
         "adapter_rank": args.adapter_rank,
+        **({"joint_rounds": args.joint_rounds,
+            "joint_refinement": result.report.get("joint_refinement")} if args.joint_rounds else {}),
         "gate_kind": type(result.superbody.branches[0].gate).__name__,
         "package_bytes": len(wire.encode(result.package)), "seconds": round(seconds, 1),
         **{k: round(float(m[k]), 4) for k in ("acc_old", "target_acc_old", "acc_new",

@@ -29,7 +29,8 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  per_class: int, target_per_class: int, seed: int, positions: str | None,
                  adapter_rank: int, batch_size: int | None = None,
                  search: str = "exhaustive", device: str = "cpu",
-                 precision: str = "fp32", gate: str = "auto") -> CloneConfig:
+                 precision: str = "fp32", gate: str = "auto", joint_rounds: int = 0,
+                 ) -> CloneConfig:
     """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work.
 
     ``device`` is resolved here (``auto`` becomes what this machine has), so the
@@ -44,7 +45,8 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
         sources=tuple(SourceSpec(s, split_labels(c)) for s, c in zip(sources, classes)),
         per_class=per_class, target_per_class=target_per_class, seed=seed,
         positions=tuple(parse_positions(positions)) if positions else None,
-        insert=InsertConfig(adapter_rank=adapter_rank, gate=gate), search=search,
+        insert=InsertConfig(adapter_rank=adapter_rank, gate=gate, joint_rounds=joint_rounds),
+        search=search,
         device=compute.device, precision=compute.precision,
     ).with_batch_size(batch_size)
 

@@ -277,6 +277,11 @@ def clone_cmd(
     adapter_rank: Annotated[int, typer.Option(
         "--adapter-rank",
         help="Rank of the adapter's 1x1 map (its weights travel as int8 in an fp16 package).")] = 16,
+    joint_rounds: Annotated[int, typer.Option(
+        "--joint-rounds",
+        help="Rounds of joint refinement of the chosen branch (0-10): the source's tail masks "
+             "refined through the inserted path, then adapter and gate retrained; a round is "
+             "kept only if the validation score does not fall (docs/method.md, step 4).")] = 0,
     gate: Annotated[str, typer.Option("--gate", help="The router: auto (a linear discriminant over both networks' features when --target-per-class > 0, else the MLP gate with its energy veto), mlp or lda (docs/method.md, the router).")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (a discriminant gate's weight as int8), fp32, int8.")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
@@ -299,7 +304,7 @@ def clone_cmd(
     cfg = clone_config(target, source, classes, per_class=per_class,
                        target_per_class=target_per_class, seed=seed, positions=positions,
                        adapter_rank=adapter_rank, batch_size=batch_size, search=search, device=device,
-                       precision=precision, gate=gate)  # before Ray starts
+                       precision=precision, gate=gate, joint_rounds=joint_rounds)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -8,6 +8,7 @@ actors and reduce exactly as this module does.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +21,7 @@ from pnc_net.data import Dataset, select_classes
 from pnc_net.devices import CPU, PRECISIONS, Compute, on_device, parse_device
 from pnc_net.errors import IncompatibleError, InvalidInputError
 from pnc_net.insert import CloneData, InsertConfig, Prepared, insert_candidate, prepare
-from pnc_net.localize import LocalizeConfig, localize
+from pnc_net.localize import LocalizeConfig, localize, refine_through_branch, units_after
 from pnc_net.memory import LARGEST_DEFAULT_BATCH, activation_budget, batch_cap
 from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet
@@ -36,6 +37,7 @@ from pnc_net.search import (
 )
 from pnc_net.superbody import Branch, Superbody
 from pnc_net.synthesize import SynthesizeConfig, cached_target_samples
+from pnc_net.training import predict_logits
 from pnc_net.zoo import Manifest, Zoo
 
 
@@ -371,7 +373,7 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
     for m, (masks, prepared) in zip(job.modules, (localizer or localize_sequential)(job)):
         m.masks, m.prepared = masks, prepared
     say(f"localized {len(job.modules)} source(s) in {time.perf_counter() - started:.1f}s")
-    branches, searches = [], []
+    branches, searches, joint = [], [], []
     for i, m in enumerate(job.modules):
         assert m.masks is not None  # set just above
         kept = sum(int(v.sum()) for v in m.masks.values())
@@ -379,10 +381,17 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
         say(f"{m.manifest.name}: kept {kept}/{total} filters; "
             f"searching {len(m.candidates)} positions ({cfg.search})")
         position, branch, record = search_module(job, i, runner or run_sequential)
+        say(f"{m.manifest.name}: best position R={position[0]} S={position[1]}")
+        if cfg.insert.joint_rounds:
+            score = next(r["score"] for r in record if r["position"] == list(position))
+            branch, rounds = joint_refine(job, i, position, branch, float(score))
+            joint.append(rounds)
+            say(f"{m.manifest.name}: joint refinement kept {sum(r['kept'] for r in rounds)} "
+                f"of {len(rounds)} round(s)")
         branches.append(branch)
         searches.append(record)
-        say(f"{m.manifest.name}: best position R={position[0]} S={position[1]}")
-    report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches}
+    report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches,
+                              **({"joint_refinement": joint} if joint else {})}
     package, superbody = make_package(job, branches, report)
     metrics = clone_metrics(on_device(superbody, job.compute), data,
                             [(m.source, m.manifest.label_names) for m in job.modules],
@@ -390,6 +399,71 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
     report.update(metrics=metrics, seconds=time.perf_counter() - started)
     package.report = report
     return CloneResult(package, superbody, report)
+
+
+def joint_refine(job: CloneJob, i: int, position: tuple[int, int], branch: Branch,
+                 score: float) -> tuple[Branch, list[dict]]:
+    """Joint refinement (method.md step 4) of module ``i``'s chosen branch.
+
+    With ``(R, S)`` fixed, each round refines the masks of the source's tail through the
+    inserted path (``localize.refine_through_branch``: fed the trained adapter's output,
+    not the source's own features) and retrains the adapter and gate on the new masks.
+    A round is kept only when the validation score does not fall, so the rounds can
+    only help on validation; the first that does not help ends them. Returns the branch
+    and one record per round (score, filters kept in the tail, kept or not).
+    """
+    m = job.modules[i]
+    assert m.masks is not None and m.prepared is not None, "localize the module first"
+    r, s = position
+    work = copy.deepcopy(m.source).eval()  # set_gates writes to the modules: a private copy
+    units = units_after(work, s, job.input_shape)
+    if not units:  # nothing masked after S: the branch is what it is
+        return branch, []
+    is_new = m.prepared.y >= 0
+    h_r = predict_logits(lambda xb: job.target.forward_features(xb, r), m.prepared.x[is_new],
+                         job.cfg.eval_batch_size, compute=job.compute)
+    gen = torch.Generator().manual_seed(job.cfg.seed * 7919 + r * 31 + s)
+    rounds: list[dict] = []
+    for k in range(job.cfg.insert.joint_rounds):
+        u = _adapter_outputs(work, branch, h_r, s, m.masks, job)
+        masks = refine_through_branch(work, s, units, u, m.prepared.z_src[is_new],
+                                      torch.tensor(m.cloned), m.masks, job.cfg.localize, gen,
+                                      job.compute)
+        record = {"round": k, "score_before": score, "score": score, "kept": False,
+                  "tail_filters_before": sum(int(m.masks[n].sum()) for n in units),
+                  "tail_filters": sum(int(masks[n].sum()) for n in units)}
+        rounds.append(record)
+        if all(torch.equal(masks[n], m.masks[n]) for n in units):
+            record["unchanged"] = True  # nothing to retrain: the rounds have converged
+            break
+        old_masks, m.masks = m.masks, masks
+        try:
+            new_branch, result = train_position(job, i, position)
+        except IncompatibleError:  # the new masks change what boundary S carries
+            new_branch, result = branch, {"score": -1.0}
+        record.update(score=float(result["score"]), kept=float(result["score"]) >= score)
+        if not record["kept"]:
+            m.masks = old_masks
+            break
+        branch, score = new_branch, float(result["score"])
+    return branch, rounds
+
+
+def _adapter_outputs(source: ZooNet, branch: Branch, h_r: torch.Tensor, position_s: int,
+                     masks: dict[str, torch.Tensor], job: CloneJob) -> torch.Tensor:
+    """What the branch feeds the source's tail, at the tail's full width: the adapter's
+    output on ``h_r`` with the channels the masks drop at S as zeros (on the CPU)."""
+    u = predict_logits(branch.adapter, h_r, job.cfg.eval_batch_size, compute=job.compute)
+    with torch.no_grad():
+        like = source.forward_features(
+            torch.zeros(1, *job.input_shape, device=next(source.parameters()).device),
+            position_s)
+    if like.shape[1:] == u.shape[1:]:
+        return u
+    _, _, keep = source.pruned_tail(position_s, masks)
+    full = torch.zeros(len(u), *like.shape[1:])
+    full[:, keep] = u
+    return full
 
 
 def search_module(job: CloneJob, i: int, runner: CandidateRunner,
@@ -433,6 +507,7 @@ def settings_of(cfg: CloneConfig) -> dict:
     return {"target": cfg.target, "sources": [[s.source, list(s.classes)] for s in cfg.sources],
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
+            **({"joint_rounds": cfg.insert.joint_rounds} if cfg.insert.joint_rounds else {}),
             "synthetic_target_samples": cfg.synthesize,
             **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
             **({"search": cfg.search} if cfg.search != "exhaustive" else {}),

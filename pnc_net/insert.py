@@ -54,12 +54,17 @@ class InsertConfig:
     # "mlp" (always FusionGate) or "lda" (always DiscriminantGate); docs/method.md
     gate: str = "auto"
     gate_shrink: float = 0.1  # the discriminant's covariance shrinkage toward its mean variance
+    # rounds of joint refinement of the chosen branch (method.md step 4, cloning.joint_refine):
+    # tail masks refined through the inserted path, then adapter and gate retrained
+    joint_rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.gate not in GATE_KINDS:
             raise InvalidInputError(f"unknown gate {self.gate!r}; use one of {', '.join(GATE_KINDS)}")
         if not 0 < self.gate_shrink <= 1:
             raise InvalidInputError(f"gate_shrink {self.gate_shrink} must be in (0, 1]")
+        if not 0 <= self.joint_rounds <= 10:
+            raise InvalidInputError(f"joint_rounds {self.joint_rounds} must be in 0..10")
 
 
 GATE_KINDS = ("auto", "mlp", "lda")

@@ -10,6 +10,9 @@
 3. *Refinement*: bits relaxed to gates ``sigmoid(theta)``, trained to keep the
    masked source's distribution over ``cloned_view`` close to the full source's (KL at
    temperature T, ``pi``-weighted) under an L1 pull towards zero, then thresholded.
+
+``refine_through_branch`` is the same step for the joint refinement of step 4 (the
+tail's masks fed by the trained adapter; ``cloning.joint_refine`` runs the rounds).
 """
 
 from __future__ import annotations
@@ -155,14 +158,77 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
             loss.backward()
         opt.step()
     source.set_gates(None)
+    return _threshold(theta, cfg.min_keep)
+
+
+def _threshold(theta: dict[str, torch.Tensor], min_keep: int) -> dict[str, torch.Tensor]:
+    """Gate logits back to bits (kept where positive, never fewer than ``min_keep``)."""
     masks = {}
     for k, t in theta.items():
         m = t.detach() > 0
-        if m.sum() < min(cfg.min_keep, len(m)):
+        if m.sum() < min(min_keep, len(m)):
             m = torch.zeros_like(m)
-            m[t.detach().topk(min(cfg.min_keep, len(m))).indices] = True
+            m[t.detach().topk(min(min_keep, len(m))).indices] = True
         masks[k] = m.cpu()
     return masks
+
+
+def units_after(source: ZooNet, position_s: int, input_shape: tuple[int, ...]) -> list[str]:
+    """The mask units the branch of boundary S computes: those whose gates a pass from S
+    reaches (found by gradient, so any network that reads its gates works), minus the
+    unit owning boundary S, whose kept channels are the adapter's outputs."""
+    device = next(source.parameters()).device
+    gates = {k: torch.ones(w, device=device, requires_grad=True)
+             for k, w in source.mask_widths().items()}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        h = source.forward_features(torch.rand(2, *input_shape, generator=gen).to(device),
+                                    position_s)
+    source.set_gates(gates)
+    try:
+        out = source.forward_from(h, position_s)
+        if not out.requires_grad:  # no gate read after S (only the head is left)
+            return []
+        out.square().sum().backward()
+    finally:
+        source.set_gates(None)
+    owner = source.feature_info(input_shape)[position_s].masked_by
+    return sorted(k for k, g in gates.items()
+                  if k != owner and g.grad is not None and bool(g.grad.abs().sum() > 0))
+
+
+def refine_through_branch(source: ZooNet, position_s: int, units: list[str],
+                          u: torch.Tensor, teacher_logits: torch.Tensor, cloned: torch.Tensor,
+                          masks: dict[str, torch.Tensor], cfg: LocalizeConfig,
+                          gen: torch.Generator, compute: Compute = CPU,
+                          ) -> dict[str, torch.Tensor]:
+    """Joint refinement's mask step (method.md step 4): the masks of ``units`` (the
+    source's tail after S) refined as in step 2, but fed what the branch feeds them, the
+    adapter's output ``u`` on the target's features (full width at S, dropped channels
+    zero), against the full source's logits on the same inputs. Returns ``masks`` with
+    those units replaced. ``source`` is a private copy on ``compute.device``."""
+    teacher = (cloned_view(teacher_logits, cloned) / cfg.temperature).log_softmax(1)
+    theta = {k: compute.put(torch.where(masks[k], 2.0, -2.0)).requires_grad_(True)
+             for k in units}
+    opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
+    on_dev = compute.put(cloned)
+    for _ in range(cfg.refine_steps):
+        idx = torch.randint(0, len(u), (min(REFINE_SAMPLES, len(u)),), generator=gen)
+        opt.zero_grad()
+        for i, chunk in enumerate(idx.split(cfg.batch_size)):
+            source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
+            student = (cloned_view(source.forward_from(compute.put(u[chunk]), position_s),
+                                   on_dev) / cfg.temperature).log_softmax(1)
+            kl = F.kl_div(student, compute.put(teacher[chunk]), log_target=True,
+                          reduction="none").sum(1).sum() / len(idx)
+            loss = kl * cfg.temperature**2
+            if i == 0:
+                loss = loss + cfg.sparsity * torch.cat(
+                    [torch.sigmoid(t) for t in theta.values()]).mean()
+            loss.backward()
+        opt.step()
+    source.set_gates(None)
+    return {**masks, **_threshold(theta, cfg.min_keep)}
 
 
 def localize(source: ZooNet, x_new: torch.Tensor, y_new: torch.Tensor,

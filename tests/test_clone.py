@@ -192,6 +192,58 @@ def test_config_validates_itself():
         InsertConfig(gate="knn")
     with pytest.raises(InvalidInputError, match="gate_shrink"):
         InsertConfig(gate_shrink=0.0)
+    with pytest.raises(InvalidInputError, match="joint_rounds"):
+        InsertConfig(joint_rounds=-1)
+
+
+def test_the_units_after_s_are_the_tail_the_branch_computes(zoo):
+    from pnc_net.localize import units_after
+
+    source = fresh(zoo, "mnist-cnn-5to9")
+    for s in range(1, source.num_blocks):
+        tail = units_after(source, s, (1, 28, 28))
+        assert tail == sorted(k for k in source.mask_widths()
+                              if int(k.split(".")[1]) >= s), s
+    assert units_after(source, source.num_blocks, (1, 28, 28)) == []  # only the head is left
+
+
+def test_joint_refinement_keeps_only_rounds_that_help_and_the_package_verifies(
+        default_clone, zoo, mnist):
+    """Step 4: tail masks refined through the inserted path, the adapter and gate retrained;
+    a round that lowers the validation score is dropped, and what travels is the masks and
+    weights of the branch that was kept."""
+    from dataclasses import replace
+
+    from conftest import DEFAULT_CLONE_THREADS
+
+    from pnc_net.insert import InsertConfig
+    from pnc_net.training import torch_threads
+
+    base = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,
+                              target_per_class=10, positions=((3, 3),))  # default_clone's
+    digests = {n: zoo.resolve(n).sha256 for n in ("mnist-cnn-0to4", "mnist-cnn-5to9")}
+    plain = default_clone
+    with torch_threads(DEFAULT_CLONE_THREADS):  # as default_clone ran: the same masks
+        joint = clone(zoo, mnist, replace(base, insert=InsertConfig(joint_rounds=2)))
+    rounds = joint.report["joint_refinement"][0]
+    assert 1 <= len(rounds) <= 2 and joint.report["settings"]["joint_rounds"] == 2
+    (searched,) = [c["score"] for c in plain.report["search"][0]]  # one candidate
+    assert rounds[0]["score_before"] == searched
+    kept = [r for r in rounds if r["kept"]]
+    assert all(r["score"] >= searched for r in kept)
+    assert all(not r["kept"] for r in rounds[len(kept):])  # the first loss ends the rounds
+    masks = joint.package.modules[0].masks
+    tail = [k for k in masks if int(k.split(".")[1]) >= 3]
+    changed = any(not torch.equal(masks[k], plain.package.modules[0].masks[k]) for k in tail)
+    assert changed == bool(kept)  # the masks that travel are those of the kept branch
+    assert all(torch.equal(masks[k], plain.package.modules[0].masks[k])
+               for k in masks if k not in tail)  # S's own channels and the head's input stay
+    if kept:
+        assert sum(int(masks[k].sum()) for k in tail) == kept[-1]["tail_filters"]
+    _, err = verify(zoo, wire.decode(wire.encode(joint.package)))
+    assert err <= 1e-3
+    assert {n: zoo.resolve(n).sha256 for n in digests} == digests
+    assert all(problem is None for _, problem in zoo.verify())  # weights on disk untouched
 
 
 def test_candidates_and_positions():

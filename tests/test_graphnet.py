@@ -108,6 +108,30 @@ def test_gates_of_ones_change_nothing_and_none_resets(family):
     assert torch.allclose(ones, ref, atol=1e-5) and torch.equal(again, ref)
 
 
+def test_units_after_s_are_exactly_the_ones_a_pass_from_s_reads(family):
+    """Joint refinement refines only these: gating every other unit (bar S's owner, whose
+    channels are the adapter's outputs) leaves a pass from S as it was."""
+    from pnc_net.localize import units_after
+
+    name, _, net, _, _ = family
+    s = net.num_blocks // 2
+    tail = set(units_after(net, s, SHAPE))
+    owner = net.feature_info(SHAPE)[s].masked_by
+    assert owner not in tail and tail <= set(net.mask_widths()), name
+    h = net.forward_features(torch.rand(2, *SHAPE), s)
+    others = {k: torch.rand(w) for k, w in net.mask_widths().items()
+              if k not in tail and k != owner}
+    with torch.no_grad():
+        ref = net.forward_from(h, s)
+        net.set_gates(others)
+        gated = net.forward_from(h, s)
+        net.set_gates({k: torch.zeros(w) for k, w in net.mask_widths().items() if k in tail})
+        cut = net.forward_from(h, s)
+        net.set_gates(None)
+    assert torch.equal(gated, ref), name
+    assert not tail or not torch.allclose(cut, ref), name  # and the tail's units do matter
+
+
 def test_normalization_is_applied_first():
     module = frozen_randomized(torchvision.models.resnet18(num_classes=3))
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
@@ -170,7 +194,7 @@ def rgb_clone(imported_zoo):
     digests = {n: state_digest(imported_zoo.load_module(n)[0]) for n in ("r18", "mb")}
     cfg = CloneConfig.single("r18", "mb", ("5", "6"), per_class=8, target_per_class=4,
                              positions=((8, 10),), localize=LocalizeConfig(refine_steps=5),
-                             insert=InsertConfig(epochs=1, gate_steps=20))
+                             insert=InsertConfig(epochs=1, gate_steps=20, joint_rounds=1))
     return clone(imported_zoo, load_rgb_digits(), cfg), digests
 
 
@@ -179,6 +203,12 @@ def test_clone_between_imported_models_round_trips(rgb_clone, imported_zoo, tmp_
     from pnc_net.rebuild import verify
 
     result, digests = rgb_clone
+    # joint refinement ran through the torchvision graph (kept or not, what travels is
+    # the branch that was kept, and it verifies)
+    (rounds,) = result.report["joint_refinement"]
+    assert len(rounds) == 1 and rounds[0]["tail_filters_before"] > 0
+    assert rounds[0]["kept"] == (rounds[0]["score"] >= rounds[0]["score_before"]
+                                 and "unchanged" not in rounds[0])
     package = wire.decode(wire.encode(result.package))
     sb, err = verify(Zoo(imported_zoo.root), package)  # a fresh zoo instance: a receiver
     assert err <= package.fingerprint.tolerance

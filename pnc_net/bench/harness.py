@@ -265,7 +265,7 @@ def _run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
 # ----------------------------------------------------------------------------- reduce
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
     vals = [float(v) for v in values if v is not None]
     if not vals:
         return float("nan"), float("nan")
