@@ -129,7 +129,8 @@ def test_units_after_s_are_exactly_the_ones_a_pass_from_s_reads(family):
         cut = net.forward_from(h, s)
         net.set_gates(None)
     assert torch.equal(gated, ref), name
-    assert not tail or not torch.allclose(cut, ref), name  # and the tail's units do matter
+    # and the tail's units do matter (ConvNeXt's layer scale of 1e-6 at init makes it tiny)
+    assert not tail or not torch.equal(cut, ref), name
 
 
 def test_normalization_is_applied_first():
