@@ -51,7 +51,8 @@ def bench(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Reuse the cells already finished in --out (a run cut short).")] = False,
     reduce_only: Annotated[bool, typer.Option(
-        "--reduce-only", help="Run nothing: report the finished cells in --out.")] = False,
+        "--reduce-only", help="Run nothing: report the finished cells in --out (the machine, wall "
+        "time and zoo folders stay those of the run that wrote them).")] = False,
     zoo_seeds: Annotated[str, typer.Option(
         "--zoo-seeds", help="Comma-separated zoo seeds, e.g. 0,1,2 (the full run's default; "
         "--quick: 0): the tasks run on a zoo trained from each (the --zoo for its own seed, "
@@ -67,7 +68,13 @@ def bench(
     json_out: JsonOpt = False,
 ) -> None:
     """Benchmark PNC against the tuning baselines; write JSON + PNG results to --out."""
-    from pnc_net.bench.harness import TASK_SETS, BenchConfig, run_bench, seeded_zoos
+    from pnc_net.bench.harness import (
+        TASK_SETS,
+        BenchConfig,
+        run_bench,
+        seeded_zoos,
+        with_run_facts,
+    )
     from pnc_net.bench.plots import write_figures
     from pnc_net.devices import resolve_device
     from pnc_net.fsutil import atomic_write_bytes
@@ -97,8 +104,10 @@ def bench(
         raise InvalidInputError(f"--reduce-only: no finished cells in {checkpoint}")
     result = run_bench(zoo, cfg, progress, checkpoint=checkpoint, resume=resume or reduce_only,
                        run_missing=not reduce_only, zoo_roots=roots)
-    result["files"] = write_figures(result, out)
     path = out / f"{cfg.mode}.json"
+    if reduce_only and path.exists():
+        result = with_run_facts(result, _earlier_result(path))
+    result["files"] = write_figures(result, out)
     atomic_write_bytes(path, json.dumps(result, indent=1, sort_keys=True, default=float).encode())
     if json_out:
         print_json({k: v for k, v in result.items() if k != "raw"} | {"json": str(path)})
@@ -107,6 +116,15 @@ def bench(
     console.print(f"results: {path}, figures: {', '.join(result['files'].values())} "
                   f"({result['cells_done']}/{result['cells_planned']} cells, "
                   f"{result['wall_seconds']:.0f}s)")
+
+
+def _earlier_result(path: Path) -> dict:
+    """The result a run wrote to ``path`` (``{}`` when it is not readable JSON)."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
 
 
 def _seeds(text: str) -> tuple[int, ...]:

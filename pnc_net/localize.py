@@ -18,6 +18,7 @@ tail's masks fed by the trained adapter; ``cloning.joint_refine`` runs the round
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -135,10 +136,23 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
                / cfg.temperature).log_softmax(1)
     theta = {k: compute.put(torch.where(m, 2.0, -2.0)).requires_grad_(True)
              for k, m in init.items()}
+    return _fit_gates(source, theta, lambda chunk: source(compute.put(x[chunk])), teacher,
+                      weights, cloned, cfg, gen, compute)
+
+
+def _fit_gates(source: ZooNet, theta: dict[str, torch.Tensor],
+               student_logits: Callable[[torch.Tensor], torch.Tensor],
+               teacher: torch.Tensor, weights: torch.Tensor, cloned: torch.Tensor,
+               cfg: LocalizeConfig, gen: torch.Generator, compute: Compute
+               ) -> dict[str, torch.Tensor]:
+    """The refinement loop both mask steps share: Adam on the gate logits ``theta`` (on
+    ``compute.device``) for the weighted KL of ``student_logits(sample indices)`` to the
+    ``teacher``'s log-probabilities over the cloned view, plus the L1 term; thresholded."""
     opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
     on_dev = compute.put(cloned)
     for _ in range(cfg.refine_steps):
-        idx = torch.randint(0, len(x), (min(REFINE_SAMPLES, len(x)),), generator=gen)
+        idx = torch.randint(0, len(teacher), (min(REFINE_SAMPLES, len(teacher)),),
+                            generator=gen)
         w_total = weights[idx].sum()
         opt.zero_grad()
         # The step's samples go through in chunks of at most cfg.batch_size with their
@@ -146,7 +160,7 @@ def refine_masks(source: ZooNet, x: torch.Tensor, weights: torch.Tensor, cloned:
         # one chunk (the MNIST default) is the plain step, bit for bit.
         for i, chunk in enumerate(idx.split(cfg.batch_size)):
             source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
-            student = (cloned_view(source(compute.put(x[chunk])), on_dev)
+            student = (cloned_view(student_logits(chunk), on_dev)
                        / cfg.temperature).log_softmax(1)
             w = compute.put(weights[chunk])
             kl = (F.kl_div(student, compute.put(teacher[chunk]), log_target=True,
@@ -210,25 +224,10 @@ def refine_through_branch(source: ZooNet, position_s: int, units: list[str],
     teacher = (cloned_view(teacher_logits, cloned) / cfg.temperature).log_softmax(1)
     theta = {k: compute.put(torch.where(masks[k], 2.0, -2.0)).requires_grad_(True)
              for k in units}
-    opt = torch.optim.Adam(theta.values(), lr=cfg.refine_lr)
-    on_dev = compute.put(cloned)
-    for _ in range(cfg.refine_steps):
-        idx = torch.randint(0, len(u), (min(REFINE_SAMPLES, len(u)),), generator=gen)
-        opt.zero_grad()
-        for i, chunk in enumerate(idx.split(cfg.batch_size)):
-            source.set_gates({k: torch.sigmoid(t) for k, t in theta.items()})
-            student = (cloned_view(source.forward_from(compute.put(u[chunk]), position_s),
-                                   on_dev) / cfg.temperature).log_softmax(1)
-            kl = F.kl_div(student, compute.put(teacher[chunk]), log_target=True,
-                          reduction="none").sum(1).sum() / len(idx)
-            loss = kl * cfg.temperature**2
-            if i == 0:
-                loss = loss + cfg.sparsity * torch.cat(
-                    [torch.sigmoid(t) for t in theta.values()]).mean()
-            loss.backward()
-        opt.step()
-    source.set_gates(None)
-    return {**masks, **_threshold(theta, cfg.min_keep)}
+    refined = _fit_gates(source, theta,
+                         lambda chunk: source.forward_from(compute.put(u[chunk]), position_s),
+                         teacher, torch.ones(len(u)), cloned, cfg, gen, compute)
+    return {**masks, **refined}
 
 
 def localize(source: ZooNet, x_new: torch.Tensor, y_new: torch.Tensor,

@@ -18,11 +18,13 @@ from pnc_net.bench.baselines import (
     run_pnc_f,
     run_tuning,
     task_data,
+    tuned_energy_vetoes,
     widened,
 )
 from pnc_net.cloning import CloneConfig, SourceSpec, plan
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics
+from pnc_net.superbody import NO_ENERGY_VETO
 from pnc_net.zoo import state_digest
 
 TINY = TuneConfig(lrs=(1e-3,), epochs=1, min_steps=2, warmup_epochs=1, oracle_lrs=(3e-3,),
@@ -83,6 +85,35 @@ def test_pnc_f_tunes_a_copy_and_ships_package_plus_delta(default_clone, zoo, mni
     res = run_pnc_f(sb, d, mnist, TINY, seed=0, package_bytes=1000, pnc_seconds=1.0)
     assert state_digest(sb) == before
     assert res.bytes > 1000 and res.seconds > 1.0 and res.params_modified > 0
+
+
+def test_pnc_f_lifts_the_energy_veto_while_tuning_and_sets_it_again_by_pncs_rule(
+        default_clone, mnist):
+    """A veto shuts the gate with no gradient: tuned under it, PNC-F read every input as
+    class 0. The veto is lifted while the weights tune, then recalibrated to let through
+    the same fraction of the cloned training samples on the tuned target."""
+    sb = copy.deepcopy(default_clone.superbody)
+    (gate,) = [b.gate for b in sb.branch_modules.values()]
+    cloned_x = mnist.x_train[(mnist.y_train == 5) | (mnist.y_train == 6)][:40]
+    lse = sb.target(cloned_x).logsumexp(1).detach()
+    gate.energy_max.fill_(float(lse.median()))
+    passed = float((lse <= gate.energy_max).float().mean())
+    with tuned_energy_vetoes(sb, cloned_x):
+        assert float(gate.energy_max) == NO_ENERGY_VETO
+        with torch.no_grad():  # what tuning does: the target's logits move
+            sb.target.head.fc.bias.add_(3.0)
+    after = sb.target(cloned_x).logsumexp(1).detach()
+    assert float(gate.energy_max) > float(lse.median()) + 2.0  # moved with the target
+    assert abs(float((after <= gate.energy_max).float().mean()) - passed) <= 1 / 40
+
+
+def test_pnc_f_leaves_a_superbody_without_veto_without_one(default_clone, mnist):
+    sb = copy.deepcopy(default_clone.superbody)
+    (gate,) = [b.gate for b in sb.branch_modules.values()]
+    gate.energy_max.fill_(NO_ENERGY_VETO)
+    with tuned_energy_vetoes(sb, mnist.x_train[:16]):
+        pass
+    assert float(gate.energy_max) == NO_ENERGY_VETO
 
 
 def test_oracle_trains_from_scratch_over_all_classes(td, mnist):

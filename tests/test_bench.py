@@ -25,6 +25,7 @@ from pnc_net.bench.harness import (
     read_checkpoint,
     run_bench,
     seeded_zoos,
+    with_run_facts,
 )
 from pnc_net.bench.plots import write_figures
 from pnc_net.errors import InvalidInputError
@@ -143,6 +144,10 @@ def test_a_run_cut_short_is_reduced_from_its_checkpoint(micro, checkpoint, zoo_d
     assert len(read_checkpoint(checkpoint)) == 3
     again = run_bench(Zoo(zoo_dir), MICRO, checkpoint=checkpoint, resume=True, run_missing=False)
     assert again["rows"] == micro["rows"] and again["transmission"] == micro["transmission"]
+    assert again["wall_seconds"] < micro["wall_seconds"]  # reducing is not the run ...
+    kept = with_run_facts(again, micro)  # ... so --reduce-only keeps the run's own facts
+    assert kept["wall_seconds"] == micro["wall_seconds"] and kept["rows"] == again["rows"]
+    assert kept["machine"] == micro["machine"]
 
 
 @pytest.mark.slow

@@ -17,7 +17,12 @@ from pnc_net.fsutil import Sha256Stream, sha256_bytes
 from pnc_net.serve import client as client_mod
 from pnc_net.serve import store as store_mod
 from pnc_net.serve.client import CHUNK_BYTES, PncClient, _chunks
-from pnc_net.serve.framing import frame_write_request, parse_write_request, read_payload
+from pnc_net.serve.framing import (
+    frame_read_response,
+    frame_write_request,
+    parse_write_request,
+    read_payload,
+)
 from pnc_net.serve.node import Node
 from pnc_net.serve.server import build_server
 from pnc_net.serve.store import PackageStore
@@ -31,6 +36,14 @@ def test_read_payload_is_what_protobuf_parses(n):
     raw = tpb.ReadResponse(data=data).SerializeToString()
     holder, at = read_payload(raw)
     assert holder[at:] == data and (holder is raw or not data)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_framed_read_response_is_protobufs_encoding(n):
+    data = os.urandom(n)
+    raw = frame_read_response(data)
+    assert raw == tpb.ReadResponse(data=data).SerializeToString()
+    assert tpb.ReadResponse.FromString(raw).data == data
 
 
 def test_read_payload_falls_back_to_protobuf_for_other_encodings():

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from pnc_net.data import Dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet, build_model
+from pnc_net.superbody import NO_ENERGY_VETO, Superbody
 from pnc_net.training import ModuleT, predict_logits, train_classifier
 from pnc_net.zoo import Manifest, Zoo
 from pnc_net.zoo_train import class_subset
@@ -345,7 +347,7 @@ def fit(model: ModuleT, td: TaskData, cfg: TuneConfig, *, epochs: int, lr: float
 class _LogProbs(nn.Module):
     """A superbody returns probabilities; training wants log-probabilities as logits."""
 
-    def __init__(self, superbody: nn.Module) -> None:
+    def __init__(self, superbody: Superbody) -> None:
         super().__init__()
         self.superbody = superbody
 
@@ -353,11 +355,17 @@ class _LogProbs(nn.Module):
         return self.superbody(x).clamp_min(1e-8).log()
 
 
-def run_pnc_f(superbody: nn.Module, td: TaskData, data: Dataset, cfg: TuneConfig, seed: int,
+def run_pnc_f(superbody: Superbody, td: TaskData, data: Dataset, cfg: TuneConfig, seed: int,
               package_bytes: int, pnc_seconds: float) -> BaselineResult:
     """PNC-F: the PNC superbody with every weight (target, branch, adapter, gate) tuned.
-    What travels: the package plus the zstd fp16 delta against the PNC superbody."""
+    What travels: the package plus the zstd fp16 delta against the PNC superbody.
+
+    The gates' energy vetoes are lifted while it tunes and recalibrated after
+    (``tuned_energy_vetoes``): a veto shuts the gate exactly on most cloned training
+    samples, so their loss has no gradient and Adam turned the target's rounding noise
+    into full steps (every input then read as class 0: acc_new 0.0 at k_t = 0)."""
     t0 = time.perf_counter()
+    cloned_x = td.x[td.y >= td.n_target]
 
     def build() -> _LogProbs:
         model = _LogProbs(copy.deepcopy(superbody))
@@ -366,12 +374,34 @@ def run_pnc_f(superbody: nn.Module, td: TaskData, data: Dataset, cfg: TuneConfig
         return model
 
     def train(model: _LogProbs, lr: float) -> _LogProbs:
-        return fit(model, td, cfg, epochs=epochs_for(len(td.x), cfg), lr=lr, seed=seed)
+        with tuned_energy_vetoes(model.superbody, cloned_x):
+            return fit(model, td, cfg, epochs=epochs_for(len(td.x), cfg), lr=lr, seed=seed)
 
     lr, model = lr_search(build, train, cfg.lrs, lambda m: val_score(m, td))
     seconds = pnc_seconds + time.perf_counter() - t0
     delta, changed = delta_bytes(model.superbody, superbody)
     return _result("PNC-F", model, td, data, seconds, lr, package_bytes + delta, changed)
+
+
+@contextmanager
+def tuned_energy_vetoes(superbody: Superbody, cloned_x: torch.Tensor) -> Iterator[None]:
+    """Lift every gate's energy veto for the ``with`` body (the superbody's weights are
+    tuned there), then set it again by PNC's own rule on the tuned target: the quantile
+    of its logsumexp on the cloned training samples ``cloned_x`` that lets through the
+    fraction the original veto let through under the original target."""
+    vetoes = [b for name, b in superbody.named_buffers() if name.endswith("energy_max")]
+    with torch.no_grad():
+        before = predict_logits(superbody.target, cloned_x).logsumexp(1)
+    passed = [None if float(v) >= NO_ENERGY_VETO else float((before <= v).float().mean())
+              for v in vetoes]
+    for v in vetoes:
+        v.fill_(NO_ENERGY_VETO)
+    yield
+    with torch.no_grad():
+        after = predict_logits(superbody.target, cloned_x).logsumexp(1)
+    for v, q in zip(vetoes, passed):
+        if q is not None:
+            v.fill_(float(torch.quantile(after, q)))
 
 
 def run_oracle(td: TaskData, data: Dataset, cfg: TuneConfig, seed: int) -> BaselineResult:

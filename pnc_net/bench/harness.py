@@ -450,6 +450,17 @@ def run_bench(zoo: Zoo, cfg: BenchConfig, on_done: Callable[[dict], None] | None
     }
 
 
+#: what ``--reduce-only`` keeps from the run that computed the cells (``with_run_facts``)
+RUN_FACTS = ("machine", "wall_seconds", "zoo_roots")
+
+
+def with_run_facts(reduced: dict, earlier: dict) -> dict:
+    """``reduced`` (cells reduced again, e.g. after some were rerun) with the facts of the
+    run that computed them from ``earlier``, its result: the machine, workers and load,
+    the wall time and the zoo folders describe that run, not the seconds of reducing."""
+    return {**reduced, **{k: earlier[k] for k in RUN_FACTS if k in earlier}}
+
+
 def _config_summary(cfg: BenchConfig) -> dict:
     d = asdict(cfg)
     if d["device"] == "cpu":  # the summaries of CPU runs stay what they were

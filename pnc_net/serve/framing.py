@@ -27,6 +27,7 @@ from pnc_net._proto import transport_pb2 as tpb
 from pnc_net.errors import InvalidInputError
 
 _DATA_TAG = bytes([4 << 3 | 2])  # WriteRequest.data: field 4, length-delimited
+_READ_DATA_TAG = bytes([1 << 3 | 2])  # ReadResponse.data: field 1, length-delimited
 _DATA_FIELD, _LENGTH_DELIMITED = 4, 2
 
 
@@ -125,6 +126,18 @@ def _last_data_field(raw: bytes) -> tuple[int, int] | None:
     except ValueError:
         return None
     return last if i == len(raw) else None
+
+
+def frame_read_response(data: bytes) -> bytes:
+    """A serialized ``ReadResponse`` carrying ``data``: the very bytes protobuf writes
+    (field 1, its length, the data; nothing for empty data), made by one join.
+
+    The server's Read sends these (``server.add_bytestream``): protobuf's own
+    ``SerializeToString`` ran at about 470 MB/s on a 1 MiB message here, which was the
+    pace of the whole Read (the join: about 45 GB/s)."""
+    if not data:
+        return b""
+    return b"".join((_READ_DATA_TAG, varint(len(data)), data))
 
 
 def read_payload(raw: bytes) -> tuple[bytes, int]:

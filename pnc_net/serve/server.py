@@ -172,11 +172,13 @@ class Daemon:
 def add_bytestream(servicer: Servicer, server: grpc.Server) -> None:
     """The ByteStream service as ``add_ByteStreamServicer_to_server`` registers it, except
     that ``Write`` takes its requests serialized (``framing.parse_write_request`` finds
-    the data inside each one without the two copies protobuf's parser would make)."""
+    the data inside each one without the two copies protobuf's parser would make) and
+    ``Read`` yields its answers serialized (``framing.frame_read_response``: protobuf's
+    serializer held a Read to about 470 MB/s)."""
     handlers = {
         "Read": grpc.unary_stream_rpc_method_handler(
             servicer.Read, request_deserializer=tpb.ReadRequest.FromString,
-            response_serializer=tpb.ReadResponse.SerializeToString),
+            response_serializer=None),  # Servicer.Read yields framing.frame_read_response
         "Write": grpc.stream_unary_rpc_method_handler(
             servicer.Write, request_deserializer=None,
             response_serializer=tpb.WriteResponse.SerializeToString),

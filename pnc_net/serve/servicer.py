@@ -21,7 +21,7 @@ from pnc_net._proto import transport_pb2 as tpb
 from pnc_net._proto import transport_pb2_grpc as tgrpc
 from pnc_net.errors import BusyError, InvalidInputError
 from pnc_net.serve.channel import CHUNK_BYTES, MAX_BLOB_BYTES, MAX_MESSAGE_BYTES
-from pnc_net.serve.framing import WriteChunk, parse_write_request
+from pnc_net.serve.framing import WriteChunk, frame_read_response, parse_write_request
 from pnc_net.serve.limits import Limits, UploadSlot, UploadSlots
 from pnc_net.serve.node import Node
 from pnc_net.serve.store import KINDS, PackageRecord, check_digest
@@ -119,7 +119,7 @@ class Servicer(tgrpc.CasServicer, tgrpc.ByteStreamServicer, tgrpc.PackagesServic
                     break
                 offset += len(data)
                 self.node.stats_bytes("out", len(data))
-                yield tpb.ReadResponse(data=data)
+                yield frame_read_response(data)  # serialized: server.add_bytestream
 
     def Write(self, request_iterator, context):
         """Each request arrives serialized (``server.add_bytestream``) and is parsed by
