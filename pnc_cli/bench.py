@@ -63,12 +63,18 @@ def bench(
         "--tasks", help="default: the MNIST tasks; rgb: torchvision resnet18 <- "
         "mobilenet_v3_small on the colour digits (trains the rgb zoo set when missing; "
         "slow on CPU); all: both.")] = "default",
+    sweep_budgets: Annotated[str, typer.Option(
+        "--sweep-budgets", help="Comma-separated k of the budget sweep, 'all' for every "
+        "sample (the full run's default: 5,10,20,50,100,all; --quick: 5,10). Give only the "
+        "main table's k (20) to skip the sweep: on the rgb task each sweep cell takes "
+        "minutes.", show_default=False)] = "",
     zoo_dir: ZooOpt = None,
     device: BenchDeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Benchmark PNC against the tuning baselines; write JSON + PNG results to --out."""
     from pnc_net.bench.harness import (
+        ALL,
         TASK_SETS,
         BenchConfig,
         run_bench,
@@ -88,6 +94,7 @@ def bench(
     make = BenchConfig.quick if quick else BenchConfig
     cfg = make(workers=workers, threads_per_worker=threads, device=resolve_device(device),
                **({"zoo_seeds": _seeds(zoo_seeds)} if zoo_seeds else {}),
+               **({"sweep_budgets": _budgets(sweep_budgets, ALL)} if sweep_budgets else {}),
                **({} if tasks == "default" else {"tasks": TASK_SETS[tasks]}))
     zoo = Zoo(zoo_dir)
     roots = seeded_zoos(zoo, cfg, out, lambda msg: err_console.print(msg, highlight=False))
@@ -125,6 +132,19 @@ def _earlier_result(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return earlier if isinstance(earlier, dict) else {}
+
+
+def _budgets(text: str, every: int) -> tuple[int, ...]:
+    """``--sweep-budgets``: integers, or ``all`` for ``every`` (the run's "all" budget)."""
+    try:
+        budgets = tuple(every if p.strip() == "all" else int(p)
+                        for p in text.split(",") if p.strip())
+    except ValueError:
+        raise InvalidInputError(f"--sweep-budgets {text!r} is not a list like 5,10,20,all"
+                                ) from None
+    if not budgets:
+        raise InvalidInputError("--sweep-budgets names no budget; give e.g. 20 or 5,10,20")
+    return budgets
 
 
 def _seeds(text: str) -> tuple[int, ...]:

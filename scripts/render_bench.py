@@ -240,6 +240,7 @@ def section(results_dir: Path) -> str:
         "### What the module keeps: Sim", "",
         f"![Sim matrix](bench/results/{res['files']['sim']})", "",
         *(["### Across zoos", "", *zoo_table(res), *zoo_verdicts(res)] if zoo_table(res) else []),
+        *rgb_section(results_dir),
         "### What travels", "", *transmission_table(res),
         "### Targets of issue 5, checked", "", *verdicts(res), "",
     ]
@@ -247,6 +248,58 @@ def section(results_dir: Path) -> str:
     if notes.exists():
         lines += ["### Reading", "", notes.read_text().strip(), ""]
     return "\n".join(lines)
+
+
+def rgb_verdicts(res: dict) -> list[str]:
+    """Issue 10's targets for the rgb task, checked against the numbers."""
+    def check(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    out = ["Targets of issue 10 (means over the clone seeds; package share from clone seed 0):",
+           ""]
+    for r in (r for r in res["rows"] if r["method"] == "PNC"):
+        kt = r["target_budget"]
+        t = next((t for t in res["transmission"] if t["target_budget"] == kt), None)
+        out += [f"- k_t = {kt}: acc_new {r['acc_new']:.3f} >= source's "
+                f"{r['source_acc_new']:.3f} - 0.05: "
+                f"{check(r['acc_new'] >= r['source_acc_new'] - 0.05)}; acc_old "
+                f"{r['acc_old']:.3f} >= target's {r['target_acc_old']:.3f} - 0.02: "
+                f"{check(r['acc_old'] >= r['target_acc_old'] - 0.02)}; locality "
+                f"{r['locality']:.3f} >= 0.97: {check(r['locality'] >= 0.97)}; clone "
+                f"{r['seconds'] / 60:.1f} min (slowest seed {max_seconds(res, r) / 60:.1f}) "
+                f"<= 10: {check(max_seconds(res, r) <= 600)}"]
+        if t is not None:
+            share = t["package_bytes"] / t["superbody_bytes"]
+            out[-1] += (f"; package {t['package_bytes']:,} B = {100 * share:.3f}% of the "
+                        f"superbody's {t['superbody_bytes']:,} B <= 0.1%: {check(share <= 0.001)}")
+    return out + [""]
+
+
+def max_seconds(res: dict, row: dict) -> float:
+    """The slowest single run behind an aggregated row."""
+    return max(r["seconds"] for r in res["raw"] if r["method"] == row["method"]
+               and r["task"] == row["task"] and r["target_budget"] == row["target_budget"]
+               and r["budget"] == row["budget"])
+
+
+def rgb_section(results_dir: Path) -> list[str]:
+    """The real-architectures run (``pnc bench --tasks rgb --out bench/results/rgb``)."""
+    path = results_dir / "rgb" / "full.json"
+    if not path.exists():
+        return []
+    res = json.loads(path.read_text())
+    cfg, mach = res["config"], res["machine"]
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    cmd = res.get("command", "pnc bench --tasks rgb --zoo-seeds 0 --sweep-budgets 20 "
+                                 "--out bench/results/rgb --workers 2 --threads 1")
+    return [
+        "### Real architectures: torchvision resnet18 <- mobilenet_v3_small", "",
+        (f"From `{rel}` (`{cmd}`): the colour digits (3x32x32), seeds {cfg['seeds']} on zoo "
+         f"seed {cfg['zoo_seeds'][0]}, k = {cfg['budget']}, no budget sweep; "
+         f"{mach['workers']} worker(s) × {mach['threads_per_worker']} thread(s), "
+         f"{res['wall_seconds'] / 60:.0f} min of wall time{load_note(mach)}."), "",
+        *partial_note(res), *main_tables(res), *zoo_table(res), *rgb_verdicts(res),
+    ]
 
 
 def render(readme: Path, results_dir: Path) -> str:

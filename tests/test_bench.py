@@ -217,6 +217,26 @@ def test_across_zoos_section_checks_issue_14_targets_per_zoo_seed():
     assert render.zoo_verdicts({**res, "config": {**res["config"], "zoo_seeds": [0]}}) == []
 
 
+def test_rgb_section_checks_issue_10_targets():
+    render = _render_module()
+    rows = [{"task": "r", "method": "PNC", "target_budget": kt, "budget": 20,
+             "acc_old": old, "target_acc_old": 0.97, "acc_new": new, "source_acc_new": 0.79,
+             "locality": loc, "seconds": 200.0} for kt, old, new, loc in
+            ((20, 0.96, 0.70, 0.975), (0, 0.93, 0.76, 0.95))]
+    raw = [{**r, "seconds": s} for r in rows for s in (150.0, 250.0 if r["target_budget"]
+                                                       else 700.0)]
+    res = {"rows": rows, "raw": raw, "transmission": [
+        {"target_budget": 20, "package_bytes": 12_000, "superbody_bytes": 20_000_000}]}
+    k20, k0 = render.rgb_verdicts(res)[2:4]
+    assert "acc_new 0.700 >= source's 0.790 - 0.05: **not met**" in k20
+    assert "acc_old 0.960 >= target's 0.970 - 0.02: met" in k20
+    assert "locality 0.975 >= 0.97: met" in k20 and "(slowest seed 4.2) <= 10: met" in k20
+    assert "0.060% of the superbody's 20,000,000 B <= 0.1%: met" in k20
+    assert "acc_new 0.760 >= source's 0.790 - 0.05: met" in k0
+    assert "locality 0.950 >= 0.97: **not met**" in k0 and "11.7) <= 10: **not met**" in k0
+    assert "package" not in k0  # no transmission measured for that regime
+
+
 @pytest.mark.slow
 def test_figures_json_and_readme_section_come_from_the_results(micro, tmp_path):
     res = {**micro, "files": write_figures(micro, tmp_path / "results")}
@@ -245,6 +265,7 @@ def test_cli_rejects_bad_options_with_one_line(tmp_path, zoo_dir):
     for args, fragment in (([" --out", str(a_file)], "not a folder"),
                            (["--workers", "0"], "at least 1"),
                            (["--zoo-seeds", "0,x"], "not a list of integers"),
+                           (["--sweep-budgets", "5,x"], "not a list like"),
                            (["--tasks", "imagenet"], "not a task set")):
         res = subprocess.run([*exe, "bench", *[a.strip() for a in args]], capture_output=True,
                              text=True, env=env, timeout=120, check=False)
