@@ -68,6 +68,11 @@ def bench(
         "sample (the full run's default: 5,10,20,50,100,all; --quick: 5,10). Give only the "
         "main table's k (20) to skip the sweep: on the rgb task each sweep cell takes "
         "minutes.", show_default=False)] = "",
+    methods: Annotated[str, typer.Option(
+        "--methods", help="Comma-separated methods to run, from PNC, PNC-F, FT, LwF, KD, "
+        "Oracle (default: all). The Oracle trains the target's architecture from scratch on "
+        "the whole train split: on the rgb task, a resnet18 for many minutes a seed.",
+        show_default=False)] = "",
     zoo_dir: ZooOpt = None,
     device: BenchDeviceOpt = "cpu",
     json_out: JsonOpt = False,
@@ -95,6 +100,7 @@ def bench(
     cfg = make(workers=workers, threads_per_worker=threads, device=resolve_device(device),
                **({"zoo_seeds": _seeds(zoo_seeds)} if zoo_seeds else {}),
                **({"sweep_budgets": _budgets(sweep_budgets, ALL)} if sweep_budgets else {}),
+               **({"methods": _methods(methods)} if methods else {}),
                **({} if tasks == "default" else {"tasks": TASK_SETS[tasks]}))
     zoo = Zoo(zoo_dir)
     roots = seeded_zoos(zoo, cfg, out, lambda msg: err_console.print(msg, highlight=False))
@@ -132,6 +138,15 @@ def _earlier_result(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return earlier if isinstance(earlier, dict) else {}
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    """``--methods``: names checked by ``BenchConfig``. PNC's clone runs in every cell
+    (PNC-F tunes its superbody); its row is reported only when PNC is named."""
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise InvalidInputError("--methods names no method; give e.g. PNC,FT,LwF")
+    return names
 
 
 def _budgets(text: str, every: int) -> tuple[int, ...]:

@@ -291,11 +291,13 @@ def rgb_section(results_dir: Path) -> list[str]:
     cfg, mach = res["config"], res["machine"]
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     cmd = res.get("command", "pnc bench --tasks rgb --zoo-seeds 0 --sweep-budgets 20 "
-                                 "--out bench/results/rgb --workers 2 --threads 1")
+                             "--methods PNC,PNC-F,FT,LwF,KD --out bench/results/rgb "
+                             "--workers 2 --threads 1")
     return [
         "### Real architectures: torchvision resnet18 <- mobilenet_v3_small", "",
         (f"From `{rel}` (`{cmd}`): the colour digits (3x32x32), seeds {cfg['seeds']} on zoo "
-         f"seed {cfg['zoo_seeds'][0]}, k = {cfg['budget']}, no budget sweep; "
+         f"seed {cfg['zoo_seeds'][0]}, k = {cfg['budget']}, no budget sweep, methods "
+         f"{', '.join(cfg['methods'])}; "
          f"{mach['workers']} worker(s) × {mach['threads_per_worker']} thread(s), "
          f"{res['wall_seconds'] / 60:.0f} min of wall time{load_note(mach)}."), "",
         *partial_note(res), *main_tables(res), *zoo_table(res), *rgb_verdicts(res),

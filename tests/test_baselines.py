@@ -14,6 +14,7 @@ from pnc_net.bench.baselines import (
     delta_payload,
     distill,
     extra_loss_for,
+    fresh_network,
     run_oracle,
     run_pnc_f,
     run_tuning,
@@ -121,6 +122,30 @@ def test_oracle_trains_from_scratch_over_all_classes(td, mnist):
     assert res.model.head.fc.out_features == 8
     assert res.params_modified == sum(p.numel() for p in res.model.parameters())
     assert 0.0 <= res.metrics["locality"] <= 1.0
+
+
+def test_the_oracle_builds_torchvision_targets_too():
+    """``pnc bench --tasks rgb`` stopped at its first Oracle cell: the Oracle built only
+    pnc's own architectures. A torchvision target's Oracle is the same torchvision
+    network, random-init, with the manifest's preprocessing, and it trains."""
+    from pnc_net.zoo import Manifest
+
+    man = Manifest(name="r18", sha256="0" * 64, size_bytes=0, arch="torchvision:resnet18",
+                   arch_args={}, input_shape=(3, 32, 32), label_names=tuple("01234"),
+                   dataset="rgb-digits", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    net = fresh_network(man, 7)
+    x = torch.rand(4, 3, 32, 32)
+    assert net(x).shape == (4, 7)
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert params and sum(p.numel() for p in params) > 1_000_000
+    before = params[0].detach().clone()
+    opt = torch.optim.SGD(params, lr=0.1)
+    torch.nn.functional.cross_entropy(net.train()(x), torch.tensor([0, 1, 5, 6])).backward()
+    opt.step()
+    assert not torch.equal(params[0], before)
+    cnn = Manifest(name="c", sha256="0" * 64, size_bytes=0, arch="cnn", arch_args={},
+                   input_shape=(1, 28, 28), label_names=tuple("01234"), dataset="mnist")
+    assert fresh_network(cnn, 7)(torch.rand(2, 1, 28, 28)).shape == (2, 7)
 
 
 def test_widened_target_that_never_predicts_new_classes_has_perfect_locality(td, mnist):

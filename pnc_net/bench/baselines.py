@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import zstandard
 from torch import nn
 
+from pnc_net.checkpoints import build_arch
 from pnc_net.cloning import CloneConfig, _take
 from pnc_net.data import Dataset
 from pnc_net.errors import InvalidInputError
@@ -39,7 +40,7 @@ from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet, build_model
 from pnc_net.superbody import NO_ENERGY_VETO, Superbody
 from pnc_net.training import ModuleT, predict_logits, train_classifier
-from pnc_net.zoo import Manifest, Zoo
+from pnc_net.zoo import Manifest, Zoo, as_network
 from pnc_net.zoo_train import class_subset
 
 TUNING_METHODS = ("FT", "LwF", "KD")
@@ -411,11 +412,10 @@ def run_oracle(td: TaskData, data: Dataset, cfg: TuneConfig, seed: int) -> Basel
     man = td.target_manifest
     x, y = class_subset(data, td.label_names, "train")
     xv, yv = class_subset(data, td.label_names, "val")
-    args = {**man.arch_args, "num_classes": len(td.label_names)}
 
     def build() -> ZooNet:
         torch.manual_seed(seed)
-        return build_model(man.arch, **args)
+        return fresh_network(man, len(td.label_names))
 
     def train(model: ZooNet, lr: float) -> ZooNet:
         return train_classifier(model, x, y, epochs=cfg.oracle_epochs, lr=lr, seed=seed,
@@ -429,6 +429,16 @@ def run_oracle(td: TaskData, data: Dataset, cfg: TuneConfig, seed: int) -> Basel
     payload, _ = delta_payload(model.state_dict(), {})
     n_params = sum(p.numel() for p in model.parameters())
     return _result("Oracle", model, td, data, seconds, lr, zstd_size(payload), n_params)
+
+
+def fresh_network(manifest: Manifest, num_classes: int) -> ZooNet:
+    """A random-init network of ``manifest``'s architecture predicting ``num_classes``
+    classes, as cloning sees networks: a pnc ``ZooNet``, or a torchvision / timm module in
+    a ``GraphNet`` that applies the manifest's mean and std (``zoo.as_network``)."""
+    args = {**manifest.arch_args, "num_classes": num_classes}
+    if manifest.is_pnc:
+        return build_model(manifest.arch, **args)
+    return as_network(build_arch(manifest.arch, args).eval(), manifest)  # traced in eval
 
 
 def _result(method: str, model: nn.Module, td: TaskData, data: Dataset, seconds: float,
