@@ -266,6 +266,7 @@ def test_cli_rejects_bad_options_with_one_line(tmp_path, zoo_dir):
                            (["--workers", "0"], "at least 1"),
                            (["--zoo-seeds", "0,x"], "not a list of integers"),
                            (["--sweep-budgets", "5,x"], "not a list like"),
+                           (["--methods", "PNC,SGD"], "unknown method"),
                            (["--tasks", "imagenet"], "not a task set")):
         res = subprocess.run([*exe, "bench", *[a.strip() for a in args]], capture_output=True,
                              text=True, env=env, timeout=120, check=False)
