@@ -291,8 +291,7 @@ def rgb_section(results_dir: Path) -> list[str]:
     cfg, mach = res["config"], res["machine"]
     rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     cmd = res.get("command", "pnc bench --tasks rgb --zoo-seeds 0 --sweep-budgets 20 "
-                             "--methods PNC,PNC-F,FT,LwF,KD --out bench/results/rgb "
-                             "--workers 2 --threads 1")
+                             "--out bench/results/rgb --workers 2 --threads 1")
     return [
         "### Real architectures: torchvision resnet18 <- mobilenet_v3_small", "",
         (f"From `{rel}` (`{cmd}`): the colour digits (3x32x32), seeds {cfg['seeds']} on zoo "
