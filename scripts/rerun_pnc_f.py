@@ -11,14 +11,22 @@ veto; elsewhere ``baselines.tuned_energy_vetoes`` is a no-op and the stored row 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from pnc_net import wire
-from pnc_net.bench.baselines import run_pnc_f, task_data
-from pnc_net.bench.harness import BenchConfig, Cell, _dataset, _row
+from pnc_net.bench.baselines import energy_vetoes, run_pnc_f, task_data
+from pnc_net.bench.harness import (
+    BenchConfig,
+    Cell,
+    _dataset,
+    _row,
+    append_checkpoint,
+    cell_key,
+    clone_config_of,
+    read_checkpoint,
+)
 from pnc_net.cloning import clone
 from pnc_net.superbody import NO_ENERGY_VETO
 from pnc_net.zoo import Zoo
@@ -34,35 +42,27 @@ def main() -> None:
     torch.set_num_threads(1)
     part, parts = (int(v) for v in args.part.split("/"))
     cfg = BenchConfig()
-    done = {json.dumps(json.loads(line)["cell"], sort_keys=True)
-            for line in args.out.read_text().splitlines()} if args.out.exists() else set()
-    todo = [json.loads(line) for line in args.cells.read_text().splitlines()]
-    todo = [c for c in todo if any(r["method"] == "PNC-F" for r in c["rows"])][part::parts]
-    for out in todo:
-        if json.dumps(out["cell"], sort_keys=True) in done:
-            continue
+    done = read_checkpoint(args.out)
+    todo = [c for c in read_checkpoint(args.cells).values()
+            if any(r["method"] == "PNC-F" for r in c["rows"])][part::parts]
+    for out in (c for c in todo if cell_key(c["cell"]) not in done):
         cell = Cell(**out["cell"])
         task = cfg.tasks[cell.task]
         zoo, data = Zoo(args.zoos.format(seed=cell.zoo_seed)), _dataset(task.data)
-        clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed,
-                                task.positions or cfg.positions, localize=cfg.localize,
-                                insert=cfg.insert, device="cpu")
+        clone_cfg = clone_config_of(cfg, cell)
         pnc = clone(zoo, data, clone_cfg)
         stored = next(r for r in out["rows"] if r["method"] == "PNC")
         same = all(abs(stored[k] - pnc.report["metrics"][k]) < 1e-6
                    for k in ("acc_old", "acc_new", "locality"))
-        vetoed = any(float(b) < NO_ENERGY_VETO for n, b in pnc.superbody.named_buffers()
-                     if n.endswith("energy_max"))
-        rerun = vetoed
-        if rerun:
+        vetoed = any(float(v) < NO_ENERGY_VETO for v in energy_vetoes(pnc.superbody))
+        if vetoed:
             td = task_data(zoo, data, clone_cfg)
             row = _row(cell, task, run_pnc_f(pnc.superbody, td, data, cfg.tune, cell.seed,
                                              len(wire.encode(pnc.package)),
                                              pnc.report["seconds"]))
             out["rows"] = [row if r["method"] == "PNC-F" else r for r in out["rows"]]
-        out["pnc_f_rerun"] = {"vetoed": vetoed, "rerun": rerun, "pnc_reproduced": same}
-        with args.out.open("a") as f:
-            f.write(json.dumps(out, sort_keys=True) + "\n")
+        out["pnc_f_rerun"] = {"vetoed": vetoed, "rerun": vetoed, "pnc_reproduced": same}
+        append_checkpoint(args.out, out)
         print(cell, "vetoed" if vetoed else "no veto", "PNC reproduced" if same else
               "PNC DIFFERS", flush=True)
 

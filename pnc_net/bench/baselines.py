@@ -37,7 +37,7 @@ from pnc_net.cloning import CloneConfig, _take
 from pnc_net.data import Dataset
 from pnc_net.errors import InvalidInputError
 from pnc_net.metrics import clone_metrics
-from pnc_net.models import ZooNet, build_model
+from pnc_net.models import ZooNet
 from pnc_net.superbody import NO_ENERGY_VETO, Superbody
 from pnc_net.training import ModuleT, predict_logits, train_classifier
 from pnc_net.zoo import Manifest, Zoo, as_network
@@ -390,7 +390,7 @@ def tuned_energy_vetoes(superbody: Superbody, cloned_x: torch.Tensor) -> Iterato
     tuned there), then set it again by PNC's own rule on the tuned target: the quantile
     of its logsumexp on the cloned training samples ``cloned_x`` that lets through the
     fraction the original veto let through under the original target."""
-    vetoes = [b for name, b in superbody.named_buffers() if name.endswith("energy_max")]
+    vetoes = energy_vetoes(superbody)
     with torch.no_grad():
         before = predict_logits(superbody.target, cloned_x).logsumexp(1)
     passed = [None if float(v) >= NO_ENERGY_VETO else float((before <= v).float().mean())
@@ -403,6 +403,11 @@ def tuned_energy_vetoes(superbody: Superbody, cloned_x: torch.Tensor) -> Iterato
     for v, q in zip(vetoes, passed):
         if q is not None:
             v.fill_(float(torch.quantile(after, q)))
+
+
+def energy_vetoes(superbody: Superbody) -> list[torch.Tensor]:
+    """Every gate's ``energy_max`` buffer (``NO_ENERGY_VETO`` where none was calibrated)."""
+    return [b for name, b in superbody.named_buffers() if name.endswith("energy_max")]
 
 
 def run_oracle(td: TaskData, data: Dataset, cfg: TuneConfig, seed: int) -> BaselineResult:
@@ -435,10 +440,8 @@ def fresh_network(manifest: Manifest, num_classes: int) -> ZooNet:
     """A random-init network of ``manifest``'s architecture predicting ``num_classes``
     classes, as cloning sees networks: a pnc ``ZooNet``, or a torchvision / timm module in
     a ``GraphNet`` that applies the manifest's mean and std (``zoo.as_network``)."""
-    args = {**manifest.arch_args, "num_classes": num_classes}
-    if manifest.is_pnc:
-        return build_model(manifest.arch, **args)
-    return as_network(build_arch(manifest.arch, args).eval(), manifest)  # traced in eval
+    module = build_arch(manifest.arch, {**manifest.arch_args, "num_classes": num_classes})
+    return as_network(module.eval(), manifest)  # an import is traced in eval mode
 
 
 def _result(method: str, model: nn.Module, td: TaskData, data: Dataset, seconds: float,

@@ -225,13 +225,19 @@ def run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
         return _run_cell(zoo_root, cfg, cell)
 
 
+def clone_config_of(cfg: BenchConfig, cell: Cell) -> CloneConfig:
+    """The ``pnc clone`` settings of ``cell``'s PNC clone (its draw is every method's)."""
+    task = cfg.tasks[cell.task]
+    return task.config(cell.budget, cell.target_budget, cell.seed,
+                       task.positions or cfg.positions,
+                       localize=cfg.localize, insert=cfg.insert, device=cfg.device)
+
+
 def _run_cell(zoo_root: str, cfg: BenchConfig, cell: Cell) -> dict:
     task = cfg.tasks[cell.task]
     zoo, data = Zoo(zoo_root), _dataset(task.data)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    clone_cfg = task.config(cell.budget, cell.target_budget, cell.seed,
-                            task.positions or cfg.positions,
-                            localize=cfg.localize, insert=cfg.insert, device=cfg.device)
+    clone_cfg = clone_config_of(cfg, cell)
     td = task_data(zoo, data, clone_cfg)
     if cell.oracle:
         oracle = _row(cell, task, run_oracle(td, data, cfg.tune, cell.seed))
