@@ -258,8 +258,9 @@ def rgb_verdicts(res: dict) -> list[str]:
            ""]
     for r in (r for r in res["rows"] if r["method"] == "PNC"):
         kt, slowest = r["target_budget"], max_seconds(res, r)
-        t = next((t for t in res["transmission"] if t["target_budget"] == kt), None)
-        out += [f"- k_t = {kt}: acc_new {r['acc_new']:.3f} >= source's "
+        t = next((t for t in res["transmission"]
+                  if t["target_budget"] == kt and t["task"] == r["task"]), None)
+        out += [f"- {r['task']}, k_t = {kt}: acc_new {r['acc_new']:.3f} >= source's "
                 f"{r['source_acc_new']:.3f} - 0.05: "
                 f"{check(r['acc_new'] >= r['source_acc_new'] - 0.05)}; acc_old "
                 f"{r['acc_old']:.3f} >= target's {r['target_acc_old']:.3f} - 0.02: "
@@ -292,7 +293,7 @@ def rgb_section(results_dir: Path) -> list[str]:
     cmd = res.get("command", "pnc bench --tasks rgb --zoo-seeds 0 --sweep-budgets 20 "
                              "--out bench/results/rgb --workers 2 --threads 1")
     return [
-        "### Real architectures: torchvision resnet18 <- mobilenet_v3_small", "",
+        "### Real architectures: torchvision resnet18 <- mobilenet_v3_small, <- ViT", "",
         (f"From `{rel}` (`{cmd}`): the colour digits (3x32x32), seeds {cfg['seeds']} on zoo "
          f"seed {cfg['zoo_seeds'][0]}, k = {cfg['budget']}, no budget sweep, methods "
          f"{', '.join(cfg['methods'])}; "

@@ -226,7 +226,9 @@ def test_rgb_section_checks_issue_10_targets():
     raw = [{**r, "seconds": s} for r in rows for s in (150.0, 250.0 if r["target_budget"]
                                                        else 700.0)]
     res = {"rows": rows, "raw": raw, "transmission": [
-        {"target_budget": 20, "package_bytes": 12_000, "superbody_bytes": 20_000_000}]}
+        {"task": "r", "target_budget": 20, "package_bytes": 12_000,
+         "superbody_bytes": 20_000_000},
+        {"task": "other", "target_budget": 0, "package_bytes": 1, "superbody_bytes": 1}]}
     k20, k0 = render.rgb_verdicts(res)[2:4]
     assert "acc_new 0.700 >= source's 0.790 - 0.05: **not met**" in k20
     assert "acc_old 0.960 >= target's 0.970 - 0.02: met" in k20
@@ -234,7 +236,8 @@ def test_rgb_section_checks_issue_10_targets():
     assert "0.060% of the superbody's 20,000,000 B <= 0.1%: met" in k20
     assert "acc_new 0.760 >= source's 0.790 - 0.05: met" in k0
     assert "locality 0.950 >= 0.97: **not met**" in k0 and "11.7) <= 10: **not met**" in k0
-    assert "package" not in k0  # no transmission measured for that regime
+    assert k20.startswith("- r, k_t = 20:") and k0.startswith("- r, k_t = 0:")
+    assert "package" not in k0  # none measured for that task and regime (only another's)
 
 
 @pytest.mark.slow

@@ -94,6 +94,9 @@ RGB_TASKS = (
     Task("resnet18<-mobilenet_v3 {5,6}", "rgb-resnet18-0to4",
          (SourceSpec("rgb-mobilenet_v3_small-5to9", ("5", "6")),), "rgb cnn", "rgb-digits", "rgb",
          positions=((7, 7), (6, 7))),  # the winners of the full search (docs/method.md)
+    Task("resnet18<-vit {5,6}", "rgb-resnet18-0to4",
+         (SourceSpec("rgb-vit-5to9", ("5", "6")),), "rgb cnn <- vit", "rgb-digits", "rgb",
+         positions=((9, 6), (8, 6))),  # CNN <- ViT: the full search's winners as well
 )
 TASK_SETS = {"default": DEFAULT_TASKS, "rgb": RGB_TASKS, "all": DEFAULT_TASKS + RGB_TASKS}
 
