@@ -1,6 +1,6 @@
 """Where the rgb router's errors come from: the features, or the 20 samples? (issue 10/14)
 
-    OMP_NUM_THREADS=1 python bench/bench_rgb_router.py [--source mobilenet|vit] \\
+    OMP_NUM_THREADS=1 python bench/bench_rgb_router.py [--source mobilenet|vit|mnist] \\
         [--seed N] [--zoo /tmp/pnc/rgbzoo] >> bench/results/rgb_router.jsonl
 
 Clones ``{5, 6}`` into ``rgb-resnet18-0to4`` (k = 20, k_t = 20, the bench's first
@@ -14,7 +14,12 @@ refits only the discriminant gate (``insert.fit_discriminant_gate``'s estimator)
 - ``test_fit``: fitted on the test split itself: the ceiling of a linear router on
   these features (optimistic: fit and scored on the same digits);
 - ``+taps``: the target's pooled features at every boundary joined to ``f_t, f_b``
-  (does an earlier layer separate cloned digits from the target's own?).
+  (does an earlier layer separate cloned digits from the target's own?), and subsets
+  (``taps_upto_R``, ``taps_last3``, ``taps_first_half``);
+- ``_int8``: the same weights rounded as a package stores them, folded standardization
+  (what showed that a gate with taps must keep its scales apart, ``docs/method.md``).
+
+``--source mnist`` runs the default MNIST task instead (its position searched).
 
 Each row gives test locality and acc_new (the branch fixed) and routing errors.
 Prints one JSON line.
@@ -31,15 +36,19 @@ import torch
 
 from pnc_net.cloning import CloneConfig, localize_sequential, plan, run_sequential, search_module
 from pnc_net.data import load_dataset
+from pnc_net.insert import on_int8_grid
 from pnc_net.zoo import Zoo
 
 CLONED = ("5", "6")
-SOURCES = {"mobilenet": ("rgb-mobilenet_v3_small-5to9", (7, 7)),
-           "vit": ("rgb-vit-5to9", (9, 6))}
+#: --source: (target, source, position, data set); "mnist" is the default MNIST task
+SOURCES = {"mobilenet": ("rgb-resnet18-0to4", "rgb-mobilenet_v3_small-5to9", (7, 7), "rgb-digits"),
+           "vit": ("rgb-resnet18-0to4", "rgb-vit-5to9", (9, 6), "rgb-digits"),
+           "mnist": ("mnist-cnn-0to4", "mnist-cnn-5to9", None, "mnist")}
 Features = dict[str, torch.Tensor]
 
 
-def lda(x: torch.Tensor, group: torch.Tensor, n_cloned: int, shrink: float = 0.1):
+def lda(x: torch.Tensor, group: torch.Tensor, n_cloned: int, shrink: float = 0.1,
+        int8: bool = False):
     """``insert.fit_discriminant_gate``'s estimator on features ``x`` with groups
     (cloned index, or ``n_cloned + `` the target's predicted class): ``g(x)``."""
     x = x.double()
@@ -54,9 +63,15 @@ def lda(x: torch.Tensor, group: torch.Tensor, n_cloned: int, shrink: float = 0.1
     is_cloned = classes < n_cloned
     prior = torch.where(is_cloned, 0.5 / n_cloned, 0.5 / int((~is_cloned).sum())).log()
     bias = -0.5 * (coef * means).sum(1) + prior
+    weight = coef / sd  # folded as the built gate folds it
+    bias = bias - weight @ mu
+    bias = bias - bias.mean()  # softmax-invariant; small for fp16, as the built gate keeps it
+    if int8:  # as the package stores it (insert.fit_discriminant_gate)
+        weight = on_int8_grid(weight.float()).double()
+        bias = bias.float().half().double()
 
     def gate(f: torch.Tensor) -> torch.Tensor:
-        s = ((f.double() - mu) / sd) @ coef.T + bias
+        s = f.double() @ weight.T + bias
         return (s[:, is_cloned].logsumexp(1) - s[:, ~is_cloned].logsumexp(1)).sigmoid().float()
 
     return gate
@@ -71,16 +86,16 @@ def main() -> None:
     ap.add_argument("--more", default="20,80", help="extra real digits per class, comma list")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    source, position = SOURCES[args.source]
-    data = load_dataset("rgb-digits")
+    target_name, source, position, data_name = SOURCES[args.source]
+    data = load_dataset(data_name)
     zoo = Zoo(args.zoo)
-    cfg = CloneConfig.single("rgb-resnet18-0to4", source, CLONED, per_class=20,
-                             target_per_class=20, seed=args.seed, positions=(position,))
+    cfg = CloneConfig.single(target_name, source, CLONED, per_class=20, target_per_class=20,
+                             seed=args.seed, positions=(position,) if position else None)
     started = time.time()
     job = plan(zoo, data, cfg)
     module = job.modules[0]
     module.masks, module.prepared = localize_sequential(job)[0]
-    _, branch, _ = search_module(job, 0, run_sequential)
+    position, branch, _ = search_module(job, 0, run_sequential)
     branch.eval()
     target, prep = job.target, module.prepared
     clone_seconds = time.time() - started
@@ -133,8 +148,9 @@ def main() -> None:
     def cat(fs: list[Features]) -> Features:
         return {k: torch.cat([f[k] for f in fs]) for k in fs[0]}
 
-    def fit_and_score(fit: Features, y: torch.Tensor, keys: tuple[str, ...]) -> dict[str, float]:
-        gate = lda(torch.cat([fit[k] for k in keys], 1), groups(fit, y), len(cloned))
+    def fit_and_score(fit: Features, y: torch.Tensor, keys: tuple[str, ...],
+                      int8: bool = False) -> dict[str, float]:
+        gate = lda(torch.cat([fit[k] for k in keys], 1), groups(fit, y), len(cloned), int8=int8)
         return score(gate(torch.cat([test_old[k] for k in keys], 1)),
                      gate(torch.cat([test_new[k] for k in keys], 1)))
 
@@ -144,6 +160,21 @@ def main() -> None:
     base, taps = ("f_t", "f_b"), ("f_t", "f_b", "taps")
     rows["train"] = fit_and_score(train, y_train, base)
     rows["train+taps"] = fit_and_score(train, y_train, taps)
+    rows["train_int8"] = fit_and_score(train, y_train, base, int8=True)
+    rows["train+taps_int8"] = fit_and_score(train, y_train, taps, int8=True)
+    widths = [w.channels for w in target.feature_info(job.input_shape)[1:]]
+    ends = torch.tensor(widths).cumsum(0).tolist()
+    for name, picked in (("taps_upto_R", range(branch.position_r)),
+                         ("taps_last3", range(len(widths) - 3, len(widths))),
+                         ("taps_first_half", range(len(widths) // 2))):
+        cols = torch.cat([torch.arange(e - w, e) for i, (w, e) in enumerate(zip(widths, ends))
+                          if i in picked])
+        sub = {**train, "sub": train["taps"][:, cols]}
+        test_old["sub"], test_new["sub"] = test_old["taps"][:, cols], test_new["taps"][:, cols]
+        rows[f"train+{name}"] = {**fit_and_score(sub, y_train, ("f_t", "f_b", "sub")),
+                                  "tap_dims": len(cols)}
+        rows[f"train+{name}_int8"] = fit_and_score(sub, y_train, ("f_t", "f_b", "sub"), int8=True)
+    rows["tap_widths"] = widths  # type: ignore[assignment]
     x_tr, y_tr = data.split("train")
     x_tr = torch.as_tensor(x_tr)
     gen = torch.Generator().manual_seed(1000 + args.seed)

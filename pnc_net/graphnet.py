@@ -532,6 +532,13 @@ class GraphNet(ZooNet):
         #: were asked for); such a source is cloned whole
         self.unmasked_reason = unmasked
 
+    def pooled(self, h: torch.Tensor, boundary: int) -> torch.Tensor:
+        """``h`` at ``boundary`` averaged over its grid (or tokens), whatever the layout."""
+        layout = self._layouts[boundary][0]
+        if layout == "chw":
+            return h.mean((2, 3))
+        return h.mean((1, 2)) if layout == "hwc" else h.mean(1)
+
     def mask_gates(self) -> dict[str, ChannelGate]:
         """Every mask unit by name (its root module's qualified name)."""
         return dict(self._gates)

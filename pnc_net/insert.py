@@ -21,7 +21,16 @@ from pnc_net.devices import CPU, Compute
 from pnc_net.errors import InvalidInputError, PreconditionError
 from pnc_net.localize import LocalizeConfig, localized_samples
 from pnc_net.models import ZooNet
-from pnc_net.superbody import NO_ENERGY_VETO, Branch, DiscriminantGate, Superbody, build_branch
+from pnc_net.superbody import (
+    GATE_TAPS,
+    NO_ENERGY_VETO,
+    Branch,
+    DiscriminantGate,
+    Superbody,
+    build_branch,
+    tap_boundaries,
+    target_gate_features,
+)
 from pnc_net.training import batches, predict_logits, random_shift
 
 
@@ -54,6 +63,9 @@ class InsertConfig:
     # "mlp" (always FusionGate) or "lda" (always DiscriminantGate); docs/method.md
     gate: str = "auto"
     gate_shrink: float = 0.1  # the discriminant's covariance shrinkage toward its mean variance
+    # target boundaries the discriminant reads besides its penultimate features
+    # (superbody.GATE_TAPS: none, early, all; docs/method.md, the router)
+    gate_taps: str = "none"
     # rounds of joint refinement of the chosen branch (method.md step 4, cloning.joint_refine):
     # tail masks refined through the inserted path, then adapter and gate retrained
     joint_rounds: int = 0
@@ -61,6 +73,9 @@ class InsertConfig:
     def __post_init__(self) -> None:
         if self.gate not in GATE_KINDS:
             raise InvalidInputError(f"unknown gate {self.gate!r}; use one of {', '.join(GATE_KINDS)}")
+        if self.gate_taps not in GATE_TAPS:
+            raise InvalidInputError(f"unknown gate taps {self.gate_taps!r}; use one of "
+                                    f"{', '.join(GATE_TAPS)}")
         if not 0 < self.gate_shrink <= 1:
             raise InvalidInputError(f"gate_shrink {self.gate_shrink} must be in (0, 1]")
         if not 0 <= self.joint_rounds <= 10:
@@ -197,9 +212,11 @@ def round_adapter_weights(branch: Branch) -> None:
 
 
 def gate_inputs(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
-                compute: Compute = CPU) -> tuple[torch.Tensor, ...]:
+                compute: Compute = CPU, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, ...]:
     """``(label, z_t, z_s, f_b, f_t)`` on the gate's training samples (augmented ``D``,
     then the occluded negatives), on ``compute.device``; ``label`` is 1 on cloned samples.
+    ``f_t`` holds the target's features pooled at boundaries ``taps`` after its
+    penultimate ones (``superbody.target_gate_features``).
 
     Both gates fit full-batch on these, so they are computed once, without grad."""
     x = torch.cat([prep.x, prep.x_neg])
@@ -209,11 +226,15 @@ def gate_inputs(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfi
         for i in range(0, len(x), bs):
             xb = compute.put(x[i : i + bs])
             with compute.autocast():
-                h_r = target.forward_features(xb, branch.position_r)  # the target runs once
-                f_t = target.head.features(
-                    target.forward_features(h_r, target.num_blocks, start=branch.position_r))
-                z_s, f_b = branch.run(h_r)
-            parts.append([t.float() for t in (target.head.fc(f_t), z_s, f_b, f_t)])
+                h, feats = xb, {}
+                for r in range(1, target.num_blocks + 1):  # the target runs once
+                    h = target.block(r - 1)(h)
+                    if r == branch.position_r or r in taps:
+                        feats[r] = h
+                f_pen = target.head.features(h)
+                f_t = target_gate_features(target, f_pen, feats, taps)
+                z_s, f_b = branch.run(feats[branch.position_r])
+            parts.append([t.float() for t in (target.head.fc(f_pen), z_s, f_b, f_t)])
     z_t, z_s, f_b, f_t = (torch.cat(p) for p in zip(*parts))
     return label, z_t, z_s, f_b, f_t
 
@@ -247,7 +268,8 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     ``bench/bench_lda_gate.py``), and the priors are class-balanced: half the mass on
     the cloned classes. The standardization is folded into the one linear layer.
     """
-    _, z_t, _, f_b, f_t = gate_inputs(target, branch, prep, cfg, compute)
+    taps = tap_boundaries(cfg.gate_taps, target.num_blocks)
+    _, z_t, _, f_b, f_t = gate_inputs(target, branch, prep, cfg, compute, taps)
     x = torch.cat([f_t, f_b], 1).double()
     n_cloned = len(branch.cloned_index)
     y = compute.put(prep.y).clone()
@@ -268,17 +290,23 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
         raise PreconditionError("the discriminant gate needs samples of every cloned class "
                                 "and of at least one target class; use --gate mlp")
     prior = torch.where(is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
-    weight = coef / sd
-    bias = -weight @ mu - 0.5 * (coef * means).sum(1) + prior
+    gate = DiscriminantGate(n_cloned, len(classes), x.shape[1], taps).to(compute.device)
+    if taps:  # the standardization's scale travels (fp16), the weight stays standardized
+        scale = (1 / sd).float().half().double()
+        weight = on_int8_grid(coef.float()).double()
+    else:  # folded into the weight (one int8 scale per row suffices here)
+        scale, weight = torch.ones_like(sd), coef / sd
+    bias = -weight @ (mu * scale) - 0.5 * (coef * means).sum(1) + prior
     bias = bias - bias.mean()  # softmax-invariant; keeps the bias small for fp16
     # a bias beyond fp16's range (random-init timm models gave some above 65,504) makes
     # the scores cooler instead: the same decisions, a softer gate
     cool = max(1.0, float(bias.abs().max()) / 3e4)
     weight, bias = weight / cool, bias / cool
-    gate = DiscriminantGate(n_cloned, len(classes), x.shape[1]).to(compute.device)
     with torch.no_grad():  # wire-exact, so the fingerprint holds after an fp16 package
         gate.linear.weight.copy_(on_int8_grid(weight.float()))
         gate.linear.bias.copy_(bias.float().half().float())
+        if taps:
+            gate.feature_scale.copy_(scale.float())
     return gate
 
 

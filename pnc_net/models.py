@@ -231,6 +231,11 @@ class ZooNet(nn.Module):
             x = block(x)
         return x
 
+    def pooled(self, h: torch.Tensor, boundary: int) -> torch.Tensor:
+        """The features ``h`` at ``boundary`` averaged over space, ``(b, channels)``: what
+        a discriminant gate's taps read (``superbody.DiscriminantGate``)."""
+        return h.mean((2, 3))
+
     def forward_from(self, h: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from the features at boundary ``start``."""
         return self.head(self.forward_features(h, self.num_blocks, start))

@@ -52,8 +52,12 @@ class ModuleConfig:
     gate_hidden: int = 8  # hidden units of the fusion gate
     # 0: the MLP FusionGate; more: a DiscriminantGate with that many classes (cloned first)
     gate_classes: int = 0
+    # the target boundaries a discriminant gate also reads: bit r - 1 for boundary r
+    # (superbody.taps_mask); 0, the default, is none
+    gate_taps: int = 0
 
-    BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096), "gate_classes": (0, 4096)}
+    BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096), "gate_classes": (0, 4096),
+              "gate_taps": (0, 2**62)}
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -77,12 +81,13 @@ class ModuleConfig:
 
     def as_dict(self) -> dict[str, int]:
         """The fields as ``config_json`` writes them: every one, defaults included, except
-        ``gate_classes`` 0, so an MLP-gated package is byte for byte what pnc wrote before
-        the discriminant gate (and a reader older than it refuses a discriminant-gated
-        package by the unknown-key rule rather than misreading it)."""
+        ``gate_classes`` and ``gate_taps`` at 0, so a package without them is byte for byte
+        what pnc wrote before them (and a reader older than them refuses a package that
+        has them by the unknown-key rule rather than misreading it)."""
         out = asdict(self)
-        if not out["gate_classes"]:
-            del out["gate_classes"]
+        for key in ("gate_classes", "gate_taps"):  # absent at 0: earlier packages' bytes
+            if not out[key]:
+                del out[key]
         return out
 
 

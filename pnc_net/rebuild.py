@@ -19,7 +19,14 @@ from pnc_net.codec import MAX_PROBE_COUNT
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.models import ZooNet
 from pnc_net.package import ClonedModule, Fingerprint, ModuleConfig, Package, ZooRef, probe_batch
-from pnc_net.superbody import Branch, DiscriminantGate, Superbody, build_branch
+from pnc_net.superbody import (
+    Branch,
+    DiscriminantGate,
+    Superbody,
+    build_branch,
+    taps_from_mask,
+    taps_mask,
+)
 from pnc_net.zoo import Zoo
 
 PROBE_SEED = 20230317
@@ -52,7 +59,8 @@ def branch_config(branch: Branch) -> dict[str, int]:
     gate = branch.gate
     if isinstance(gate, DiscriminantGate):
         shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
-                             gate_classes=gate.linear.out_features)
+                             gate_classes=gate.linear.out_features,
+                             gate_taps=taps_mask(gate.taps))
     else:
         shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
                              gate_hidden=gate.hidden)
@@ -92,9 +100,15 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
         raise IncompatibleError(
             f"gate_classes {settings.gate_classes} does not fit {n_cloned} cloned and "
             f"{len(target_labels)} target classes; the package is corrupt")
+    taps = taps_from_mask(settings.gate_taps)
+    if taps and (not settings.gate_classes or taps[-1] > target.num_blocks):
+        raise IncompatibleError(
+            f"gate_taps {settings.gate_taps} names boundaries {list(taps)[:8]}, but the target "
+            f"has {target.num_blocks} and only a discriminant gate reads taps; the package "
+            "is corrupt")
     branch, _ = build_branch(target, source, input_shape, module.position_r, module.position_s,
                           module.masks, module.cloned_classes, labels, settings.adapter_rank,
-                          settings.gate_hidden, len(target_labels), settings.gate_classes)
+                          settings.gate_hidden, len(target_labels), settings.gate_classes, taps)
     state = {**{f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()},
              **{f"gate.{k}": v for k, v in branch.gate.state_dict().items()}}
     tensors = dict(module.tensors)

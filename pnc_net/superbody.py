@@ -247,26 +247,41 @@ class DiscriminantGate(nn.Module):
     there it raised test locality on the default task from 0.987 to 0.996 (k = 20,
     k_t = 20, 3 zoo x 3 clone seeds, ``docs/method.md``). Reading ``f_t`` as well as
     ``f_b`` is what wins: the target's own features say best what the target knows.
+
+    With ``taps`` (target boundaries, ``--gate-taps``) ``f_t`` also holds the target's
+    features pooled at those boundaries (``target_gate_features``): early layers still
+    tell a cloned digit from the target's own where the penultimate features, trained to
+    map everything onto the target's classes, no longer do (``docs/method.md``).
     """
 
     energy_max: torch.Tensor  # (1,) buffer, as in FusionGate
+    feature_scale: torch.Tensor  # (n_features,) buffer, only with taps
     needs_target_features = True
 
-    def __init__(self, n_cloned: int, n_classes: int, n_features: int) -> None:
+    def __init__(self, n_cloned: int, n_classes: int, n_features: int,
+                 taps: tuple[int, ...] = ()) -> None:
         super().__init__()
         if not 0 < n_cloned < n_classes:
             raise IncompatibleError(f"a discriminant gate needs more classes ({n_classes}) "
                                     f"than cloned classes ({n_cloned}) and at least one cloned")
         self.n_cloned = n_cloned
+        self.taps = tuple(sorted(taps))
         self.linear = nn.Linear(n_features, n_classes)
         self.register_buffer("energy_max", torch.tensor([NO_ENERGY_VETO]))
+        if self.taps:
+            # per-feature scales (1 / std, fp16): the weight stays in standardized units,
+            # where one int8 scale per row suits every column. Folded into the weight, the
+            # taps' small-variance columns took the rows' peaks and the int8 grid rounded
+            # the other columns away (locality -0.004 to -0.018, measured)
+            self.register_buffer("feature_scale", torch.ones(n_features))
 
     def logit(self, z_t: torch.Tensor, z_s: torch.Tensor, f_b: torch.Tensor,
               f_t: torch.Tensor | None = None) -> torch.Tensor:
         """The log-odds of "a cloned class", ``(b,)``."""
         if f_t is None:
             raise InvalidInputError("a discriminant gate reads the target's features f_t")
-        scores = self.linear(torch.cat([f_t, f_b], dim=1))
+        x = torch.cat([f_t, f_b], dim=1)
+        scores = self.linear(x * self.feature_scale if self.taps else x)
         k = self.n_cloned
         log_odds = scores[:, :k].logsumexp(1) - scores[:, k:].logsumexp(1)
         return LOG_ODDS_BOUND * log_odds / (LOG_ODDS_BOUND + log_odds.abs())
@@ -278,6 +293,38 @@ class DiscriminantGate(nn.Module):
 
 
 Gate = FusionGate | DiscriminantGate
+
+#: ``--gate-taps``: which target boundaries a discriminant gate reads besides the
+#: penultimate features (``tap_boundaries``)
+GATE_TAPS = ("none", "early", "all")
+
+
+def tap_boundaries(kind: str, num_blocks: int) -> tuple[int, ...]:
+    """The target boundaries ``kind`` names: none, the first half (``early``: 1..L/2,
+    the measured winner, ``docs/method.md``) or every one (1..L)."""
+    if kind not in GATE_TAPS:
+        raise InvalidInputError(f"unknown gate taps {kind!r}; use one of {', '.join(GATE_TAPS)}")
+    last = {"none": 0, "early": num_blocks // 2, "all": num_blocks}[kind]
+    return tuple(range(1, last + 1))
+
+
+def taps_mask(taps: Iterable[int]) -> int:
+    """Boundaries as the package's ``gate_taps`` integer: bit ``r - 1`` for boundary r."""
+    return sum(1 << (r - 1) for r in set(taps))
+
+
+def taps_from_mask(mask: int) -> tuple[int, ...]:
+    """``taps_mask``'s inverse."""
+    return tuple(r + 1 for r in range(mask.bit_length()) if mask >> r & 1)
+
+
+def target_gate_features(target: ZooNet, f_pen: torch.Tensor, feats: Mapping[int, torch.Tensor],
+                         taps: tuple[int, ...]) -> torch.Tensor:
+    """What a discriminant gate reads of the target: its penultimate features, then its
+    features pooled at each tap boundary (``feats[r]``), in boundary order."""
+    if not taps:
+        return f_pen
+    return torch.cat([f_pen, *(target.pooled(feats[r], r) for r in taps)], dim=1)
 
 
 class Branch(nn.Module):
@@ -497,17 +544,20 @@ class Superbody(nn.Module):
     def parts(self, x: torch.Tensor) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Target logits, every branch's source logits and gate, for training and metrics."""
         branches = self.attached()
-        wanted = {b.position_r for b in branches}
+        wanted = {b.position_r for b in branches}.union(*(gate_taps(b.gate) for b in branches))
         h, feats = x, {}
         for r, block in enumerate(self.target.blocks, start=1):
             h = block(h)
             if r in wanted:
                 feats[r] = h
         z_t = self.target.head(h)
-        f_t = (self.target.head.features(h) if any(b.gate.needs_target_features for b in branches)
-               else None)  # only a discriminant gate reads them
+        f_pen = (self.target.head.features(h)
+                 if any(b.gate.needs_target_features for b in branches)
+                 else None)  # only a discriminant gate reads them
         runs = [b.run(feats[b.position_r]) for b in branches]
-        gates = [b.gate(z_t, zs, fb, f_t) for b, (zs, fb) in zip(branches, runs)]
+        gates = [b.gate(z_t, zs, fb, None if f_pen is None else
+                        target_gate_features(self.target, f_pen, feats, gate_taps(b.gate)))
+                 for b, (zs, fb) in zip(branches, runs)]
         return {"z_t": z_t, "z_s": [zs for zs, _ in runs], "gates": gates}
 
     def fuse(self, parts: dict[str, Any]) -> torch.Tensor:
@@ -543,16 +593,23 @@ class Superbody(nn.Module):
         return sum(t.numel() * 4 for t in tensors if t.is_floating_point())
 
 
+def gate_taps(gate: Gate) -> tuple[int, ...]:
+    """The target boundaries ``gate`` reads (none for the MLP gate)."""
+    return getattr(gate, "taps", ())
+
+
 def build_branch(target: ZooNet, source: ZooNet, input_shape: tuple[int, ...],
                  position_r: int, position_s: int, masks: dict[str, torch.Tensor],
                  cloned_classes: tuple[int, ...], label_names: tuple[str, ...],
                  adapter_rank: int, gate_hidden: int, n_target: int, gate_classes: int = 0,
+                 gate_taps: tuple[int, ...] = (),
                  ) -> tuple[Branch, torch.Tensor | None]:
     """A physically pruned branch with fresh adapter and gate (weights loaded by the
     caller), and the source channels kept at boundary S (None = all).
 
     ``gate_classes`` 0 makes a ``FusionGate`` (``gate_hidden`` units); more makes a
-    ``DiscriminantGate`` of that many classes, the cloned ones first."""
+    ``DiscriminantGate`` of that many classes, the cloned ones first, reading the
+    target's boundaries ``gate_taps`` as well."""
     t_info = target.feature_info(input_shape)[position_r]
     s_info = source.feature_info(input_shape)[position_s]
     blocks, head, adapter_keep = source.pruned_tail(position_s, masks)
@@ -561,8 +618,11 @@ def build_branch(target: ZooNet, source: ZooNet, input_shape: tuple[int, ...],
                       Layout.of(t_info), Layout.of(s_info))
     gate: Gate
     if gate_classes:
+        infos = target.feature_info(input_shape)
+        taps_width = sum(infos[r].channels for r in gate_taps)
         gate = DiscriminantGate(len(cloned_classes), gate_classes,
-                                target.head.fc.in_features + head.fc.in_features)
+                                target.head.fc.in_features + taps_width + head.fc.in_features,
+                                gate_taps)
     else:
         gate = FusionGate(n_target, head.fc.out_features, head.fc.in_features, gate_hidden)
     branch = Branch(position_r, position_s, adapter, copy.deepcopy(blocks), head,

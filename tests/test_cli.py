@@ -128,6 +128,8 @@ CLONE_MISTAKES = {
                     ("--dtype 'bogus'", "fp16")),
     "gate bogus": ((*CLONE, "--classes", "5,6", "--gate", "knn"), 2,
                    ("unknown gate 'knn'", "auto, mlp, lda")),
+    "gate taps bogus": ((*CLONE, "--classes", "5,6", "--gate-taps", "late"), 2,
+                        ("unknown gate taps 'late'", "none, early, all")),
     "joint rounds out of range": ((*CLONE, "--classes", "5,6", "--joint-rounds", "11"), 2,
                                   ("joint_rounds 11 must be in 0..10",)),
     "positions not R:S": ((*CLONE, "--classes", "5,6", "--positions", "3-3"), 2,

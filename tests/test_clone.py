@@ -103,6 +103,41 @@ def test_rebuild_refuses_gate_classes_that_do_not_fit(default_clone, zoo, classe
         build_superbody(zoo, package)
 
 
+def test_gate_taps_read_the_targets_early_layers_and_travel(zoo, mnist):
+    """``--gate-taps early``: the discriminant also reads the target's features pooled at
+    boundaries 1..L/2; the package records them and a rebuild decides as the sender."""
+    from dataclasses import replace
+
+    from pnc_net.superbody import taps_from_mask
+
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
+                             target_per_class=5, positions=((3, 3),))
+    result = clone(zoo, mnist, replace(cfg, insert=replace(cfg.insert, gate_taps="early")))
+    gate = result.superbody.branches[0].gate
+    target = result.superbody.target
+    assert gate.taps == (1, 2)  # 4 boundaries: the first half
+    widths = [i.channels for i in target.feature_info((1, 28, 28))]
+    branch_width = gate.linear.in_features - target.head.fc.in_features - widths[1] - widths[2]
+    assert branch_width == result.superbody.branches[0].head.fc.in_features
+    settings = result.package.modules[0].settings()
+    assert taps_from_mask(settings.gate_taps) == (1, 2)
+    x = mnist.x_test[:300]
+    rebuilt = build_superbody(zoo, wire.decode(wire.encode(result.package, "fp32")))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.superbody(x))
+    assert verify(zoo, wire.decode(wire.encode(result.package)))[1] <= 1e-3
+
+
+@pytest.mark.parametrize("mask", [1 << 4, 1 << 40])
+def test_rebuild_refuses_gate_taps_beyond_the_target(default_clone, zoo, mask):
+    """The target has 4 boundaries: a tap at boundary 5 (or 41) is a corrupt package,
+    refused before anything is built."""
+    package = wire.decode(wire.encode(default_clone.package, "fp32"))
+    package.modules[0].config = {**package.modules[0].config, "gate_taps": mask}
+    with pytest.raises(IncompatibleError, match="gate_taps"):
+        build_superbody(zoo, package)
+
+
 def test_rebuild_refuses_a_package_for_another_source(default_clone, zoo):
     package = wire.decode(wire.encode(default_clone.package, "fp32"))
     other = zoo.resolve("mnist-resnet-5to9")

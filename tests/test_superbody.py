@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pnc_net.errors import IncompatibleError
+from pnc_net.errors import IncompatibleError, InvalidInputError
 from pnc_net.models import ZooNet
 from pnc_net.rebuild import build_superbody
 from pnc_net.superbody import NO_ENERGY_VETO, DiscriminantGate, FusionGate, Superbody
@@ -263,3 +263,40 @@ def test_discriminant_gate_log_odds_are_bounded_and_keep_a_gradient():
     assert bool(((g > 0) & (g < 1)).all()), g
     g.sum().backward()
     assert f_b.grad is not None and bool((f_b.grad.abs().sum(1) > 0).all())
+
+
+def test_gate_taps_name_boundaries_and_round_trip_through_the_package_integer():
+    from pnc_net.insert import InsertConfig
+    from pnc_net.superbody import tap_boundaries, taps_from_mask, taps_mask
+
+    assert tap_boundaries("none", 10) == ()
+    assert tap_boundaries("early", 10) == (1, 2, 3, 4, 5)
+    assert tap_boundaries("early", 1) == ()  # a one-block target has no early half
+    assert tap_boundaries("all", 4) == (1, 2, 3, 4)
+    for taps in [(), (1,), (2, 5), tuple(range(1, 53))]:  # resnet152 has 52 boundaries
+        assert taps_from_mask(taps_mask(taps)) == taps
+    assert taps_mask((1, 2)) == 0b11
+    with pytest.raises(InvalidInputError, match="gate taps 'late'"):
+        InsertConfig(gate_taps="late")
+    with pytest.raises(InvalidInputError, match="none, early, all"):
+        tap_boundaries("late", 4)
+
+
+def test_pooled_features_follow_each_boundary_layout():
+    """A tap averages over the grid (chw and hwc) or the tokens, whatever the layout."""
+    import torchvision
+
+    from pnc_net.graphnet import GraphNet
+
+    vit = GraphNet(torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=3).eval(), (3, 32, 32))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        for r in range(1, vit.num_blocks + 1):
+            h = vit.forward_features(x, r)
+            info = vit.feature_info((3, 32, 32))[r]
+            assert vit.pooled(h, r).shape == (2, info.channels), (r, info)
+    cnn = GraphNet(torchvision.models.resnet18(num_classes=3).eval(), (3, 32, 32))
+    h = cnn.forward_features(x, 2)
+    assert torch.equal(cnn.pooled(h, 2), h.mean((2, 3)))
