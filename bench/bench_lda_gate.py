@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pnc_net.cloning import CloneConfig, localize_sequential, plan, run_sequential, search_module
+from pnc_net.cloning import CloneConfig, plan, searched_branch
 from pnc_net.data import load_mnist
 from pnc_net.zoo import Zoo
 from pnc_net.zoo_train import build_default_zoo
@@ -57,9 +57,7 @@ def main() -> None:
     started = time.time()
     job = plan(zoo, data, cfg)
     module = job.modules[0]
-    module.masks, module.prepared = localize_sequential(job)[0]
-    position, branch, _ = search_module(job, 0, run_sequential)
-    branch.eval()
+    position, branch = searched_branch(job)
     target, prep, cd = job.target, module.prepared, module.data
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pnc_net.cloning import CloneConfig, localize_sequential, plan, run_sequential, search_module
+from pnc_net.cloning import CloneConfig, plan, searched_branch
 from pnc_net.data import load_dataset
 from pnc_net.insert import on_int8_grid
 from pnc_net.zoo import Zoo
@@ -94,9 +94,7 @@ def main() -> None:
     started = time.time()
     job = plan(zoo, data, cfg)
     module = job.modules[0]
-    module.masks, module.prepared = localize_sequential(job)[0]
-    position, branch, _ = search_module(job, 0, run_sequential)
-    branch.eval()
+    position, branch = searched_branch(job)
     target, prep = job.target, module.prepared
     clone_seconds = time.time() - started
     n_t, cloned = len(job.target_labels), branch.cloned_index

@@ -466,6 +466,16 @@ def _adapter_outputs(source: ZooNet, branch: Branch, h_r: torch.Tensor, position
     return full
 
 
+def searched_branch(job: CloneJob, i: int = 0) -> tuple[tuple[int, int], Branch]:
+    """Module ``i`` localized, prepared and searched in process, as ``clone`` does, but
+    not packaged: ``(position, branch)`` (in eval mode) for experiments that refit a part
+    of a finished clone (``bench/bench_lda_gate.py``, ``bench/bench_rgb_router.py``)."""
+    module = job.modules[i]
+    module.masks, module.prepared = localize_module(job, i), prepare_module(job, i)
+    position, branch, _ = search_module(job, i, run_sequential)
+    return position, branch.eval()
+
+
 def search_module(job: CloneJob, i: int, runner: CandidateRunner,
                   ) -> tuple[tuple[int, int], Branch, list[dict]]:
     """``(best position, its branch, the report's search list)`` of module ``i``.
