@@ -286,10 +286,15 @@ def clone_cmd(
     gate_taps: Annotated[str, typer.Option(
         "--gate-taps",
         help="Target layers the discriminant gate (--gate lda, or auto with target samples; "
-             "the MLP gate ignores this) also reads, pooled: none, early (the first half of "
-             "the target's boundaries) or all. Early layers still tell a cloned input from "
-             "the target's own where its last ones do not; costs bytes "
-             "(docs/method.md, the router).")] = "none",
+             "the MLP gate ignores this) may read, pooled, besides its last ones: none, early "
+             "(the first half of the target's boundaries) or all. Early layers still tell a "
+             "cloned input from the target's own where its last ones do not "
+             "(docs/method.md, the router).")] = "all",
+    gate_features: Annotated[str, typer.Option(
+        "--gate-features",
+        help="How many of those features the discriminant gate keeps, the ones it weighs "
+             "most: half (half the width of its features without taps: fewer bytes than no "
+             "taps, and better routing, measured), all, or a count.")] = "half",
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (a discriminant gate's weight as int8), fp32, int8.")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
@@ -312,7 +317,7 @@ def clone_cmd(
                        target_per_class=target_per_class, seed=seed, positions=positions,
                        adapter_rank=adapter_rank, batch_size=batch_size, search=search, device=device,
                        precision=precision, gate=gate, joint_rounds=joint_rounds,
-                       gate_taps=gate_taps)  # before Ray starts
+                       gate_taps=gate_taps, gate_features=gate_features)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -65,7 +65,11 @@ class InsertConfig:
     gate_shrink: float = 0.1  # the discriminant's covariance shrinkage toward its mean variance
     # target boundaries the discriminant reads besides its penultimate features
     # (superbody.GATE_TAPS: none, early, all; docs/method.md, the router)
-    gate_taps: str = "none"
+    gate_taps: str = "all"
+    # how many of those features it keeps, the ones it weighs most: "half" (half the width
+    # of its untapped features [f_t, f_b]: fewer bytes than no taps, and better routing,
+    # measured), "all", or a count
+    gate_features: str = "half"
     # rounds of joint refinement of the chosen branch (method.md step 4, cloning.joint_refine):
     # tail masks refined through the inserted path, then adapter and gate retrained
     joint_rounds: int = 0
@@ -76,6 +80,10 @@ class InsertConfig:
         if self.gate_taps not in GATE_TAPS:
             raise InvalidInputError(f"unknown gate taps {self.gate_taps!r}; use one of "
                                     f"{', '.join(GATE_TAPS)}")
+        if not (self.gate_features in ("half", "all") or
+                (self.gate_features.isdigit() and int(self.gate_features) > 0)):
+            raise InvalidInputError(f"gate features {self.gate_features!r} must be half, all or "
+                                    "a positive count")
         if not 0 < self.gate_shrink <= 1:
             raise InvalidInputError(f"gate_shrink {self.gate_shrink} must be in (0, 1]")
         if not 0 <= self.joint_rounds <= 10:
@@ -266,7 +274,10 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     digit" fits five clusters badly. The shared covariance is shrunk by
     ``cfg.gate_shrink`` toward its mean variance (0.1 won over 0.3 and 0.6 in
     ``bench/bench_lda_gate.py``), and the priors are class-balanced: half the mass on
-    the cloned classes. The standardization is folded into the one linear layer.
+    the cloned classes. With ``cfg.gate_features`` below all, the features kept are
+    those with the largest weight in the direction that parts the cloned classes' mean
+    from the target classes' (``covariance^-1 (mean_cloned - mean_target)``), and the
+    discriminant is fitted again on them alone.
     """
     taps = tap_boundaries(cfg.gate_taps, target.num_blocks)
     _, z_t, _, f_b, f_t = gate_inputs(target, branch, prep, cfg, compute, taps)
@@ -275,28 +286,22 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     y = compute.put(prep.y).clone()
     y = torch.cat([y, torch.full((len(x) - len(y),), -1, dtype=torch.long, device=y.device)])
     group = torch.where(y >= 0, y, n_cloned + z_t.argmax(1))
-    classes = group.unique()  # sorted: the cloned classes first
-    mu, sd = x.mean(0), x.std(0) + 1e-3
-    z = (x - mu) / sd
-    means = torch.stack([z[group == c].mean(0) for c in classes])
-    resid = z - means[torch.searchsorted(classes, group)]
-    cov = resid.T @ resid / len(z)
-    eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
-    cov = (1 - cfg.gate_shrink) * cov + cfg.gate_shrink * eye * cov.diagonal().mean()
-    coef = torch.linalg.solve(cov, means.T).T  # (classes, d): precision @ mean per class
-    is_cloned = classes < n_cloned
-    n_old = int((~is_cloned).sum())
-    if int(is_cloned.sum()) != n_cloned or n_old == 0:
-        raise PreconditionError("the discriminant gate needs samples of every cloned class "
-                                "and of at least one target class; use --gate mlp")
-    prior = torch.where(is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
-    gate = DiscriminantGate(n_cloned, len(classes), x.shape[1], taps).to(compute.device)
-    if taps:  # the standardization's scale travels (fp16), the weight stays standardized
-        scale = (1 / sd).float().half().double()
-        weight = on_int8_grid(coef.float()).double()
+    n_kept = kept_features(cfg.gate_features, target.head.fc.in_features, f_b.shape[1],
+                           x.shape[1])
+    fit = DiscriminantFit(x, group, n_cloned, cfg.gate_shrink)
+    mask = None
+    if n_kept:
+        mask = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+        mask[fit.parting_weight().argsort(descending=True)[:n_kept]] = True
+        fit = DiscriminantFit(x[:, mask], group, n_cloned, cfg.gate_shrink)
+    gate = DiscriminantGate(n_cloned, len(fit.classes), x.shape[1], taps, n_kept)
+    gate.to(compute.device)
+    if taps or n_kept:  # the standardization's scale travels (fp16), the weight stays standardized
+        scale = (1 / fit.sd).float().half().double()
+        weight = on_int8_grid(fit.coef.float()).double()
     else:  # folded into the weight (one int8 scale per row suffices here)
-        scale, weight = torch.ones_like(sd), coef / sd
-    bias = -weight @ (mu * scale) - 0.5 * (coef * means).sum(1) + prior
+        scale, weight = torch.ones_like(fit.sd), fit.coef / fit.sd
+    bias = -weight @ (fit.mu * scale) - 0.5 * (fit.coef * fit.means).sum(1) + fit.prior
     bias = bias - bias.mean()  # softmax-invariant; keeps the bias small for fp16
     # a bias beyond fp16's range (random-init timm models gave some above 65,504) makes
     # the scores cooler instead: the same decisions, a softer gate
@@ -305,9 +310,47 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     with torch.no_grad():  # wire-exact, so the fingerprint holds after an fp16 package
         gate.linear.weight.copy_(on_int8_grid(weight.float()))
         gate.linear.bias.copy_(bias.float().half().float())
-        if taps:
+        if taps or n_kept:
             gate.feature_scale.copy_(scale.float())
+        if mask is not None:
+            gate.feature_mask.copy_(mask.float())
     return gate
+
+
+class DiscriminantFit:
+    """Shared-covariance Gaussians per group on standardized features (the gate's fit)."""
+
+    def __init__(self, x: torch.Tensor, group: torch.Tensor, n_cloned: int,
+                 shrink: float) -> None:
+        self.classes = group.unique()  # sorted: the cloned classes first
+        self.mu, self.sd = x.mean(0), x.std(0) + 1e-3
+        z = (x - self.mu) / self.sd
+        self.means = torch.stack([z[group == c].mean(0) for c in self.classes])
+        resid = z - self.means[torch.searchsorted(self.classes, group)]
+        cov = resid.T @ resid / len(z)
+        eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+        self.cov = (1 - shrink) * cov + shrink * eye * cov.diagonal().mean()
+        self.coef = torch.linalg.solve(self.cov, self.means.T).T  # precision @ mean per class
+        self.is_cloned = self.classes < n_cloned
+        n_old = int((~self.is_cloned).sum())
+        if int(self.is_cloned.sum()) != n_cloned or n_old == 0:
+            raise PreconditionError("the discriminant gate needs samples of every cloned class "
+                                    "and of at least one target class; use --gate mlp")
+        self.prior = torch.where(self.is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
+
+    def parting_weight(self) -> torch.Tensor:
+        """``|covariance^-1 (mean of cloned means - mean of target means)|`` per feature:
+        how much each standardized feature moves the cloned-versus-target decision."""
+        gap = self.means[self.is_cloned].mean(0) - self.means[~self.is_cloned].mean(0)
+        return torch.linalg.solve(self.cov, gap).abs()
+
+
+def kept_features(spec: str, untapped_target: int, branch_width: int, candidates: int) -> int:
+    """How many of ``candidates`` features ``--gate-features spec`` keeps (0 = all)."""
+    if spec == "all":
+        return 0
+    count = (untapped_target + branch_width) // 2 if spec == "half" else int(spec)
+    return 0 if count >= candidates else max(1, count)
 
 
 def on_int8_grid(w: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,12 @@ class ModuleConfig:
     # the target boundaries a discriminant gate also reads: bit r - 1 for boundary r
     # (superbody.taps_mask); 0, the default, is none
     gate_taps: int = 0
+    # how many of its features a discriminant gate keeps (``gate.feature_mask`` says
+    # which); 0, the default, is all
+    gate_features: int = 0
 
     BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096), "gate_classes": (0, 4096),
-              "gate_taps": (0, 2**62)}
+              "gate_taps": (0, 2**62), "gate_features": (0, 2**20)}
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -81,11 +84,11 @@ class ModuleConfig:
 
     def as_dict(self) -> dict[str, int]:
         """The fields as ``config_json`` writes them: every one, defaults included, except
-        ``gate_classes`` and ``gate_taps`` at 0, so a package without them is byte for byte
+        ``gate_classes``, ``gate_taps`` and ``gate_features`` at 0, so a package without them is byte for byte
         what pnc wrote before them (and a reader older than them refuses a package that
         has them by the unknown-key rule rather than misreading it)."""
         out = asdict(self)
-        for key in ("gate_classes", "gate_taps"):  # absent at 0: earlier packages' bytes
+        for key in ("gate_classes", "gate_taps", "gate_features"):  # absent at 0: earlier packages' bytes
             if not out[key]:
                 del out[key]
         return out

@@ -60,7 +60,7 @@ def branch_config(branch: Branch) -> dict[str, int]:
     if isinstance(gate, DiscriminantGate):
         shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
                              gate_classes=gate.linear.out_features,
-                             gate_taps=taps_mask(gate.taps))
+                             gate_taps=taps_mask(gate.taps), gate_features=gate.kept)
     else:
         shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
                              gate_hidden=gate.hidden)
@@ -106,9 +106,13 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
             f"gate_taps {settings.gate_taps} names boundaries {list(taps)[:8]}, but the target "
             f"has {target.num_blocks} and only a discriminant gate reads taps; the package "
             "is corrupt")
+    if settings.gate_features and not settings.gate_classes:
+        raise IncompatibleError(f"gate_features {settings.gate_features} without a discriminant "
+                                "gate (gate_classes); the package is corrupt")
     branch, _ = build_branch(target, source, input_shape, module.position_r, module.position_s,
                           module.masks, module.cloned_classes, labels, settings.adapter_rank,
-                          settings.gate_hidden, len(target_labels), settings.gate_classes, taps)
+                          settings.gate_hidden, len(target_labels), settings.gate_classes, taps,
+                          settings.gate_features)
     state = {**{f"adapter.{k}": v for k, v in branch.adapter.state_dict().items()},
              **{f"gate.{k}": v for k, v in branch.gate.state_dict().items()}}
     tensors = dict(module.tensors)
@@ -122,6 +126,12 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
                 f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(state[name].shape)}")
     if not torch.isfinite(tensors["gate.energy_max"]).all():
         raise IncompatibleError("tensor gate.energy_max is not finite; the package is corrupt")
+    if "gate.feature_mask" in tensors:
+        mask = tensors["gate.feature_mask"]
+        if not ((mask == 0) | (mask == 1)).all() or int(mask.sum()) != settings.gate_features:
+            raise IncompatibleError(
+                f"tensor gate.feature_mask must hold {settings.gate_features} ones and zeros "
+                "elsewhere (gate_features); the package is corrupt")
     branch.adapter.load_state_dict({k[8:]: v.float() for k, v in tensors.items()
                                     if k.startswith("adapter.")})
     branch.gate.load_state_dict({k[5:]: v.float() for k, v in tensors.items()

@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--jsonl", type=Path)
     args = ap.parse_args()
     base = bench_rows()
-    runs = [run_of(p) for p in sorted(args.out_dir.glob("*.json"))]
+    runs = [run_of(p) for p in sorted(args.out_dir.glob("*.json"))
+            if p.stat().st_size]  # a clone still running has written nothing yet
     if args.jsonl:
         args.jsonl.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "package"})
                                       + "\n" for r in runs))

@@ -9,6 +9,7 @@ from pnc_net import wire
 from pnc_net._proto import package_pb2 as pb
 from pnc_net.cloning import CloneConfig, SourceSpec, clone
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError, PreconditionError
+from pnc_net.insert import InsertConfig
 from pnc_net.metrics import detach_is_exact
 from pnc_net.rebuild import build_superbody, fingerprint_error, verify
 from pnc_net.search import default_candidates, parse_positions
@@ -112,7 +113,8 @@ def test_gate_taps_read_the_targets_early_layers_and_travel(zoo, mnist):
 
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
                              target_per_class=5, positions=((3, 3),))
-    result = clone(zoo, mnist, replace(cfg, insert=replace(cfg.insert, gate_taps="early")))
+    result = clone(zoo, mnist, replace(cfg, insert=replace(cfg.insert, gate_taps="early",
+                                                           gate_features="all")))
     gate = result.superbody.branches[0].gate
     target = result.superbody.target
     assert gate.taps == (1, 2)  # 4 boundaries: the first half
@@ -126,6 +128,57 @@ def test_gate_taps_read_the_targets_early_layers_and_travel(zoo, mnist):
     with torch.no_grad():
         assert torch.equal(rebuilt(x), result.superbody(x))
     assert verify(zoo, wire.decode(wire.encode(result.package)))[1] <= 1e-3
+
+
+def test_the_gate_keeps_half_its_untapped_width_and_the_mask_travels(default_clone, zoo, mnist):
+    """The default (``--gate-taps all --gate-features half``): the discriminant keeps
+    (penultimate + branch width) // 2 of its candidate features, among them taps; the
+    package says how many and which, and a rebuild decides as the sender."""
+    branch = default_clone.superbody.branches[0]
+    gate, target = branch.gate, default_clone.superbody.target
+    half = (target.head.fc.in_features + branch.head.fc.in_features) // 2
+    assert gate.kept == half == gate.linear.in_features == len(gate.feature_scale)
+    candidates = (target.head.fc.in_features + branch.head.fc.in_features
+                  + sum(i.channels for i in target.feature_info((1, 28, 28))[1:]))
+    assert gate.feature_mask.shape == (candidates,) and int(gate.feature_mask.sum()) == half
+    kept_taps = gate.feature_mask[target.head.fc.in_features:-branch.head.fc.in_features]
+    assert kept_taps.sum() > 0  # the selection reaches into the taps
+    settings = default_clone.package.modules[0].settings()
+    assert settings.gate_features == half and settings.gate_taps == 0b1111
+    x = mnist.x_test[:300]
+    rebuilt = build_superbody(zoo, wire.decode(wire.encode(default_clone.package, "fp32")))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), default_clone.superbody(x))
+    assert verify(zoo, wire.decode(wire.encode(default_clone.package)))[1] <= 1e-3
+
+
+@pytest.mark.parametrize("change", ["count", "values", "no_gate"])
+def test_rebuild_refuses_a_feature_mask_that_does_not_fit(default_clone, zoo, change):
+    """A mask with another number of ones than ``gate_features``, with values other than
+    0 and 1, or ``gate_features`` on a package without a discriminant: refused as corrupt."""
+    package = wire.decode(wire.encode(default_clone.package, "fp32"))
+    module = package.modules[0]
+    mask = module.tensors["gate.feature_mask"].clone()
+    if change == "count":
+        mask[mask == 0] = 1
+    elif change == "values":
+        mask[mask == 1] = 0.5
+    else:
+        module.config = {**module.config, "gate_classes": 0, "gate_taps": 0}
+    module.tensors = {**module.tensors, "gate.feature_mask": mask}
+    with pytest.raises(IncompatibleError, match="gate_features|feature_mask"):
+        build_superbody(zoo, package)
+
+
+def test_kept_features_counts():
+    from pnc_net.insert import kept_features
+
+    assert kept_features("half", 128, 80, 560) == 104
+    assert kept_features("all", 128, 80, 560) == 0  # 0: every candidate
+    assert kept_features("30", 128, 80, 560) == 30
+    assert kept_features("900", 128, 80, 560) == 0  # more than there are: all
+    with pytest.raises(InvalidInputError, match="gate features"):
+        InsertConfig(gate_features="most")
 
 
 @pytest.mark.parametrize("mask", [1 << 4, 1 << 40])
