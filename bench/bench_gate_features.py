@@ -9,13 +9,15 @@ Clones ``{5, 6}`` (k = 20, k_t = 20, the bench's two positions for the pair) exa
 of its candidate features ``[f_t, taps, f_b]`` (penultimate target features, the target's
 features pooled at every boundary, the branch's features):
 
-- ``built``: the package's gate as trained (``--gate-taps none``'s router, or whatever the
-  defaults are when this runs: compare with ``none``);
+- ``built``: the package's gate as trained, with the defaults of when this runs
+  (``--gate-taps all --gate-features half`` now: compare with ``top_parting@0.5``);
 - ``none``, ``early``, ``all``: no taps (standardization folded into the weight), the
   first half of the boundaries, every boundary (scales carried), all features kept;
 - ``base+{how}{m}``: no-tap features plus the ``m`` taps ranked first by ``how``;
 - ``top_{how}@{f}``: the ``f`` x (untapped width) features ranked first by ``how`` among
-  all candidates (``top_parting@0.5`` is ``--gate-features half``, the default).
+  all candidates (``top_parting@0.5`` is ``--gate-features half``, the default);
+- ``...+stats``: with the six confidence statistics of the MLP gate's inputs (both heads'
+  max-probability, entropy and logsumexp), which are not linear in the features.
 
 Rankings on the standardized training features: ``parting`` (``DiscriminantFit.
 parting_weight``: |cov^-1 (mean cloned - mean target)|), ``fisher`` (the same gap squared
@@ -37,6 +39,7 @@ import torch
 from pnc_net.cloning import CloneConfig, plan, searched_branch
 from pnc_net.data import load_dataset
 from pnc_net.insert import DiscriminantFit, on_int8_grid
+from pnc_net.superbody import gate_features
 from pnc_net.zoo import Zoo
 
 CLONED = ("5", "6")
@@ -151,10 +154,28 @@ def main() -> None:
     tap_cols = everything[d_t : d_t + d_taps]
     widths = [i.channels for i in target.feature_info(job.input_shape)[1:]]
     g = branch.gate
-    rows = {"built": score(g(test_old["z_t"], test_old["z_s"], test_old["f_b"], test_old["f_t"]),
-                           g(test_new["z_t"], test_new["z_s"], test_new["f_b"], test_new["f_t"])),
+    tapped = tap_cols[: sum(widths[: len(getattr(g, "taps", ()))])]  # taps are 1..m
+
+    def built(f: Features) -> torch.Tensor:  # the gate reads [f_t, its taps]
+        f_t = torch.cat([f["f_t"], f["taps"][:, tapped - d_t]], 1)
+        return g(f["z_t"], f["z_s"], f["f_b"], f_t)
+
+    rows = {"built": score(built(test_old), built(test_new)),
             "none": run(base, folded=True), "all": run(everything),
             "early": run(torch.cat([base, tap_cols[: sum(widths[: len(widths) // 2])]]))}
+    def stats(f: Features) -> torch.Tensor:  # gate_features' six confidence statistics
+        return gate_features(f["z_t"], f["z_s"], f["f_b"])[:, n_t + f["z_s"].shape[1]:][:, :6]
+
+    def run_stats(cols: torch.Tensor) -> dict[str, float]:
+        """``cols`` of the candidates plus the statistics (their scales carried)."""
+        cols = cols.sort().values
+        pick = lambda f: torch.cat([candidates(f)[:, cols], stats(f)], 1)  # noqa: E731
+        gate = gate_of(pick(train), group, len(cloned), folded=False)
+        return {**score(gate(pick(test_old)), gate(pick(test_new))), "d": len(cols) + 6}
+
+    half = ranking(candidates(train), group, len(cloned), "parting").argsort(descending=True)
+    rows["all+stats"] = run_stats(everything)
+    rows["top_parting@0.5+stats"] = run_stats(half[: len(base) // 2])
     for how in ("parting", "fisher", "between"):
         order = ranking(candidates(train), group, len(cloned), how).argsort(descending=True)
         tap_order = tap_cols[ranking(candidates(train), group, len(cloned), how)[tap_cols]
