@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pnc_net.cloning import CloneConfig, plan, searched_branch
+from pnc_net.cloning import CloneConfig, plan, router_features, searched_branch
 from pnc_net.data import load_dataset
 from pnc_net.insert import DiscriminantFit, on_int8_grid
 from pnc_net.superbody import gate_features
@@ -101,20 +101,8 @@ def main() -> None:
     target, prep = job.target, job.modules[0].prepared
     n_t, cloned = len(job.target_labels), branch.cloned_index
 
-    @torch.no_grad()
     def features(x: torch.Tensor) -> Features:
-        keys = ("z_t", "f_t", "z_s", "f_b", "taps")
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
-        for i in range(0, len(x), 256):
-            h, taps = x[i : i + 256], []
-            for b in range(target.num_blocks):
-                h = target.block(b)(h)
-                taps.append(target.pooled(h, b + 1))
-            f_t = target.head.features(h)
-            z_s, f_b = branch.run(target.forward_features(x[i : i + 256], branch.position_r))
-            for k, v in zip(keys, (target.head.fc(f_t), f_t, z_s, f_b, torch.cat(taps, 1))):
-                parts[k].append(v.float())
-        return {k: torch.cat(v) for k, v in parts.items()}
+        return router_features(target, branch, x)
 
     names = data.label_names
     x, y = data.split("test")

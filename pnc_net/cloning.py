@@ -476,6 +476,26 @@ def searched_branch(job: CloneJob, i: int = 0) -> tuple[tuple[int, int], Branch]
     return position, branch.eval()
 
 
+@torch.no_grad()
+def router_features(target: ZooNet, branch: Branch, x: torch.Tensor,
+                    batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """What a router could read of inputs ``x``, for the router experiments: the target's
+    logits ``z_t`` and penultimate features ``f_t``, its features pooled at every boundary
+    ``taps`` (in boundary order), and the branch's logits ``z_s`` and features ``f_b``."""
+    keys = ("z_t", "f_t", "z_s", "f_b", "taps")
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    for i in range(0, len(x), batch_size):
+        h, taps = x[i : i + batch_size], []
+        for b in range(target.num_blocks):
+            h = target.block(b)(h)
+            taps.append(target.pooled(h, b + 1))
+        f_t = target.head.features(h)
+        z_s, f_b = branch.run(target.forward_features(x[i : i + batch_size], branch.position_r))
+        for k, v in zip(keys, (target.head.fc(f_t), f_t, z_s, f_b, torch.cat(taps, 1))):
+            parts[k].append(v.float())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
 def search_module(job: CloneJob, i: int, runner: CandidateRunner,
                   ) -> tuple[tuple[int, int], Branch, list[dict]]:
     """``(best position, its branch, the report's search list)`` of module ``i``.

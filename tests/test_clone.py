@@ -7,12 +7,13 @@ import torch
 
 from pnc_net import wire
 from pnc_net._proto import package_pb2 as pb
-from pnc_net.cloning import CloneConfig, SourceSpec, clone
+from pnc_net.cloning import CloneConfig, SourceSpec, clone, router_features
 from pnc_net.errors import IncompatibleError, IntegrityError, InvalidInputError, PreconditionError
 from pnc_net.insert import InsertConfig
 from pnc_net.metrics import detach_is_exact
 from pnc_net.rebuild import build_superbody, fingerprint_error, verify
 from pnc_net.search import default_candidates, parse_positions
+from pnc_net.superbody import target_gate_features
 from pnc_net.zoo import Zoo, model_from_weights
 
 pytestmark = pytest.mark.slow
@@ -150,6 +151,27 @@ def test_the_gate_keeps_half_its_untapped_width_and_the_mask_travels(default_clo
     with torch.no_grad():
         assert torch.equal(rebuilt(x), default_clone.superbody(x))
     assert verify(zoo, wire.decode(wire.encode(default_clone.package)))[1] <= 1e-3
+
+
+def test_router_features_are_what_the_gate_reads(default_clone, mnist):
+    """The router experiments' features (``cloning.router_features``): the target's own
+    logits, and fed to the built gate as it reads them (penultimate then taps), its
+    decisions exactly."""
+    superbody = default_clone.superbody
+    branch, target = superbody.branches[0], superbody.target
+    x = mnist.x_test[:64]
+    f = router_features(target, branch, x, batch_size=24)  # batches that do not divide 64
+    widths = [i.channels for i in target.feature_info((1, 28, 28))[1:]]
+    assert f["taps"].shape == (64, sum(widths)) and f["f_b"].shape[1] == branch.head.fc.in_features
+    with torch.no_grad():
+        assert torch.allclose(f["z_t"], target(x), atol=1e-5)
+        f_t = torch.cat([f["f_t"], f["taps"]], 1)  # taps all: every boundary, in order
+        g = branch.gate(f["z_t"], f["z_s"], f["f_b"], f_t)
+        z_s, f_b = branch.run(target.forward_features(x, branch.position_r))
+        feats = {r: target.forward_features(x, r) for r in branch.gate.taps}
+        reads = target_gate_features(target, target.head.features(
+            target.forward_features(x, target.num_blocks)), feats, branch.gate.taps)
+        assert torch.allclose(g, branch.gate(target(x), z_s, f_b, reads), atol=1e-5)
 
 
 @pytest.mark.parametrize("change", ["count", "values", "no_gate"])
