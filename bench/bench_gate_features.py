@@ -38,7 +38,7 @@ import torch
 
 from pnc_net.cloning import CloneConfig, plan, router_features, searched_branch
 from pnc_net.data import load_dataset
-from pnc_net.insert import DiscriminantFit, on_int8_grid
+from pnc_net.insert import DiscriminantFit
 from pnc_net.superbody import gate_features
 from pnc_net.zoo import Zoo
 
@@ -54,18 +54,13 @@ FRACTIONS = ("0.3", "0.5", "0.75", "1.0")
 
 def gate_of(x: torch.Tensor, group: torch.Tensor, n_cloned: int,
             folded: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``insert.fit_discriminant_gate``'s gate on features ``x``: ``g(features)``."""
+    """``insert.fit_discriminant_gate``'s gate on features ``x``: ``g(features)`` (its
+    log-odds unbounded and no veto)."""
     fit = DiscriminantFit(x.double(), group, n_cloned, 0.1)
-    if folded:  # as without taps: the standardization folded into the weight
-        scale, weight = torch.ones_like(fit.sd), on_int8_grid((fit.coef / fit.sd).float())
-    else:  # as with taps or a selection: scales carried (fp16), weight standardized
-        scale, weight = (1 / fit.sd).float().half().double(), on_int8_grid(fit.coef.float())
-    weight = weight.double()
-    bias = -weight @ (fit.mu * scale) - 0.5 * (fit.coef * fit.means).sum(1) + fit.prior
-    bias = (bias - bias.mean()).float().half().double()
+    scale, weight, bias = fit.wire_linear(carry_scale=not folded)
 
     def gate(f: torch.Tensor) -> torch.Tensor:
-        s = (f.double() * scale) @ weight.T + bias
+        s = (f.float() * scale) @ weight.T + bias
         return (s[:, fit.is_cloned].logsumexp(1) - s[:, ~fit.is_cloned].logsumexp(1)).sigmoid()
     return gate
 
@@ -151,6 +146,7 @@ def main() -> None:
     rows = {"built": score(built(test_old), built(test_new)),
             "none": run(base, folded=True), "all": run(everything),
             "early": run(torch.cat([base, tap_cols[: sum(widths[: len(widths) // 2])]]))}
+
     def stats(f: Features) -> torch.Tensor:  # gate_features' six confidence statistics
         return gate_features(f["z_t"], f["z_s"], f["f_b"])[:, n_t + f["z_s"].shape[1]:][:, :6]
 
@@ -161,13 +157,14 @@ def main() -> None:
         gate = gate_of(pick(train), group, len(cloned), folded=False)
         return {**score(gate(pick(test_old)), gate(pick(test_new))), "d": len(cols) + 6}
 
-    half = ranking(candidates(train), group, len(cloned), "parting").argsort(descending=True)
+    scores = {how: ranking(candidates(train), group, len(cloned), how)
+              for how in ("parting", "fisher", "between")}
     rows["all+stats"] = run_stats(everything)
-    rows["top_parting@0.5+stats"] = run_stats(half[: len(base) // 2])
-    for how in ("parting", "fisher", "between"):
-        order = ranking(candidates(train), group, len(cloned), how).argsort(descending=True)
-        tap_order = tap_cols[ranking(candidates(train), group, len(cloned), how)[tap_cols]
-                             .argsort(descending=True)]
+    rows["top_parting@0.5+stats"] = run_stats(
+        scores["parting"].argsort(descending=True)[: len(base) // 2])
+    for how, score_of in scores.items():
+        order = score_of.argsort(descending=True)
+        tap_order = tap_cols[score_of[tap_cols].argsort(descending=True)]
         for m in (8, 16, 32, 64):
             rows[f"base+{how}{m}"] = run(torch.cat([base, tap_order[:m]]))
         for frac in FRACTIONS:

@@ -296,22 +296,12 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
         fit = DiscriminantFit(x[:, mask], group, n_cloned, cfg.gate_shrink)
     gate = DiscriminantGate(n_cloned, len(fit.classes), x.shape[1], taps, n_kept)
     gate.to(compute.device)
-    if taps or n_kept:  # the standardization's scale travels (fp16), the weight stays standardized
-        scale = (1 / fit.sd).float().half().double()
-        weight = on_int8_grid(fit.coef.float()).double()
-    else:  # folded into the weight (one int8 scale per row suffices here)
-        scale, weight = torch.ones_like(fit.sd), fit.coef / fit.sd
-    bias = -weight @ (fit.mu * scale) - 0.5 * (fit.coef * fit.means).sum(1) + fit.prior
-    bias = bias - bias.mean()  # softmax-invariant; keeps the bias small for fp16
-    # a bias beyond fp16's range (random-init timm models gave some above 65,504) makes
-    # the scores cooler instead: the same decisions, a softer gate
-    cool = max(1.0, float(bias.abs().max()) / 3e4)
-    weight, bias = weight / cool, bias / cool
+    scale, weight, bias = fit.wire_linear(carry_scale=bool(taps or n_kept))
     with torch.no_grad():  # wire-exact, so the fingerprint holds after an fp16 package
-        gate.linear.weight.copy_(on_int8_grid(weight.float()))
-        gate.linear.bias.copy_(bias.float().half().float())
+        gate.linear.weight.copy_(weight)
+        gate.linear.bias.copy_(bias)
         if taps or n_kept:
-            gate.feature_scale.copy_(scale.float())
+            gate.feature_scale.copy_(scale)
         if mask is not None:
             gate.feature_mask.copy_(mask.float())
     return gate
@@ -337,6 +327,25 @@ class DiscriminantFit:
             raise PreconditionError("the discriminant gate needs samples of every cloned class "
                                     "and of at least one target class; use --gate mlp")
         self.prior = torch.where(self.is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
+
+    def wire_linear(self, carry_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scale, weight, bias)`` of the gate's linear layer as a package stores them
+        (float32): with ``carry_scale`` the per-feature scale travels (fp16) and the weight
+        stays standardized; without, the standardization is folded into the weight, which
+        one int8 scale per row then suits (``scale`` is ones). The weight lies on the int8
+        grid and the bias on fp16's, so a rebuild decides exactly as the sender."""
+        if carry_scale:
+            scale = (1 / self.sd).float().half().double()
+            weight = on_int8_grid(self.coef.float()).double()
+        else:
+            scale, weight = torch.ones_like(self.sd), self.coef / self.sd
+        bias = -weight @ (self.mu * scale) - 0.5 * (self.coef * self.means).sum(1) + self.prior
+        bias = bias - bias.mean()  # softmax-invariant; keeps the bias small for fp16
+        # a bias beyond fp16's range (random-init timm models gave some above 65,504) makes
+        # the scores cooler instead: the same decisions, a softer gate
+        cool = max(1.0, float(bias.abs().max()) / 3e4)
+        return (scale.float(), on_int8_grid((weight / cool).float()),
+                (bias / cool).float().half().float())
 
     def parting_weight(self) -> torch.Tensor:
         """``|covariance^-1 (mean of cloned means - mean of target means)|`` per feature:
