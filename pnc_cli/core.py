@@ -282,14 +282,15 @@ def clone_cmd(
         help="Rounds of joint refinement of the chosen branch (0-10): the source's tail masks "
              "refined through the inserted path, then adapter and gate retrained; a round is "
              "kept only if the validation score does not fall (docs/method.md, step 4).")] = 0,
-    gate: Annotated[str, typer.Option("--gate", help="The router: auto (a linear discriminant over both networks' features when --target-per-class > 0, else the MLP gate with its energy veto), mlp or lda (docs/method.md, the router).")] = "auto",
+    gate: Annotated[str, typer.Option("--gate", help="The router: auto (the measured best: now a linear discriminant over both networks' features, with the target's energy veto on top; without --target-per-class it is fitted against inverted stand-ins of the target's digits), mlp (the small MLP gate with the veto) or lda (docs/method.md, the router).")] = "auto",
     gate_taps: Annotated[str, typer.Option(
         "--gate-taps",
-        help="Target layers the discriminant gate (--gate lda, or auto with target samples; "
-             "the MLP gate ignores this) may read, pooled, besides its last ones: none, early "
-             "(the first half of the target's boundaries) or all. Early layers still tell a "
-             "cloned input from the target's own where its last ones do not "
-             "(docs/method.md, the router).")] = "all",
+        help="Target layers the discriminant gate (--gate auto or lda; the MLP gate ignores "
+             "this) may read, pooled, besides its last ones: none, early (the first half of "
+             "the target's boundaries), all, or auto: all with --target-per-class > 0 (early "
+             "layers still tell a cloned input from the target's own where its last ones do "
+             "not), none without (the inverted stand-ins' early layers do not look like real "
+             "digits'). docs/method.md, the router.")] = "auto",
     gate_features: Annotated[str, typer.Option(
         "--gate-features",
         help="How many of those features the discriminant gate keeps, the ones it weighs "

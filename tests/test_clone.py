@@ -249,7 +249,12 @@ def test_without_target_data_the_article_setting(zoo, mnist):
                              target_per_class=0, positions=((4, 4),))
     result = clone(zoo, mnist, cfg)
     m = result.report["metrics"]
-    assert type(result.superbody.branches[0].gate).__name__ == "FusionGate"  # auto, k_t = 0
+    gate = result.superbody.branches[0].gate
+    # auto at k_t = 0: the discriminant against the inverted stand-ins, untapped (their
+    # early features are not real digits'), half its features kept, under the energy veto
+    assert type(gate).__name__ == "DiscriminantGate" and gate.taps == (), gate
+    assert 0 < gate.kept < gate.feature_mask.numel()
+    assert float(gate.energy_max) < 1e4  # the fixed-quantile veto is set
     assert result.superbody.label_names[-1] == "7"
     assert m["acc_new"] >= 0.7 and m["locality"] >= 0.7, m
 
