@@ -30,7 +30,8 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  adapter_rank: int, batch_size: int | None = None,
                  search: str = "exhaustive", device: str = "cpu",
                  precision: str = "fp32", gate: str = "auto", joint_rounds: int = 0,
-                 gate_taps: str = "auto", gate_features: str = "half") -> CloneConfig:
+                 gate_taps: str = "auto", gate_features: str = "half",
+                 gate_stand_ins: bool = True) -> CloneConfig:
     """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work.
 
     ``device`` is resolved here (``auto`` becomes what this machine has), so the
@@ -46,7 +47,8 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
         per_class=per_class, target_per_class=target_per_class, seed=seed,
         positions=tuple(parse_positions(positions)) if positions else None,
         insert=InsertConfig(adapter_rank=adapter_rank, gate=gate, joint_rounds=joint_rounds,
-                            gate_taps=gate_taps, gate_features=gate_features),
+                            gate_taps=gate_taps, gate_features=gate_features,
+                            gate_stand_ins=gate_stand_ins),
         search=search,
         device=compute.device, precision=compute.precision,
     ).with_batch_size(batch_size)

@@ -201,13 +201,16 @@ def _clone_data(data: Dataset, new: Sequence[str], old: Sequence[str], cfg: Clon
     x_oth, _ = _take(data, "train", others, k, seed, "cloned") if others else (none, None)
     xv_new, yv_new = _take(data, "val", new, min(k, 50), seed, "cloned")
     xv_old, _ = _take(data, "val", old, min(kt, 50), seed, "target") if kt else (none, None)
+    n_real = len(x_old)
     if synthetic is not None:
         if kt:
             x_old = torch.cat([x_old, synthetic])
         else:
             x_old, xv_old = synthetic[0::2], synthetic[1::2]
+    stand_in = torch.zeros(len(x_old) + len(x_oth), dtype=torch.bool)
+    stand_in[n_real : len(x_old)] = True
     return CloneData(x_new, y_new, torch.cat([x_old, x_oth]), xv_new, yv_new, xv_old,
-                     real_val_old=bool(kt))
+                     real_val_old=bool(kt), old_stand_in=stand_in)
 
 
 def check_input_shapes(target: Manifest, source: Manifest, data: Dataset) -> None:

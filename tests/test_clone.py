@@ -414,3 +414,34 @@ def test_without_target_data_locality_holds_on_a_zoo_from_another_seed(tmp_path,
     assert m["locality"] > 0.95, m
     assert m["acc_new"] > 0.7, m
     assert result.report["search"][0][0]["energy_quantile"] < 1, result.report["search"]
+
+
+def test_stand_ins_are_marked_and_can_be_left_out_of_the_discriminant(default_clone, zoo, mnist):
+    """The inverted stand-ins that join real target digits (k_t > 0) are marked row by row
+    through the augmentation; ``gate_stand_ins=False`` fits the discriminant without them,
+    and where they are the whole target side (k_t = 0) the flag changes nothing."""
+    from dataclasses import replace
+
+    from pnc_net.cloning import plan, prepare_module
+    from pnc_net.insert import fit_discriminant_gate
+
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=40,
+                             target_per_class=10, positions=((3, 3),))  # default_clone's
+    job = plan(zoo, mnist, cfg)
+    data, prep = job.modules[0].data, prepare_module(job, 0)
+    assert data.old_stand_in is not None and prep.stand_in is not None
+    n_real = 10 * len(job.target_labels)
+    assert not data.old_stand_in[:n_real].any() and data.old_stand_in[n_real:].all()
+    copies = 1 + cfg.insert.augment_copies
+    assert int(prep.stand_in.sum()) == copies * (len(data.x_old) - n_real)
+    first_copy = slice(len(data.x_new) * copies, len(data.x_new) * copies + len(data.x_old))
+    assert torch.equal(prep.x[first_copy][prep.stand_in[first_copy]], data.x_old[n_real:])
+
+    branch = default_clone.superbody.branches[0]
+    without = replace(cfg.insert, gate_stand_ins=False)
+    both = fit_discriminant_gate(job.target, branch, prep, cfg.insert)
+    real_only = fit_discriminant_gate(job.target, branch, prep, without)
+    assert not torch.equal(both.linear.weight, real_only.linear.weight)
+    moot = [fit_discriminant_gate(job.target, branch, prep, c, real_target=False)
+            for c in (cfg.insert, without)]
+    assert torch.equal(moot[0].linear.weight, moot[1].linear.weight)
