@@ -1,0 +1,129 @@
+"""Should the inverted stand-ins join real target digits in the discriminant's fit? (issue 14)
+
+    OMP_NUM_THREADS=1 python bench/bench_gate_stand_ins.py --zoo /tmp/pnc/zoo0 --zoo-seed 0 \\
+        --seed 0 [--source mnist|mobilenet|vit] >> bench/results/gate_stand_ins_router.jsonl
+
+Clones ``{5, 6}`` (k = 20, k_t = 20, the bench's two positions for the pair) exactly as
+``pnc clone`` does, keeps the branch, and refits only the discriminant
+(``insert.DiscriminantFit``, on the int8 grid as a package stores it) with and without the
+stand-in rows (``Prepared.stand_in``: the target's BatchNorm-inverted images, which join
+its real digits when ``--gate-stand-ins``, the default):
+
+- ``built``: the package's gate as trained (the defaults of when this runs);
+- ``half``, ``half-no_stand_ins``: every tap, half the untapped width kept by parting
+  weight (``--gate-taps all --gate-features half``: ``half`` reproduces ``built``);
+- ``all-no_stand_ins``: every tap, every feature kept;
+- ``none``, ``none-no_stand_ins``: no taps, standardization folded (stop 25's router).
+
+Each row: test locality, acc_old, acc_new (the branch fixed) and ``shift{b}``, the same
+with ``b`` added to the gate's log-odds (a threshold moved toward the branch for b > 0),
+so the two fits can be compared at the same acc_old. One JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_gate_features import CLONED, SOURCES, gate_of
+
+from pnc_net.cloning import CloneConfig, plan, router_features, searched_branch
+from pnc_net.data import load_dataset
+from pnc_net.insert import DiscriminantFit
+from pnc_net.zoo import Zoo
+
+Features = dict[str, torch.Tensor]
+SHIFTS = (-3, -2, -1, 1, 2, 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", choices=sorted(SOURCES), default="mnist")
+    ap.add_argument("--seed", type=int, default=0, help="clone seed")
+    ap.add_argument("--zoo", type=Path, required=True)
+    ap.add_argument("--zoo-seed", type=int, default=0, help="recorded only")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    target_name, source, positions, data_name = SOURCES[args.source]
+    data = load_dataset(data_name)
+    cfg = CloneConfig.single(target_name, source, CLONED, per_class=20, target_per_class=20,
+                             seed=args.seed, positions=positions)
+    started = time.time()
+    job = plan(Zoo(args.zoo), data, cfg)
+    position, branch = searched_branch(job)
+    target, prep = job.target, job.modules[0].prepared
+    assert prep is not None and prep.stand_in is not None
+    n_t, cloned = len(job.target_labels), branch.cloned_index
+
+    names = data.label_names
+    x, y = data.split("test")
+    x = torch.as_tensor(x)
+    is_old = torch.isin(y, torch.tensor([names.index(n) for n in job.target_labels]))
+    is_new = torch.isin(y, torch.tensor([names.index(n) for n in CLONED]))
+    y_new = torch.tensor([CLONED.index(names[i]) for i in y[is_new].tolist()])
+    y_old = torch.tensor([job.target_labels.index(names[i]) for i in y[is_old].tolist()])
+    test_old, test_new = (router_features(target, branch, x[m]) for m in (is_old, is_new))
+    train = router_features(target, branch, torch.cat([prep.x, prep.x_neg]))
+    y_train = torch.cat([prep.y, torch.full((len(prep.x_neg),), -1)])
+    group = torch.where(y_train >= 0, y_train, len(cloned) + train["z_t"].argmax(1))
+    real = torch.cat([~prep.stand_in, torch.ones(len(prep.x_neg), dtype=torch.bool)])
+    every_row = torch.ones_like(real)
+
+    def score(g_old: torch.Tensor, g_new: torch.Tensor) -> dict[str, float]:
+        def fused(f: Features, g: torch.Tensor) -> torch.Tensor:
+            g = g.float()
+            return torch.cat([(1 - g)[:, None] * f["z_t"].softmax(1),
+                              g[:, None] * f["z_s"][:, cloned].softmax(1)], 1).argmax(1)
+        p_old = fused(test_old, g_old)
+        mean = lambda t: round(float(t.float().mean()), 4)  # noqa: E731
+        return {"locality": mean(p_old == test_old["z_t"].argmax(1)),
+                "acc_old": mean(p_old == y_old),
+                "acc_new": mean(fused(test_new, g_new) == y_new + n_t)}
+
+    def with_shifts(g_old: torch.Tensor, g_new: torch.Tensor) -> dict:
+        log_odds = lambda g: g.double().clamp(1e-12, 1 - 1e-12).logit()  # noqa: E731
+        return {**score(g_old, g_new),
+                **{f"shift{b}": score((log_odds(g_old) + b).sigmoid(),
+                                      (log_odds(g_new) + b).sigmoid()) for b in SHIFTS}}
+
+    def candidates(f: Features) -> torch.Tensor:
+        return torch.cat([f["f_t"], f["taps"], f["f_b"]], 1)
+
+    def run(cols: torch.Tensor, rows: torch.Tensor, folded: bool = False) -> dict:
+        cols = cols.sort().values
+        gate = gate_of(candidates(train)[rows][:, cols], group[rows], len(cloned), folded)
+        return with_shifts(gate(candidates(test_old)[:, cols]),
+                           gate(candidates(test_new)[:, cols]))
+
+    d_t, d_taps, d_b = (train[k].shape[1] for k in ("f_t", "taps", "f_b"))
+    everything = torch.arange(d_t + d_taps + d_b)
+    base = torch.cat([everything[:d_t], everything[d_t + d_taps:]])
+
+    def top_half(rows: torch.Tensor) -> torch.Tensor:
+        fit = DiscriminantFit(candidates(train)[rows].double(), group[rows], len(cloned), 0.1)
+        return fit.parting_weight().argsort(descending=True)[: len(base) // 2]
+
+    widths = [i.channels for i in target.feature_info(job.input_shape)[1:]]
+    tapped = (d_t + torch.arange(d_taps))[: sum(widths[: len(getattr(branch.gate, "taps", ()))])]
+
+    def built(f: Features) -> torch.Tensor:  # the gate reads [f_t, its taps]
+        f_t = torch.cat([f["f_t"], f["taps"][:, tapped - d_t]], 1)
+        return branch.gate(f["z_t"], f["z_s"], f["f_b"], f_t)
+
+    rows = {"built": with_shifts(built(test_old), built(test_new)),
+            "half": run(top_half(every_row), every_row),
+            "half-no_stand_ins": run(top_half(real), real),
+            "all-no_stand_ins": run(everything, real),
+            "none": run(base, every_row, folded=True),
+            "none-no_stand_ins": run(base, real, folded=True)}
+    print(json.dumps({"source": source, "zoo_seed": args.zoo_seed, "seed": args.seed,
+                      "position": list(position), "stand_in_rows": int(prep.stand_in.sum()),
+                      "seconds": round(time.time() - started), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
