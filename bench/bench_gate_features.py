@@ -28,41 +28,16 @@ group means over the within-class variance). Each row: test locality, acc_old, a
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from router_bench import Features, gate_of, parse_args, router_run
 
-from pnc_net.cloning import CloneConfig, plan, router_features, searched_branch
-from pnc_net.data import load_dataset
 from pnc_net.insert import DiscriminantFit
 from pnc_net.superbody import gate_features
-from pnc_net.zoo import Zoo
 
-CLONED = ("5", "6")
-#: --source: (target, source, positions, data set), the bench's pairs
-SOURCES = {"mnist": ("mnist-cnn-0to4", "mnist-cnn-5to9", ((3, 3), (4, 4)), "mnist"),
-           "mobilenet": ("rgb-resnet18-0to4", "rgb-mobilenet_v3_small-5to9", ((7, 7), (6, 7)),
-                         "rgb-digits"),
-           "vit": ("rgb-resnet18-0to4", "rgb-vit-5to9", ((9, 6), (8, 6)), "rgb-digits")}
-Features = dict[str, torch.Tensor]
 FRACTIONS = ("0.3", "0.5", "0.75", "1.0")
-
-
-def gate_of(x: torch.Tensor, group: torch.Tensor, n_cloned: int,
-            folded: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``insert.fit_discriminant_gate``'s gate on features ``x``: ``g(features)`` (its
-    log-odds unbounded and no veto)."""
-    fit = DiscriminantFit(x.double(), group, n_cloned, 0.1)
-    scale, weight, bias = fit.wire_linear(carry_scale=not folded)
-
-    def gate(f: torch.Tensor) -> torch.Tensor:
-        s = (f.float() * scale) @ weight.T + bias
-        return (s[:, fit.is_cloned].logsumexp(1) - s[:, ~fit.is_cloned].logsumexp(1)).sigmoid()
-    return gate
 
 
 def ranking(x: torch.Tensor, group: torch.Tensor, n_cloned: int, how: str) -> torch.Tensor:
@@ -78,49 +53,12 @@ def ranking(x: torch.Tensor, group: torch.Tensor, n_cloned: int, how: str) -> to
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", choices=sorted(SOURCES), default="mnist")
-    ap.add_argument("--seed", type=int, default=0, help="clone seed")
-    ap.add_argument("--zoo", type=Path, required=True)
-    ap.add_argument("--zoo-seed", type=int, default=0, help="recorded only")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    target_name, source, positions, data_name = SOURCES[args.source]
-    data = load_dataset(data_name)
-    cfg = CloneConfig.single(target_name, source, CLONED, per_class=20, target_per_class=20,
-                             seed=args.seed, positions=positions)
+    args = parse_args(__doc__)
     started = time.time()
-    job = plan(Zoo(args.zoo), data, cfg)
-    position, branch = searched_branch(job)
-    target, prep = job.target, job.modules[0].prepared
-    n_t, cloned = len(job.target_labels), branch.cloned_index
-
-    def features(x: torch.Tensor) -> Features:
-        return router_features(target, branch, x)
-
-    names = data.label_names
-    x, y = data.split("test")
-    x = torch.as_tensor(x)
-    is_old = torch.isin(y, torch.tensor([names.index(n) for n in job.target_labels]))
-    is_new = torch.isin(y, torch.tensor([names.index(n) for n in CLONED]))
-    y_new = torch.tensor([CLONED.index(names[i]) for i in y[is_new].tolist()])
-    y_old = torch.tensor([job.target_labels.index(names[i]) for i in y[is_old].tolist()])
-    test_old, test_new = features(x[is_old]), features(x[is_new])
-    train = features(torch.cat([prep.x, prep.x_neg]))
-    y_train = torch.cat([prep.y, torch.full((len(prep.x_neg),), -1)])
-    group = torch.where(y_train >= 0, y_train, len(cloned) + train["z_t"].argmax(1))
-
-    def score(g_old: torch.Tensor, g_new: torch.Tensor) -> dict[str, float]:
-        def fused(f: Features, g: torch.Tensor) -> torch.Tensor:
-            g = g.float()
-            return torch.cat([(1 - g)[:, None] * f["z_t"].softmax(1),
-                              g[:, None] * f["z_s"][:, cloned].softmax(1)], 1).argmax(1)
-        p_old = fused(test_old, g_old)
-        mean = lambda t: round(float(t.float().mean()), 4)  # noqa: E731
-        return {"locality": mean(p_old == test_old["z_t"].argmax(1)),
-                "acc_old": mean(p_old == y_old),
-                "acc_new": mean(fused(test_new, g_new) == y_new + n_t)}
+    setup = router_run(args, target_per_class=20)
+    job, branch, train, group = setup.job, setup.branch, setup.train, setup.group
+    target, cloned, n_t = job.target, branch.cloned_index, len(job.target_labels)
+    test_old, test_new, score = setup.test_old, setup.test_new, setup.score
 
     def candidates(f: Features) -> torch.Tensor:
         return torch.cat([f["f_t"], f["taps"], f["f_b"]], 1)
@@ -169,8 +107,8 @@ def main() -> None:
             rows[f"base+{how}{m}"] = run(torch.cat([base, tap_order[:m]]))
         for frac in FRACTIONS:
             rows[f"top_{how}@{frac}"] = run(order[: int(len(base) * float(frac))])
-    print(json.dumps({"source": source, "zoo_seed": args.zoo_seed, "seed": args.seed,
-                      "position": list(position), "dims": [d_t, d_taps, d_b],
+    print(json.dumps({"source": job.modules[0].manifest.name, "zoo_seed": args.zoo_seed,
+                      "seed": args.seed, "position": list(setup.position), "dims": [d_t, d_taps, d_b],
                       "seconds": round(time.time() - started), "rows": rows}))
 
 

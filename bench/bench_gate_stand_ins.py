@@ -22,67 +22,27 @@ so the two fits can be compared at the same acc_old. One JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
-from bench_gate_features import CLONED, SOURCES, gate_of
+from router_bench import Features, gate_of, parse_args, router_run
 
-from pnc_net.cloning import CloneConfig, plan, router_features, searched_branch
-from pnc_net.data import load_dataset
 from pnc_net.insert import DiscriminantFit
-from pnc_net.zoo import Zoo
 
-Features = dict[str, torch.Tensor]
 SHIFTS = (-3, -2, -1, 1, 2, 3)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", choices=sorted(SOURCES), default="mnist")
-    ap.add_argument("--seed", type=int, default=0, help="clone seed")
-    ap.add_argument("--zoo", type=Path, required=True)
-    ap.add_argument("--zoo-seed", type=int, default=0, help="recorded only")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    target_name, source, positions, data_name = SOURCES[args.source]
-    data = load_dataset(data_name)
-    cfg = CloneConfig.single(target_name, source, CLONED, per_class=20, target_per_class=20,
-                             seed=args.seed, positions=positions)
+    args = parse_args(__doc__)
     started = time.time()
-    job = plan(Zoo(args.zoo), data, cfg)
-    position, branch = searched_branch(job)
-    target, prep = job.target, job.modules[0].prepared
-    assert prep is not None and prep.stand_in is not None
-    n_t, cloned = len(job.target_labels), branch.cloned_index
-
-    names = data.label_names
-    x, y = data.split("test")
-    x = torch.as_tensor(x)
-    is_old = torch.isin(y, torch.tensor([names.index(n) for n in job.target_labels]))
-    is_new = torch.isin(y, torch.tensor([names.index(n) for n in CLONED]))
-    y_new = torch.tensor([CLONED.index(names[i]) for i in y[is_new].tolist()])
-    y_old = torch.tensor([job.target_labels.index(names[i]) for i in y[is_old].tolist()])
-    test_old, test_new = (router_features(target, branch, x[m]) for m in (is_old, is_new))
-    train = router_features(target, branch, torch.cat([prep.x, prep.x_neg]))
-    y_train = torch.cat([prep.y, torch.full((len(prep.x_neg),), -1)])
-    group = torch.where(y_train >= 0, y_train, len(cloned) + train["z_t"].argmax(1))
+    setup = router_run(args, target_per_class=20)
+    job, branch, prep, train, group = setup.job, setup.branch, setup.prep, setup.train, setup.group
+    assert prep.stand_in is not None
+    target, cloned, score = job.target, branch.cloned_index, setup.score
+    test_old, test_new = setup.test_old, setup.test_new
     real = torch.cat([~prep.stand_in, torch.ones(len(prep.x_neg), dtype=torch.bool)])
     every_row = torch.ones_like(real)
-
-    def score(g_old: torch.Tensor, g_new: torch.Tensor) -> dict[str, float]:
-        def fused(f: Features, g: torch.Tensor) -> torch.Tensor:
-            g = g.float()
-            return torch.cat([(1 - g)[:, None] * f["z_t"].softmax(1),
-                              g[:, None] * f["z_s"][:, cloned].softmax(1)], 1).argmax(1)
-        p_old = fused(test_old, g_old)
-        mean = lambda t: round(float(t.float().mean()), 4)  # noqa: E731
-        return {"locality": mean(p_old == test_old["z_t"].argmax(1)),
-                "acc_old": mean(p_old == y_old),
-                "acc_new": mean(fused(test_new, g_new) == y_new + n_t)}
 
     def with_shifts(g_old: torch.Tensor, g_new: torch.Tensor) -> dict:
         log_odds = lambda g: g.double().clamp(1e-12, 1 - 1e-12).logit()  # noqa: E731
@@ -120,8 +80,8 @@ def main() -> None:
             "all-no_stand_ins": run(everything, real),
             "none": run(base, every_row, folded=True),
             "none-no_stand_ins": run(base, real, folded=True)}
-    print(json.dumps({"source": source, "zoo_seed": args.zoo_seed, "seed": args.seed,
-                      "position": list(position), "stand_in_rows": int(prep.stand_in.sum()),
+    print(json.dumps({"source": job.modules[0].manifest.name, "zoo_seed": args.zoo_seed,
+                      "seed": args.seed, "position": list(setup.position), "stand_in_rows": int(prep.stand_in.sum()),
                       "seconds": round(time.time() - started), "rows": rows}))
 
 

@@ -26,68 +26,27 @@ Each row: test locality, acc_old, acc_new (the branch fixed). One JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import torch
-from bench_gate_features import CLONED, SOURCES, gate_of
+from router_bench import gate_of, parse_args, router_run
 
-from pnc_net.cloning import CloneConfig, plan, router_features, searched_branch
-from pnc_net.data import load_dataset
 from pnc_net.insert import DiscriminantFit
 from pnc_net.superbody import energy_allowed
-from pnc_net.zoo import Zoo
 
-Features = dict[str, torch.Tensor]
 QUANTILES = (0.9, 0.95, 0.98, 0.99)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", choices=sorted(SOURCES), default="mnist")
-    ap.add_argument("--seed", type=int, default=0, help="clone seed")
-    ap.add_argument("--zoo", type=Path, required=True)
-    ap.add_argument("--zoo-seed", type=int, default=0, help="recorded only")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    target_name, source, positions, data_name = SOURCES[args.source]
-    data = load_dataset(data_name)
-    cfg = CloneConfig.single(target_name, source, CLONED, per_class=20, target_per_class=0,
-                             seed=args.seed, positions=positions)
-    cfg = replace(cfg, insert=replace(cfg.insert, gate="mlp"))
+    args = parse_args(__doc__)
     started = time.time()
-    job = plan(Zoo(args.zoo), data, cfg)
-    position, branch = searched_branch(job)
-    target, prep = job.target, job.modules[0].prepared
-    n_t, cloned = len(job.target_labels), branch.cloned_index
-
-    names = data.label_names
-    x, y = data.split("test")
-    x = torch.as_tensor(x)
-    is_old = torch.isin(y, torch.tensor([names.index(n) for n in job.target_labels]))
-    is_new = torch.isin(y, torch.tensor([names.index(n) for n in CLONED]))
-    y_new = torch.tensor([CLONED.index(names[i]) for i in y[is_new].tolist()])
-    y_old = torch.tensor([job.target_labels.index(names[i]) for i in y[is_old].tolist()])
-    test_old, test_new = (router_features(target, branch, x[m]) for m in (is_old, is_new))
-    train = router_features(target, branch, torch.cat([prep.x, prep.x_neg]))
-    y_train = torch.cat([prep.y, torch.full((len(prep.x_neg),), -1)])
-    occluded = torch.arange(len(y_train)) >= len(prep.x)
-    group = torch.where(y_train >= 0, y_train, len(cloned) + train["z_t"].argmax(1))
+    setup = router_run(args, target_per_class=0, gate="mlp")
+    branch, prep, train, group = setup.branch, setup.prep, setup.train, setup.group
+    cloned = branch.cloned_index
+    occluded = torch.arange(len(group)) >= len(prep.x)
     lse_cloned = train["z_t"][: len(prep.x)][prep.y >= 0].logsumexp(1)
-
-    def score(gate) -> dict[str, float]:
-        def fused(f: Features) -> torch.Tensor:
-            g = gate(f).float()
-            return torch.cat([(1 - g)[:, None] * f["z_t"].softmax(1),
-                              g[:, None] * f["z_s"][:, cloned].softmax(1)], 1).argmax(1)
-        p_old = fused(test_old)
-        mean = lambda t: round(float(t.float().mean()), 4)  # noqa: E731
-        return {"locality": mean(p_old == test_old["z_t"].argmax(1)),
-                "acc_old": mean(p_old == y_old), "acc_new": mean(fused(test_new) == y_new + n_t)}
+    score = setup.score_gate
 
     def veto(q: float):
         tau = float(torch.quantile(lse_cloned, q).half())  # as calibrate_energy_veto sets it
@@ -118,8 +77,8 @@ def main() -> None:
     rows["taps_half*veto0.95"] = score(times(lda(tapped, half=True), at95))
     rows["lda_no_occluded*veto0.95"] = score(times(lda(untapped, ~occluded), at95))
     rows["lda*mlp"] = score(times(plain, mlp))
-    print(json.dumps({"source": source, "zoo_seed": args.zoo_seed, "seed": args.seed,
-                      "position": list(position), "seconds": round(time.time() - started),
+    print(json.dumps({"source": setup.job.modules[0].manifest.name, "zoo_seed": args.zoo_seed,
+                      "seed": args.seed, "position": list(setup.position), "seconds": round(time.time() - started),
                       "rows": rows}))
 
 
