@@ -377,8 +377,8 @@ def gate_taps_for(cfg: InsertConfig, real_target: bool) -> str:
     """``cfg.gate_taps`` with ``auto`` resolved: every boundary when the target side has real
     digits, none when it has only inverted stand-ins. Their pooled early features are
     matched to the BatchNorm statistics as a batch, not digit by digit, and a discriminant
-    over them opened on most real target digits (k_t = 0 locality 0.57 with taps against
-    0.82 without; with the energy veto 0.96 against 0.99: ``docs/method.md``)."""
+    over them opens on real target digits (MNIST k_t = 0 locality under the energy veto
+    0.959 with taps against 0.993 without, 3 zoo x 3 clone seeds: ``docs/method.md``)."""
     if cfg.gate_taps != "auto":
         return cfg.gate_taps
     return "all" if real_target else "none"
