@@ -32,7 +32,7 @@ import json
 import time
 
 import torch
-from router_bench import Features, gate_of, parse_args, router_run
+from router_bench import Features, candidates, gate_of, parse_args, router_run
 
 from pnc_net.insert import DiscriminantFit
 from pnc_net.superbody import gate_features
@@ -60,9 +60,6 @@ def main() -> None:
     target, cloned, n_t = job.target, branch.cloned_index, len(job.target_labels)
     test_old, test_new, score = setup.test_old, setup.test_new, setup.score
 
-    def candidates(f: Features) -> torch.Tensor:
-        return torch.cat([f["f_t"], f["taps"], f["f_b"]], 1)
-
     def run(cols: torch.Tensor, folded: bool = False) -> dict[str, float]:
         cols = cols.sort().values
         gate = gate_of(candidates(train)[:, cols], group, len(cloned), folded)
@@ -74,14 +71,8 @@ def main() -> None:
     base = torch.cat([everything[:d_t], everything[d_t + d_taps:]])
     tap_cols = everything[d_t : d_t + d_taps]
     widths = [i.channels for i in target.feature_info(job.input_shape)[1:]]
-    g = branch.gate
-    tapped = tap_cols[: sum(widths[: len(getattr(g, "taps", ()))])]  # taps are 1..m
 
-    def built(f: Features) -> torch.Tensor:  # the gate reads [f_t, its taps]
-        f_t = torch.cat([f["f_t"], f["taps"][:, tapped - d_t]], 1)
-        return g(f["z_t"], f["z_s"], f["f_b"], f_t)
-
-    rows = {"built": score(built(test_old), built(test_new)),
+    rows = {"built": setup.score_gate(setup.built_gate),
             "none": run(base, folded=True), "all": run(everything),
             "early": run(torch.cat([base, tap_cols[: sum(widths[: len(widths) // 2])]]))}
 

@@ -26,7 +26,7 @@ import json
 import time
 
 import torch
-from router_bench import Features, gate_of, parse_args, router_run
+from router_bench import candidates, gate_of, parse_args, router_run
 
 from pnc_net.insert import DiscriminantFit
 
@@ -39,7 +39,7 @@ def main() -> None:
     setup = router_run(args, target_per_class=20)
     job, branch, prep, train, group = setup.job, setup.branch, setup.prep, setup.train, setup.group
     assert prep.stand_in is not None
-    target, cloned, score = job.target, branch.cloned_index, setup.score
+    cloned, score = branch.cloned_index, setup.score
     test_old, test_new = setup.test_old, setup.test_new
     real = torch.cat([~prep.stand_in, torch.ones(len(prep.x_neg), dtype=torch.bool)])
     every_row = torch.ones_like(real)
@@ -49,9 +49,6 @@ def main() -> None:
         return {**score(g_old, g_new),
                 **{f"shift{b}": score((log_odds(g_old) + b).sigmoid(),
                                       (log_odds(g_new) + b).sigmoid()) for b in SHIFTS}}
-
-    def candidates(f: Features) -> torch.Tensor:
-        return torch.cat([f["f_t"], f["taps"], f["f_b"]], 1)
 
     def run(cols: torch.Tensor, rows: torch.Tensor, folded: bool = False) -> dict:
         cols = cols.sort().values
@@ -67,14 +64,7 @@ def main() -> None:
         fit = DiscriminantFit(candidates(train)[rows].double(), group[rows], len(cloned), 0.1)
         return fit.parting_weight().argsort(descending=True)[: len(base) // 2]
 
-    widths = [i.channels for i in target.feature_info(job.input_shape)[1:]]
-    tapped = (d_t + torch.arange(d_taps))[: sum(widths[: len(getattr(branch.gate, "taps", ()))])]
-
-    def built(f: Features) -> torch.Tensor:  # the gate reads [f_t, its taps]
-        f_t = torch.cat([f["f_t"], f["taps"][:, tapped - d_t]], 1)
-        return branch.gate(f["z_t"], f["z_s"], f["f_b"], f_t)
-
-    rows = {"built": with_shifts(built(test_old), built(test_new)),
+    rows = {"built": with_shifts(setup.built_gate(test_old), setup.built_gate(test_new)),
             "half": run(top_half(every_row), every_row),
             "half-no_stand_ins": run(top_half(real), real),
             "all-no_stand_ins": run(everything, real),

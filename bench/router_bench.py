@@ -56,9 +56,13 @@ class RouterRun:
     y_old: torch.Tensor  # target class index of each test_old input
     y_new: torch.Tensor  # cloned index of each test_new input
 
-    @property
-    def n_cloned(self) -> int:
-        return len(self.branch.cloned_index)
+    def built_gate(self, f: Features) -> torch.Tensor:
+        """The branch's own gate (as the clone trained it) on features ``f``: it reads the
+        penultimate features and the taps of its boundaries (1..m, in boundary order)."""
+        gate = self.branch.gate
+        widths = [i.channels for i in self.job.target.feature_info(self.job.input_shape)[1:]]
+        tapped = f["taps"][:, : sum(widths[: len(getattr(gate, "taps", ()))])]
+        return gate(f["z_t"], f["z_s"], f["f_b"], torch.cat([f["f_t"], tapped], 1))
 
     def score(self, g_old: torch.Tensor, g_new: torch.Tensor) -> dict[str, float]:
         """Test locality, acc_old and acc_new of the superbody with gate values ``g``."""
@@ -77,6 +81,11 @@ class RouterRun:
     def score_gate(self, gate: Callable[[Features], torch.Tensor]) -> dict[str, float]:
         """``score`` of a gate that reads the features."""
         return self.score(gate(self.test_old), gate(self.test_new))
+
+
+def candidates(f: Features) -> torch.Tensor:
+    """Every feature a discriminant could read: ``[f_t, taps, f_b]``."""
+    return torch.cat([f["f_t"], f["taps"], f["f_b"]], 1)
 
 
 def gate_of(x: torch.Tensor, group: torch.Tensor, n_cloned: int,
