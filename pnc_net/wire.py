@@ -99,9 +99,19 @@ def _ref_from_proto(msg: pb.ZooRef, role: str) -> ZooRef:
 INT8_WHEN_FP16 = frozenset({"gate.linear.weight", "adapter.down.weight", "adapter.up.weight"})
 
 
-def wire_dtype(name: str, dtype: str) -> str:
-    """The dtype tensor ``name`` is written in, in a package written as ``dtype``."""
-    return "int8" if dtype == "fp16" and name in INT8_WHEN_FP16 else dtype
+def wire_dtype(name: str, dtype: str, ndim: int = 2) -> str:
+    """The dtype tensor ``name`` (of ``ndim`` dimensions) is written in, in a package
+    written as ``dtype``.
+
+    An int8 package writes only weight matrices (2 or more dimensions, one scale per
+    row) as int8; vectors and scalars (biases, feature scales, the energy veto) stay
+    fp16, as quantized PyTorch layers keep their bias in float. One int8 scale over a
+    vector as varied as a gate's bias rounded it by up to 1/254 of its peak, which cost
+    k_t = 0 clones up to 0.006 of locality (``docs/method.md``); the vectors are a few
+    hundred bytes of a package."""
+    if dtype == "fp16" and name in INT8_WHEN_FP16:
+        return "int8"
+    return "fp16" if dtype == "int8" and ndim < 2 else dtype
 
 
 def to_proto(package: Package, dtype: str = "fp16",
@@ -122,7 +132,7 @@ def to_proto(package: Package, dtype: str = "fp16",
             source=_ref_to_proto(m.source), cloned_classes=list(m.cloned_classes),
             position_r=m.position_r, position_s=m.position_s,
             masks=[mask_to_proto(k, v) for k, v in sorted(m.masks.items())],
-            tensors=[tensor_to_proto(k, v, wire_dtype(k, dtype), format_version)
+            tensors=[tensor_to_proto(k, v, wire_dtype(k, dtype, v.dim()), format_version)
                      for k, v in sorted(m.tensors.items())],
             config_json=json.dumps(m.settings().as_dict(), sort_keys=True)))
     if package.fingerprint is not None:

@@ -80,8 +80,12 @@ def test_v1_int8_uses_one_scale_and_v2_one_per_row(package):
     assert err2 <= err1 + 1e-7  # per-row scales are never coarser
 
 
-@pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("fp16", 2e-3), ("int8", 2e-2)])
-def test_round_trip(package, dtype, tol):
+#: worst error per wire dtype, relative to a tensor's peak
+WIRE_ERROR = {"fp32": 0.0, "fp16": 2e-3, "int8": 2e-2}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_round_trip(package, dtype):
     data = wire.encode(package, dtype)
     back = wire.decode(data)
     assert back.format_version == wire.FORMAT_VERSION
@@ -90,10 +94,21 @@ def test_round_trip(package, dtype, tol):
         assert all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
         for k, v in a.tensors.items():
             scale = max(float(v.abs().max()), 1e-6)
-            bound = 2e-2 if wire.wire_dtype(k, dtype) == "int8" else tol  # INT8_WHEN_FP16
+            bound = WIRE_ERROR[wire.wire_dtype(k, dtype, v.dim())]  # INT8_WHEN_FP16 too
             assert float((b.tensors[k] - v).abs().max()) <= bound * scale, k
     assert torch.equal(back.fingerprint.probabilities, package.fingerprint.probabilities)
     assert wire.encode(package, dtype) == data  # deterministic: same id every time
+
+
+def test_int8_writes_matrices_int8_and_vectors_fp16(package):
+    """One int8 scale over a bias vector rounds its small entries away; an int8 package
+    keeps vectors (and scalars) fp16 and writes only the matrices int8."""
+    msg = wire.to_proto(package, "int8")
+    dtypes = {t.name: (len(t.shape), t.dtype) for t in msg.modules[0].tensors}
+    assert any(ndim < 2 for ndim, _ in dtypes.values())
+    assert any(ndim >= 2 for ndim, _ in dtypes.values())
+    for name, (ndim, dtype) in dtypes.items():
+        assert dtype == (pb.INT8 if ndim >= 2 else pb.FLOAT16), name
 
 
 def test_sizes_shrink_with_dtype(package):
