@@ -13,7 +13,10 @@ its real digits when ``--gate-stand-ins``, the default):
 - ``half``, ``half-no_stand_ins``: every tap, half the untapped width kept by parting
   weight (``--gate-taps all --gate-features half``: ``half`` reproduces ``built``);
 - ``all-no_stand_ins``: every tap, every feature kept;
-- ``none``, ``none-no_stand_ins``: no taps, standardization folded (stop 25's router).
+- ``none``, ``none-no_stand_ins``: no taps, standardization folded (stop 25's router);
+- ``half-stand_in_groups``: the stand-ins kept, but as groups of their own (one per target
+  class they are read as), so they do not move the real digits' class means;
+- ``half-stand_in_group``: the same with all stand-ins one group (one row more, not five).
 
 Each row: test locality, acc_old, acc_new (the branch fixed) and ``shift{b}``, the same
 with ``b`` added to the gate's log-odds (a threshold moved toward the branch for b > 0),
@@ -64,12 +67,26 @@ def main() -> None:
         fit = DiscriminantFit(candidates(train)[rows].double(), group[rows], len(cloned), 0.1)
         return fit.parting_weight().argsort(descending=True)[: len(base) // 2]
 
+    n_target = len(job.target_labels)
+    stand_in = ~real
+    own_groups = torch.where(stand_in, group + n_target, group)
+    one_group = torch.where(stand_in, len(cloned) + n_target, group)
+
+    def half_with(groups: torch.Tensor) -> dict:
+        fit = DiscriminantFit(candidates(train).double(), groups, len(cloned), 0.1)
+        cols = fit.parting_weight().argsort(descending=True)[: len(base) // 2].sort().values
+        gate = gate_of(candidates(train)[:, cols], groups, len(cloned), False)
+        return with_shifts(gate(candidates(test_old)[:, cols]),
+                           gate(candidates(test_new)[:, cols]))
+
     rows = {"built": with_shifts(setup.built_gate(test_old), setup.built_gate(test_new)),
             "half": run(top_half(every_row), every_row),
             "half-no_stand_ins": run(top_half(real), real),
             "all-no_stand_ins": run(everything, real),
             "none": run(base, every_row, folded=True),
-            "none-no_stand_ins": run(base, real, folded=True)}
+            "none-no_stand_ins": run(base, real, folded=True),
+            "half-stand_in_groups": half_with(own_groups),
+            "half-stand_in_group": half_with(one_group)}
     print(json.dumps({"source": job.modules[0].manifest.name, "zoo_seed": args.zoo_seed,
                       "seed": args.seed, "position": list(setup.position), "stand_in_rows": int(prep.stand_in.sum()),
                       "seconds": round(time.time() - started), "rows": rows}))
