@@ -31,7 +31,7 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  search: str = "exhaustive", device: str = "cpu",
                  precision: str = "fp32", gate: str = "auto", joint_rounds: int = 0,
                  gate_taps: str = "auto", gate_features: str = "half",
-                 gate_stand_ins: bool = True) -> CloneConfig:
+                 gate_stand_ins: bool | None = None) -> CloneConfig:
     """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work.
 
     ``device`` is resolved here (``auto`` becomes what this machine has), so the

@@ -296,13 +296,15 @@ def clone_cmd(
         help="How many of those features the discriminant gate keeps, the ones it weighs "
              "most: half (half the width of its features without taps: fewer bytes than no "
              "taps, and better routing, measured), all, or a count.")] = "half",
-    gate_stand_ins: Annotated[bool, typer.Option(
+    gate_stand_ins: Annotated[bool | None, typer.Option(
         "--gate-stand-ins/--no-gate-stand-ins",
         help="With --target-per-class > 0, whether the target's inverted stand-ins join its "
-             "real digits in the discriminant's fit. --no-gate-stand-ins routed more cloned "
-             "digits to the branch on the rgb pairs (acc_new +0.05 at the same acc_old) and on "
-             "MNIST (+0.017, for 0.003 of acc_old): docs/method.md, the router.")] = True,
-    dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (a discriminant gate's weight as int8), fp32, int8.")] = "fp16",
+             "real digits in the discriminant's fit; by default both fits are made and "
+             "validation keeps the better. Without them more cloned digits went to the "
+             "branch on the rgb pairs (acc_new +0.05 at the same acc_old) and on MNIST "
+             "(+0.017, for 0.003 of acc_old): docs/method.md, the router.",
+        show_default="chosen on validation")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (the adapter's and a discriminant gate's weights as int8), fp32, int8 (every matrix int8, vectors fp16).")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
     search: Annotated[str, typer.Option("--search", help="Position search: exhaustive (every candidate at the full budget) or halving (successive halving: short trainings prune to the top third, the finalists get the full budget; docs/method.md, Position search).")] = "exhaustive",

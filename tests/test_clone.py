@@ -445,3 +445,36 @@ def test_stand_ins_are_marked_and_can_be_left_out_of_the_discriminant(default_cl
     moot = [fit_discriminant_gate(job.target, branch, prep, c, real_target=False)
             for c in (cfg.insert, without)]
     assert torch.equal(moot[0].linear.weight, moot[1].linear.weight)
+
+
+def test_stand_ins_chosen_on_validation_keep_the_better_fit(zoo, mnist):
+    """``gate_stand_ins=None`` (the default of ``pnc clone``) fits the discriminant with and
+    without the stand-ins and keeps the one validation scores higher, ties to "with"; at
+    k_t = 0 there is nothing to choose."""
+    from dataclasses import replace
+
+    from pnc_net.cloning import localize_module, plan, prepare_module
+    from pnc_net.insert import insert_candidate, stand_in_options
+
+    cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
+                             target_per_class=10, positions=((3, 3),))
+    job = plan(zoo, mnist, cfg)
+    m = job.modules[0]
+    masks, prep = localize_module(job, 0), prepare_module(job, 0)
+    scores = {}
+    for choice in (True, False, None):
+        insert = replace(cfg.insert, gate_stand_ins=choice)
+        _, scores[choice] = insert_candidate(job.target, m.source, job.target_labels,
+                                             job.input_shape, (3, 3), masks, m.cloned,
+                                             m.cloned_labels, m.data, prep, insert, cfg.seed)
+    assert scores[None]["score"] == max(scores[True]["score"], scores[False]["score"])
+    kept = scores[None]["gate_stand_ins"]
+    assert kept == (0.0 if scores[False]["score"] > scores[True]["score"] else 1.0)
+    assert scores[None] == scores[bool(kept)]
+    assert stand_in_options(replace(cfg.insert, gate_stand_ins=None), m.data, prep) == (True, False)
+
+    job = plan(zoo, mnist, replace(cfg, target_per_class=0))
+    prep = prepare_module(job, 0)
+    for choice in (True, None):  # k_t = 0: the stand-ins are the whole target side
+        assert stand_in_options(replace(cfg.insert, gate_stand_ins=choice),
+                                job.modules[0].data, prep) == (True,)
