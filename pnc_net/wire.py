@@ -3,8 +3,9 @@
 ``encode(package)`` -> bytes; ``decode(bytes)`` -> ``Package`` (the zstd frame,
 the message and numpy-level tensors are in the torch-free ``pnc_net.codec``). A package's id
 is the sha256 of its encoded bytes. Adapter and fusion tensors travel as fp16
-by default (``fp32`` is lossless, ``int8`` is smallest and may need the
-receiver's repair step); masks travel as packed bits.
+by default, with the weight matrices of the adapter and of a discriminant gate int8
+(``fp32`` is lossless; ``int8`` writes every matrix int8 and may need the receiver's
+repair step); masks travel as packed bits.
 
 Decoding validates structure (one zstd frame, format version, every declared size
 against the budget in ``pnc_net.codec``, tensor sizes, mask widths, label map, the
