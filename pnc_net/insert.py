@@ -278,8 +278,18 @@ def train_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig
         opt.step()
 
 
+def discriminant_gate_inputs(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
+                             compute: Compute = CPU,
+                             real_target: bool = True) -> tuple[torch.Tensor, ...]:
+    """``gate_inputs`` at the taps the discriminant gate reads (``gate_taps_for``): one
+    target pass that every fit on the same branch can share."""
+    taps = tap_boundaries(gate_taps_for(cfg, real_target), target.num_blocks)
+    return gate_inputs(target, branch, prep, cfg, compute, taps)
+
+
 def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: InsertConfig,
-                          compute: Compute = CPU, real_target: bool = True) -> DiscriminantGate:
+                          compute: Compute = CPU, real_target: bool = True,
+                          inputs: tuple[torch.Tensor, ...] | None = None) -> DiscriminantGate:
     """A ``DiscriminantGate`` fitted in closed form on the gate's training samples.
 
     The features ``[f_t, f_b]`` are standardized; each cloned class is one Gaussian
@@ -294,10 +304,14 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     discriminant is fitted again on them alone. ``real_target`` says whether the
     target-side samples are real digits (``k_t > 0``) or only inverted stand-ins, which
     decides what ``cfg.gate_taps="auto"`` reads (``gate_taps_for``) and whether
-    ``cfg.gate_stand_ins=False`` may leave the stand-ins out of the fit.
+    ``cfg.gate_stand_ins=False`` may leave the stand-ins out of the fit. ``inputs``, from
+    ``discriminant_gate_inputs`` with the same arguments, saves the target pass when
+    several fits share the branch.
     """
     taps = tap_boundaries(gate_taps_for(cfg, real_target), target.num_blocks)
-    _, z_t, _, f_b, f_t = gate_inputs(target, branch, prep, cfg, compute, taps)
+    if inputs is None:
+        inputs = gate_inputs(target, branch, prep, cfg, compute, taps)
+    _, z_t, _, f_b, f_t = inputs
     x = torch.cat([f_t, f_b], 1).double()
     n_cloned = len(branch.cloned_index)
     y = compute.put(prep.y).clone()
@@ -485,10 +499,11 @@ def insert_candidate(target: ZooNet, source: ZooNet, target_labels: tuple[str, .
         return branch, calibrate_energy_veto(target, target_labels, branch, data, prep, cfg,
                                              compute)
     best: tuple[DiscriminantGate, dict[str, float]] | None = None
+    inputs = discriminant_gate_inputs(target, branch, prep, cfg, compute, data.real_val_old)
     for stand_ins in stand_in_options(cfg, data, prep):
         branch.gate = fit_discriminant_gate(target, branch, prep,
                                             replace(cfg, gate_stand_ins=stand_ins), compute,
-                                            real_target=data.real_val_old)
+                                            real_target=data.real_val_old, inputs=inputs)
         score = {**calibrate_energy_veto(target, target_labels, branch, data, prep, cfg,
                                          compute), "gate_stand_ins": float(stand_ins)}
         if best is None or score["score"] > best[1]["score"]:
