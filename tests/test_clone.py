@@ -456,8 +456,10 @@ def test_stand_ins_chosen_on_validation_keep_the_better_fit(zoo, mnist):
     from pnc_net.cloning import localize_module, plan, prepare_module
     from pnc_net.insert import insert_candidate, stand_in_options
 
+    # k_t = 5 at 4:4: leaving the stand-ins out scores 0.0-0.02 higher on validation on the
+    # zoos of seeds 0-2 (k_t = 10 at 3:3 keeps them on zoo 0); the assertions hold either way
     cfg = CloneConfig.single("mnist-cnn-0to4", "mnist-cnn-5to9", ("5", "6"), per_class=20,
-                             target_per_class=10, positions=((3, 3),))
+                             target_per_class=5, positions=((4, 4),))
     job = plan(zoo, mnist, cfg)
     m = job.modules[0]
     masks, prep = localize_module(job, 0), prepare_module(job, 0)
@@ -465,12 +467,13 @@ def test_stand_ins_chosen_on_validation_keep_the_better_fit(zoo, mnist):
     for choice in (True, False, None):
         insert = replace(cfg.insert, gate_stand_ins=choice)
         _, scores[choice] = insert_candidate(job.target, m.source, job.target_labels,
-                                             job.input_shape, (3, 3), masks, m.cloned,
+                                             job.input_shape, (4, 4), masks, m.cloned,
                                              m.cloned_labels, m.data, prep, insert, cfg.seed)
+    assert scores[True]["gate_stand_ins"] == 1.0 and scores[False]["gate_stand_ins"] == 0.0
     assert scores[None]["score"] == max(scores[True]["score"], scores[False]["score"])
     kept = scores[None]["gate_stand_ins"]
     assert kept == (0.0 if scores[False]["score"] > scores[True]["score"] else 1.0)
-    assert scores[None] == scores[bool(kept)]
+    assert scores[None] == scores[bool(kept)]  # the kept fit is that one's, not a blend
     assert stand_in_options(replace(cfg.insert, gate_stand_ins=None), m.data, prep) == (True, False)
 
     job = plan(zoo, mnist, replace(cfg, target_per_class=0))
