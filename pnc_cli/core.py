@@ -304,6 +304,12 @@ def clone_cmd(
              "branch on the rgb pairs (acc_new +0.05 at the same acc_old) and on MNIST "
              "(+0.017, for 0.003 of acc_old): docs/method.md, the router.",
         show_default="chosen on validation")] = None,
+    gate_log_odds: Annotated[float, typer.Option(
+        "--gate-log-odds",
+        help="The discriminant gate's prior log-odds of the cloned classes against the "
+             "target's: 0 puts half the prior mass on each side; below 0 the gate needs "
+             "more evidence to open (more locality, fewer cloned inputs routed). "
+             "docs/method.md, the router.")] = 0.0,
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (the adapter's and a discriminant gate's weights as int8), fp32, int8 (every matrix int8, vectors fp16).")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
@@ -327,7 +333,7 @@ def clone_cmd(
                        adapter_rank=adapter_rank, batch_size=batch_size, search=search, device=device,
                        precision=precision, gate=gate, joint_rounds=joint_rounds,
                        gate_taps=gate_taps, gate_features=gate_features,
-                       gate_stand_ins=gate_stand_ins)  # before Ray starts
+                       gate_stand_ins=gate_stand_ins, gate_log_odds=gate_log_odds)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -541,6 +541,9 @@ def settings_of(cfg: CloneConfig) -> dict:
             "per_class": cfg.per_class, "target_per_class": cfg.target_per_class,
             "seed": cfg.seed, "adapter_rank": cfg.insert.adapter_rank,
             **({"joint_rounds": cfg.insert.joint_rounds} if cfg.insert.joint_rounds else {}),
+            **({"gate_stand_ins": cfg.insert.gate_stand_ins}
+               if cfg.insert.gate_stand_ins is not None else {}),
+            **({"gate_log_odds": cfg.insert.gate_log_odds} if cfg.insert.gate_log_odds else {}),
             "synthetic_target_samples": cfg.synthesize,
             **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
             **({"search": cfg.search} if cfg.search != "exhaustive" else {}),

@@ -12,6 +12,7 @@ samples, closed on target-class samples (real, or inverted stand-ins) and on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -78,6 +79,9 @@ class InsertConfig:
     # rose 0.045-0.05 on the rgb pairs at equal acc_old, and 0.017 on MNIST for 0.003 of
     # acc_old (router refitted only: docs/method.md, the router)
     gate_stand_ins: bool | None = None
+    # the discriminant's prior log-odds of the cloned classes against the target's: 0 puts
+    # half the prior mass on each side; below 0 the gate needs more evidence to open
+    gate_log_odds: float = 0.0
     # rounds of joint refinement of the chosen branch (method.md step 4, cloning.joint_refine):
     # tail masks refined through the inserted path, then adapter and gate retrained
     joint_rounds: int = 0
@@ -94,6 +98,8 @@ class InsertConfig:
                                     "a positive count")
         if not 0 < self.gate_shrink <= 1:
             raise InvalidInputError(f"gate_shrink {self.gate_shrink} must be in (0, 1]")
+        if not -8 <= self.gate_log_odds <= 8:  # beyond, the softsign bound (LOG_ODDS_BOUND) eats it
+            raise InvalidInputError(f"gate_log_odds {self.gate_log_odds} must be in [-8, 8]")
         if not 0 <= self.joint_rounds <= 10:
             raise InvalidInputError(f"joint_rounds {self.joint_rounds} must be in 0..10")
 
@@ -322,12 +328,12 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
         x, group = x[compute.put(real)], group[compute.put(real)]
     n_kept = kept_features(cfg.gate_features, target.head.fc.in_features, f_b.shape[1],
                            x.shape[1])
-    fit = DiscriminantFit(x, group, n_cloned, cfg.gate_shrink)
+    fit = DiscriminantFit(x, group, n_cloned, cfg.gate_shrink, cfg.gate_log_odds)
     mask = None
     if n_kept:
         mask = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
         mask[fit.parting_weight().argsort(descending=True)[:n_kept]] = True
-        fit = DiscriminantFit(x[:, mask], group, n_cloned, cfg.gate_shrink)
+        fit = DiscriminantFit(x[:, mask], group, n_cloned, cfg.gate_shrink, cfg.gate_log_odds)
     gate = DiscriminantGate(n_cloned, len(fit.classes), x.shape[1], taps, n_kept)
     gate.to(compute.device)
     scale, weight, bias = fit.wire_linear(carry_scale=bool(taps or n_kept))
@@ -345,7 +351,7 @@ class DiscriminantFit:
     """Shared-covariance Gaussians per group on standardized features (the gate's fit)."""
 
     def __init__(self, x: torch.Tensor, group: torch.Tensor, n_cloned: int,
-                 shrink: float) -> None:
+                 shrink: float, log_odds: float = 0.0) -> None:
         self.classes = group.unique()  # sorted: the cloned classes first
         self.mu, self.sd = x.mean(0), x.std(0) + 1e-3
         z = (x - self.mu) / self.sd
@@ -360,7 +366,10 @@ class DiscriminantFit:
         if int(self.is_cloned.sum()) != n_cloned or n_old == 0:
             raise PreconditionError("the discriminant gate needs samples of every cloned class "
                                     "and of at least one target class; use --gate mlp")
-        self.prior = torch.where(self.is_cloned, 0.5 / n_cloned, 0.5 / n_old).log()
+        # the prior mass p of the cloned side, shared equally by its classes (and 1 - p by
+        # the target's): the gate's log-odds move by log(p / (1 - p)) = log_odds
+        p = 1 / (1 + math.exp(-log_odds))
+        self.prior = torch.where(self.is_cloned, p / n_cloned, (1 - p) / n_old).log()
 
     def wire_linear(self, carry_scale: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(scale, weight, bias)`` of the gate's linear layer as a package stores them

@@ -12,6 +12,7 @@ taps=${1:?usage: gate_taps_runs.sh early|all OUT_DIR [FEATURES]}
 out=${2:?usage: gate_taps_runs.sh early|all OUT_DIR [FEATURES]}
 features=${3:-all}  # --gate-features; runs are named by the taps, then -FEATURES unless all
 label=$taps$([ "$features" = all ] || echo "-$features")
+read -r -a extra <<< "${PNC_CLONE_ARGS:-}"  # more `pnc clone` flags, e.g. --no-gate-stand-ins
 pnc=${PNC:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/pnc}
 mkdir -p "$out"
 export OMP_NUM_THREADS=1
@@ -19,7 +20,7 @@ export OMP_NUM_THREADS=1
 one() {  # name zoo target source positions seed data
   "$pnc" clone --zoo "$2" --data "$7" --target "$3" --source "$4" --classes 5,6 \
     --per-class 20 --target-per-class 20 --seed "$6" --positions "$5" --gate-taps "$taps" \
-    --gate-features "$features" --out "$out/$1_$label.pnc" --json > "$out/$1_$label.json"
+    --gate-features "$features" "${extra[@]}" --out "$out/$1_$label.pnc" --json > "$out/$1_$label.json"
 }
 mnist() { one "mnist_z$1_s$2" "/tmp/pnc/zoo$1" mnist-cnn-0to4 mnist-cnn-5to9 3:3,4:4 "$2" mnist; }
 mob() { one "mob_s$1" /tmp/pnc/rgbzoo rgb-resnet18-0to4 rgb-mobilenet_v3_small-5to9 7:7,6:7 "$1" rgb-digits; }

@@ -203,6 +203,45 @@ def test_kept_features_counts():
         InsertConfig(gate_features="most")
 
 
+@pytest.mark.parametrize("log_odds", [-3.0, -2.0, 1.5])
+def test_gate_log_odds_move_the_discriminants_decision_by_that_much(log_odds):
+    """The prior's log-odds of the cloned side add to every input's gate log-odds and
+    change nothing else (0 is the class-balanced prior of before)."""
+    from pnc_net.insert import DiscriminantFit
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 6, generator=gen, dtype=torch.float64)
+    group = torch.arange(7).repeat(10)  # 2 cloned classes, 5 target ones
+    x[group < 2] += 1.0
+
+    def gate_log_odds(fit: DiscriminantFit) -> torch.Tensor:
+        scale, weight, bias = fit.wire_linear(carry_scale=True)
+        s = (x.float() * scale) @ weight.T + bias
+        return s[:, fit.is_cloned].logsumexp(1) - s[:, ~fit.is_cloned].logsumexp(1)
+
+    balanced = DiscriminantFit(x, group, 2, 0.1)
+    moved = DiscriminantFit(x, group, 2, 0.1, log_odds)
+    assert torch.equal(balanced.coef, moved.coef)  # the same Gaussians
+    # the bias is fp16 on the wire: its rounding bounds the match
+    assert torch.allclose(gate_log_odds(moved) - gate_log_odds(balanced),
+                          torch.full((70,), log_odds), atol=2e-2)
+    assert torch.equal(DiscriminantFit(x, group, 2, 0.1, 0.0).prior, balanced.prior)
+    with pytest.raises(InvalidInputError, match="gate_log_odds"):
+        InsertConfig(gate_log_odds=9.0)
+
+
+def test_the_report_records_a_router_prior_or_stand_in_choice_only_when_set():
+    from dataclasses import replace
+
+    from pnc_net.cloning import settings_of
+
+    cfg = CloneConfig.single("t", "s", ("5",))
+    assert not {"gate_log_odds", "gate_stand_ins"} & set(settings_of(cfg))  # defaults: unchanged
+    moved = replace(cfg, insert=replace(cfg.insert, gate_log_odds=-2.0, gate_stand_ins=False))
+    assert settings_of(moved)["gate_log_odds"] == -2.0
+    assert settings_of(moved)["gate_stand_ins"] is False
+
+
 @pytest.mark.parametrize("mask", [1 << 4, 1 << 40])
 def test_rebuild_refuses_gate_taps_beyond_the_target(default_clone, zoo, mask):
     """The target has 4 boundaries: a tap at boundary 5 (or 41) is a corrupt package,
