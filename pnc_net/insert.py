@@ -100,6 +100,9 @@ class InsertConfig:
             raise InvalidInputError(f"gate_shrink {self.gate_shrink} must be in (0, 1]")
         if not -8 <= self.gate_log_odds <= 8:  # beyond, the softsign bound (LOG_ODDS_BOUND) eats it
             raise InvalidInputError(f"gate_log_odds {self.gate_log_odds} must be in [-8, 8]")
+        if self.gate_log_odds and self.gate == "mlp":
+            raise InvalidInputError("gate_log_odds is the discriminant gate's prior; the mlp "
+                                    "gate has none: leave it at 0 or use --gate auto")
         if not 0 <= self.joint_rounds <= 10:
             raise InvalidInputError(f"joint_rounds {self.joint_rounds} must be in 0..10")
 
@@ -316,7 +319,7 @@ def fit_discriminant_gate(target: ZooNet, branch: Branch, prep: Prepared, cfg: I
     """
     taps = tap_boundaries(gate_taps_for(cfg, real_target), target.num_blocks)
     if inputs is None:
-        inputs = gate_inputs(target, branch, prep, cfg, compute, taps)
+        inputs = discriminant_gate_inputs(target, branch, prep, cfg, compute, real_target)
     _, z_t, _, f_b, f_t = inputs
     x = torch.cat([f_t, f_b], 1).double()
     n_cloned = len(branch.cloned_index)

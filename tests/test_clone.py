@@ -228,6 +228,8 @@ def test_gate_log_odds_move_the_discriminants_decision_by_that_much(log_odds):
     assert torch.equal(DiscriminantFit(x, group, 2, 0.1, 0.0).prior, balanced.prior)
     with pytest.raises(InvalidInputError, match="gate_log_odds"):
         InsertConfig(gate_log_odds=9.0)
+    with pytest.raises(InvalidInputError, match="mlp gate has none"):
+        InsertConfig(gate="mlp", gate_log_odds=log_odds)
 
 
 def test_the_report_records_a_router_prior_or_stand_in_choice_only_when_set():
