@@ -310,6 +310,15 @@ def clone_cmd(
              "target's: 0 puts half the prior mass on each side; below 0 the gate needs "
              "more evidence to open (more locality, fewer cloned inputs routed). "
              "docs/method.md, the router.")] = 0.0,
+    augment: Annotated[str, typer.Option(
+        "--augment",
+        help="Transforms of the cloning samples' shifted copies: affine (rotation up to "
+             "11.5 degrees, zoom up to 10%), permute (channel order), invert (1 - x); auto "
+             "keeps each one under which the source keeps 80% of its accuracy on the cloned "
+             "samples and the target 80% of its answers on its real digits (MNIST: affine; "
+             "the rgb digits: all three), off keeps shifts only, or name them, "
+             "comma-separated. The report's augment says what was kept and why. "
+             "docs/method.md, augmentation.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="Wire dtype of adapter/gate: fp16 (the adapter's and a discriminant gate's weights as int8), fp32, int8 (every matrix int8, vectors fp16).")] = "fp16",
     ray: Annotated[str | None, typer.Option("--ray", help="Run the search on Ray: `--ray` alone starts a local cluster (or joins $RAY_ADDRESS); `--ray ADDRESS` joins that cluster.", metavar="[ADDRESS]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Most images any pass holds at once (default: each step's own, 64 to 512); lower it when memory is short.")] = None,
@@ -333,7 +342,8 @@ def clone_cmd(
                        adapter_rank=adapter_rank, batch_size=batch_size, search=search, device=device,
                        precision=precision, gate=gate, joint_rounds=joint_rounds,
                        gate_taps=gate_taps, gate_features=gate_features,
-                       gate_stand_ins=gate_stand_ins, gate_log_odds=gate_log_odds)  # before Ray starts
+                       gate_stand_ins=gate_stand_ins, gate_log_odds=gate_log_odds,
+                       augment=augment)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -20,7 +20,15 @@ from pnc_net import __version__
 from pnc_net.data import Dataset, select_classes
 from pnc_net.devices import CPU, PRECISIONS, Compute, on_device, parse_device
 from pnc_net.errors import IncompatibleError, InvalidInputError
-from pnc_net.insert import CloneData, InsertConfig, Prepared, insert_candidate, prepare
+from pnc_net.insert import (
+    CloneData,
+    InsertConfig,
+    Prepared,
+    augment_judges,
+    augment_transforms,
+    insert_candidate,
+    prepare,
+)
 from pnc_net.localize import LocalizeConfig, localize, refine_through_branch, units_after
 from pnc_net.memory import LARGEST_DEFAULT_BATCH, activation_budget, batch_cap
 from pnc_net.metrics import clone_metrics
@@ -304,7 +312,12 @@ def localize_module(job: CloneJob, i: int) -> dict[str, torch.Tensor]:
 def prepare_module(job: CloneJob, i: int) -> Prepared:
     """Module ``i``'s candidate-independent training tensors (``insert.prepare``)."""
     m = job.modules[i]
-    return prepare(m.source, m.data, job.cfg.insert, job.cfg.seed, job.compute)
+    augment, checks = augment_transforms(job.cfg.insert, m.data.x_new.shape[1],
+                                         augment_judges(job.target, m.source, m.data, m.cloned),
+                                         job.cfg.seed, job.compute)
+    prepared = prepare(m.source, m.data, job.cfg.insert, job.cfg.seed, job.compute, augment)
+    prepared.augment_checks = checks
+    return prepared
 
 
 def train_position(job: CloneJob, i: int, position: tuple[int, int]) -> tuple[Branch, dict]:
@@ -393,7 +406,9 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
                 f"of {len(rounds)} round(s)")
         branches.append(branch)
         searches.append(record)
-    report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches,
+    augment = [{"transforms": list(m.prepared.augment), "checks": m.prepared.augment_checks or {}}
+               for m in job.modules if m.prepared is not None]
+    report: dict[str, Any] = {"settings": settings_of(cfg), "search": searches, "augment": augment,
                               **({"joint_refinement": joint} if joint else {})}
     package, superbody = make_package(job, branches, report)
     metrics = clone_metrics(on_device(superbody, job.compute), data,
@@ -544,6 +559,7 @@ def settings_of(cfg: CloneConfig) -> dict:
             **({"gate_stand_ins": cfg.insert.gate_stand_ins}
                if cfg.insert.gate_stand_ins is not None else {}),
             **({"gate_log_odds": cfg.insert.gate_log_odds} if cfg.insert.gate_log_odds else {}),
+            **({"augment": cfg.insert.augment} if cfg.insert.augment != "auto" else {}),
             "synthetic_target_samples": cfg.synthesize,
             **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
             **({"search": cfg.search} if cfg.search != "exhaustive" else {}),

@@ -81,13 +81,67 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean()) if len(y) else float("nan")
 
 
+AUGMENTS = ("affine", "permute", "invert")  # what random_augment can do besides shifts
+AFFINE_RADIANS = 0.2  # rotations up to +-11.5 degrees
+AFFINE_SCALE = 0.1  # zoom in or out by up to 10%
+
+
+def random_augment(x: torch.Tensor, transforms: tuple[str, ...] | list[str],
+                   gen: torch.Generator) -> torch.Tensor:
+    """Each image through ``transforms``, drawn per image, in ``AUGMENTS``' order:
+
+    - ``"affine"``: a rotation up to ``AFFINE_RADIANS`` and a zoom up to ``AFFINE_SCALE``
+      about the centre (zero fill, as ``random_shift``);
+    - ``"permute"``: its channels in a random order (a no-op for one channel);
+    - ``"invert"``: with probability 1/2, ``1 - x`` (pixels are in [0, 1]).
+
+    Each is label-preserving only for some data: inversion is for the rgb digits, whose
+    colours say nothing of the class, not for MNIST, whose networks have only seen white
+    on black. So which ones a clone uses is measured on its own networks
+    (``insert.augment_transforms``), not assumed. Draws on ``gen`` (a CPU generator)
+    only for the transforms given: with none, ``x`` comes back and ``gen`` is untouched."""
+    for name in AUGMENTS:
+        if name in transforms:
+            x = _TRANSFORMS[name](x, gen)
+    return x
+
+
+def _random_affine(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    b = len(x)
+    angle = (torch.rand(b, generator=gen) * 2 - 1) * AFFINE_RADIANS
+    zoom = 1 + (torch.rand(b, generator=gen) * 2 - 1) * AFFINE_SCALE
+    cos, sin, zero = torch.cos(angle) / zoom, torch.sin(angle) / zoom, torch.zeros(b)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False)
+
+
+def _random_channel_order(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    b, c = x.shape[:2]
+    if c == 1:
+        return x
+    orders = torch.argsort(torch.rand(b, c, generator=gen), dim=1).to(x.device)
+    return x[torch.arange(b, device=x.device).view(b, 1), orders]
+
+
+def _random_inversion(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device).view(-1, *[1] * (x.dim() - 1))
+    return torch.where(flip, 1 - x, x)
+
+
+_TRANSFORMS = {"affine": _random_affine, "permute": _random_channel_order,
+               "invert": _random_inversion}
+
+
 def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-                     lr: float, batch_size: int = 64, max_shift: int = 2, seed: int = 0,
+                     lr: float, batch_size: int = 64, max_shift: int = 2,
+                     augment: tuple[str, ...] = (), seed: int = 0,
                      desc: str = "train", progress: bool = True,
                      extra_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                      params: list[nn.Parameter] | None = None,
                      recalibrate_bn: bool = True, compute: Compute = CPU) -> ModuleT:
-    """Cross-entropy training with Adam, cosine decay and shift augmentation.
+    """Cross-entropy training with Adam, cosine decay and shift augmentation (then the
+    ``augment`` transforms of ``random_augment``, if any).
 
     ``extra_loss(x_batch, logits)`` adds a term (distillation for LwF/KD).
     ``recalibrate_bn`` ends with exact BatchNorm statistics over ``x``
@@ -105,7 +159,7 @@ def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs
     model.train()
     for _ in range(epochs):
         for idx in batches(len(x), batch_size, gen):
-            xb = random_shift(compute.put(x[idx]), max_shift, gen)
+            xb = random_augment(random_shift(compute.put(x[idx]), max_shift, gen), augment, gen)
             with compute.autocast(training=True):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), compute.put(y[idx]))

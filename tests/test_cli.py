@@ -130,6 +130,8 @@ CLONE_MISTAKES = {
                    ("unknown gate 'knn'", "auto, mlp, lda")),
     "gate taps bogus": ((*CLONE, "--classes", "5,6", "--gate-taps", "late"), 2,
                         ("unknown gate taps 'late'", "none, early, all")),
+    "augment bogus": ((*CLONE, "--classes", "5,6", "--augment", "affine,flip"), 2,
+                      ("unknown augmentation 'affine,flip'", "affine, permute, invert")),
     "joint rounds out of range": ((*CLONE, "--classes", "5,6", "--joint-rounds", "11"), 2,
                                   ("joint_rounds 11 must be in 0..10",)),
     "positions not R:S": ((*CLONE, "--classes", "5,6", "--positions", "3-3"), 2,

@@ -36,6 +36,7 @@ from pnc_net.checkpoints import build_arch
 from pnc_net.cloning import CloneConfig, _take
 from pnc_net.data import Dataset
 from pnc_net.errors import InvalidInputError
+from pnc_net.insert import augment_transforms
 from pnc_net.metrics import clone_metrics
 from pnc_net.models import ZooNet
 from pnc_net.superbody import NO_ENERGY_VETO, Superbody
@@ -88,6 +89,9 @@ class TaskData:
     y_val_new: torch.Tensor
     x_val_old: torch.Tensor
     source_refs: list[tuple[ZooNet, tuple[str, ...]]] = field(default_factory=list)
+    # the transforms PNC's check keeps: PNC-F tunes the superbody on them, as PNC trained it;
+    # FT, LwF and KD keep shifts only, which measured better for them (docs/benchmarks.md)
+    augment: tuple[str, ...] = ()
 
     @property
     def n_target(self) -> int:
@@ -133,6 +137,7 @@ def task_data(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> TaskData:
     target, t_man = zoo.load(cfg.target)
     k, kt, seed = cfg.per_class, cfg.target_per_class, cfg.seed
     xs, ys, xv, yv, sources, refs, labels = [], [], [], [], [], [], list(t_man.label_names)
+    judges: list = []
     for spec in cfg.sources:
         source, s_man = zoo.load(spec.source)
         missing = [c for c in spec.classes if c not in s_man.label_names]
@@ -146,13 +151,18 @@ def task_data(zoo: Zoo, data: Dataset, cfg: CloneConfig) -> TaskData:
         xv.append(x_vn)
         yv.append(y_vn + offset)
         sources.append((source, tuple(s_man.label_names.index(c) for c in spec.classes)))
+        judges.append((spec.source, source, torch.cat([x_new, x_vn]),  # as augment_judges
+                       torch.tensor(sources[-1][1])[torch.cat([y_new, y_vn])]))
         refs.append((source, s_man.label_names))
         labels.extend(spec.classes)
     x_old = _take(data, "train", t_man.label_names, kt, seed, "target")[0] if kt else xs[0][:0]
     x_vo = _take(data, "val", t_man.label_names, min(kt, 50), seed, "target")[0] if kt else xs[0][:0]
     y_old = predict_logits(target, x_old).argmax(1) if len(x_old) else ys[0][:0]
+    if len(x_vo):
+        judges.append(("target", target, x_vo, None))
+    augment, _ = augment_transforms(cfg.insert, xs[0].shape[1], judges, seed)
     return TaskData(target, t_man, sources, tuple(labels), torch.cat([*xs, x_old]),
-                    torch.cat([*ys, y_old]), torch.cat(xv), torch.cat(yv), x_vo, refs)
+                    torch.cat([*ys, y_old]), torch.cat(xv), torch.cat(yv), x_vo, refs, augment)
 
 
 # ----------------------------------------------------------------------------- models
@@ -336,12 +346,14 @@ class FrozenStats(nn.Module):
 
 
 def fit(model: ModuleT, td: TaskData, cfg: TuneConfig, *, epochs: int, lr: float, seed: int,
-        extra: Callable | None = None, params: list | None = None) -> ModuleT:
-    """``train_classifier`` on the cloning data with the shared recipe."""
+        extra: Callable | None = None, params: list | None = None,
+        augment: tuple[str, ...] = ()) -> ModuleT:
+    """``train_classifier`` on the cloning data with the shared recipe (shifts, and
+    ``augment``'s transforms: PNC-F's, not FT's, LwF's or KD's; ``TaskData.augment``)."""
     wrapped = FrozenStats(model) if cfg.freeze_bn_stats else model
     train_classifier(wrapped, td.x, td.y, epochs=epochs, lr=lr, batch_size=cfg.batch_size,
-                     max_shift=cfg.max_shift, seed=seed, progress=False, extra_loss=extra,
-                     params=params, recalibrate_bn=not cfg.freeze_bn_stats)
+                     max_shift=cfg.max_shift, augment=augment, seed=seed, progress=False,
+                     extra_loss=extra, params=params, recalibrate_bn=not cfg.freeze_bn_stats)
     return model.eval()
 
 
@@ -376,7 +388,8 @@ def run_pnc_f(superbody: Superbody, td: TaskData, data: Dataset, cfg: TuneConfig
 
     def train(model: _LogProbs, lr: float) -> _LogProbs:
         with tuned_energy_vetoes(model.superbody, cloned_x):
-            return fit(model, td, cfg, epochs=epochs_for(len(td.x), cfg), lr=lr, seed=seed)
+            return fit(model, td, cfg, epochs=epochs_for(len(td.x), cfg), lr=lr, seed=seed,
+                       augment=td.augment)
 
     lr, model = lr_search(build, train, cfg.lrs, lambda m: val_score(m, td))
     seconds = pnc_seconds + time.perf_counter() - t0
