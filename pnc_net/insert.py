@@ -170,9 +170,10 @@ def augment_transforms(cfg: InsertConfig, channels: int, judges: list[Judge], se
     ``"auto"`` keeps a transform when every judge passes under it, over ``AUGMENT_DRAWS``
     draws of it per sample: a ``(role, network, x, labels)`` with labels keeps
     ``AUGMENT_KEEPS`` of its accuracy on ``x``; one without (``None``: a target's digits
-    have no labels) gives the same answer on ``AUGMENT_KEEPS`` of them. MNIST's networks pass the affine and fail inversion (they
-    have only seen white on black); the rgb zoo, trained where colour is noise, passes
-    all three. ``permute`` needs more than one channel."""
+    have no labels) gives the same answer on ``AUGMENT_KEEPS`` of them. MNIST's networks
+    pass the affine and fail inversion (they have only seen white on black); the rgb zoo,
+    trained where colour is noise, passes all three. ``permute`` needs more than one
+    channel."""
     if cfg.augment == "off":
         return (), {}
     if cfg.augment != "auto":
