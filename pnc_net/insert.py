@@ -179,11 +179,12 @@ def augment_transforms(cfg: InsertConfig, channels: int, judges: list[Judge], se
     if cfg.augment != "auto":
         return tuple(t for t in AUGMENTS if t in cfg.augment.split(",")), {}
     gen = torch.Generator().manual_seed(seed + 1)  # its own: the clone's draws stay as they were
+    answers = [predict_logits(net, x, cfg.eval_batch_size, compute=compute).argmax(1)
+               for _, net, x, _ in judges]  # without the transform: once, not per transform
     kept, checks = [], {}
     for name in (t for t in AUGMENTS if t != "permute" or channels > 1):
         check: dict = {}
-        for role, net, x, labels in judges:
-            before = predict_logits(net, x, cfg.eval_batch_size, compute=compute).argmax(1)
+        for (role, net, x, labels), before in zip(judges, answers):
             drawn = random_augment(x.repeat(AUGMENT_DRAWS, *[1] * (x.dim() - 1)), (name,), gen)
             after = predict_logits(net, drawn, cfg.eval_batch_size, compute=compute).argmax(1)
             if labels is None:
