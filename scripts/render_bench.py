@@ -174,7 +174,8 @@ def zoo_verdicts(res: dict) -> list[str]:
             f"{check(pnc['acc_old'] >= pnc['target_acc_old'] - 0.005)}",
             f"- k_t = {pnc['target_budget']}: acc_new {pnc['acc_new']:.4f} >= source's "
             f"{pnc['source_acc_new']:.4f} - 0.02: "
-            f"{check(pnc['acc_new'] >= pnc['source_acc_new'] - 0.02)}"]
+            f"{check(pnc['acc_new'] >= pnc['source_acc_new'] - 0.02)}"
+            + oracle_note(rows, pnc, "acc_new")]
         if best is not None:
             margin = pnc["locality"] - best["locality"]
             out.append(f"- k_t = {pnc['target_budget']}: locality above the best tuning baseline "
@@ -189,6 +190,17 @@ def zoo_verdicts(res: dict) -> list[str]:
                 f"- k_t = 0: never below 0.95 in a single run (worst {worst:.3f}): "
                 f"{check(worst >= 0.95)}"]
     return out + [""]
+
+
+def oracle_note(rows: list[dict], row: dict, *metrics: str) -> str:
+    """What the Oracle (the target's architecture trained on the full train split of every
+    class) reached on ``metrics`` in ``row``'s task: the ceiling a bar is read against."""
+    oracle = next((r for r in rows if r["method"] == "Oracle" and r["task"] == row["task"]
+                   and r["target_budget"] == row["target_budget"]), None)
+    if oracle is None:
+        return ""
+    return (" (the Oracle, every class on the full train split: "
+            + ", ".join(f"{m} {oracle[m]:.3f}" for m in metrics) + ")")
 
 
 def partial_note(res: dict) -> list[str]:
@@ -265,7 +277,8 @@ def rgb_verdicts(res: dict) -> list[str]:
                 f"{check(r['acc_new'] >= r['source_acc_new'] - 0.05)}; acc_old "
                 f"{r['acc_old']:.3f} >= target's {r['target_acc_old']:.3f} - 0.02: "
                 f"{check(r['acc_old'] >= r['target_acc_old'] - 0.02)}; locality "
-                f"{r['locality']:.3f} >= 0.97: {check(r['locality'] >= 0.97)}; clone "
+                f"{r['locality']:.3f} >= 0.97: {check(r['locality'] >= 0.97)}"
+                + oracle_note(res["rows"], r, "acc_old", "locality") + "; clone "
                 f"{r['seconds'] / 60:.1f} min (slowest seed {slowest / 60:.1f}) "
                 f"<= 10: {check(slowest <= 600)}"]
         if t is not None:
