@@ -9,8 +9,15 @@ import pytest
 import torch
 from torch import nn
 
+from pnc_net import insert
 from pnc_net.errors import InvalidInputError
-from pnc_net.insert import AUGMENT_KEEPS, InsertConfig, augment_transforms
+from pnc_net.insert import (
+    AUGMENT_DRAWS,
+    AUGMENT_KEEPS,
+    InsertConfig,
+    augment_transforms,
+    kept_share,
+)
 from pnc_net.training import AFFINE_RADIANS, random_augment
 
 
@@ -93,6 +100,40 @@ def test_auto_keeps_a_transform_only_where_every_judge_keeps_its_answers():
     assert not checks["permute"]["kept"] and not checks["invert"]["kept"]
     for check in checks.values():  # what the report says is what decided
         assert check["kept"] == all(v >= AUGMENT_KEEPS for k, v in check.items() if k != "kept")
+
+
+class Counting(RedOnly):
+    """RedOnly that counts the samples it is shown."""
+
+    seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += len(x)
+        return super().forward(x)
+
+
+def test_a_clear_first_draw_decides_alone_and_a_close_one_gets_every_draw(monkeypatch):
+    x = images(50)
+    net = Counting().eval()
+    before = net(x).argmax(1)
+
+    def share(sure: float) -> tuple[float, int]:
+        monkeypatch.setattr(insert, "AUGMENT_SURE", sure)
+        net.seen = 0
+        value = kept_share(net, x, None, before, "permute", torch.Generator().manual_seed(0), 64)
+        return value, net.seen
+    one, seen_one = share(0.0)  # every share is "clear" of the threshold
+    every, seen_every = share(2.0)  # no share is
+    assert seen_one == len(x) and seen_every == AUGMENT_DRAWS * len(x)
+    assert 0 < one < 1 and 0 < every < 1  # channel order moves some of RedOnly's answers
+    # the same generator: the first draw is shared, so the full share contains it
+    first = (net(random_augment(x, ("permute",), torch.Generator().manual_seed(0))).argmax(1)
+             == before).float().mean()
+    assert one == pytest.approx(float(first))
+    labels = before.clone()
+    monkeypatch.setattr(insert, "AUGMENT_SURE", 0.0)
+    assert kept_share(net, x, labels, before, "permute", torch.Generator().manual_seed(0), 64) \
+        == pytest.approx(one)  # right on every plain sample: accuracy ratio = agreement
 
 
 def test_named_or_off_skip_the_check_and_unknown_names_are_refused():
