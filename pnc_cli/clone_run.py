@@ -32,7 +32,7 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
                  precision: str = "fp32", gate: str = "auto", joint_rounds: int = 0,
                  gate_taps: str = "auto", gate_features: str = "half",
                  gate_stand_ins: bool | None = None, gate_log_odds: float = 0.0,
-                 augment: str = "auto") -> CloneConfig:
+                 augment: str = "auto", gate_views: int = 0) -> CloneConfig:
     """``pnc clone``'s flags as a ``CloneConfig``; a mistake raises before any work.
 
     ``device`` is resolved here (``auto`` becomes what this machine has), so the
@@ -50,7 +50,7 @@ def clone_config(target: str, sources: Sequence[str], classes: Sequence[str], *,
         insert=InsertConfig(adapter_rank=adapter_rank, gate=gate, joint_rounds=joint_rounds,
                             gate_taps=gate_taps, gate_features=gate_features,
                             gate_stand_ins=gate_stand_ins, gate_log_odds=gate_log_odds,
-                            augment=augment),
+                            augment=augment, gate_views=gate_views),
         search=search,
         device=compute.device, precision=compute.precision,
     ).with_batch_size(batch_size)

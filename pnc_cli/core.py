@@ -310,6 +310,13 @@ def clone_cmd(
              "target's: 0 puts half the prior mass on each side; below 0 the gate needs "
              "more evidence to open (more locality, fewer cloned inputs routed). "
              "docs/method.md, the router.")] = 0.0,
+    gate_views: Annotated[int, typer.Option(
+        "--gate-views",
+        help="The router's second look: where its log-odds are within 4 of 0 (7-10% of "
+             "inputs), it also reads this many fixed views of the input (1-px shifts and the "
+             "transforms --augment kept) and averages. 0: none. On the rgb pairs 8 raised "
+             "locality 0.008-0.018 at 1.7-1.8 passes an input; on MNIST nothing. "
+             "docs/method.md, the router.")] = 0,
     augment: Annotated[str, typer.Option(
         "--augment",
         help="Transforms of the cloning samples' shifted copies: affine (rotation up to "
@@ -343,7 +350,7 @@ def clone_cmd(
                        precision=precision, gate=gate, joint_rounds=joint_rounds,
                        gate_taps=gate_taps, gate_features=gate_features,
                        gate_stand_ins=gate_stand_ins, gate_log_odds=gate_log_odds,
-                       augment=augment)  # before Ray starts
+                       augment=augment, gate_views=gate_views)  # before Ray starts
     with ray_runner(ray) as runner:
         result, _, _ = run_clone(cfg, data=data, zoo_dir=zoo_dir, quiet=json_out, runner=runner)
     out = out or Path(f"{result.package.target.name}+{'-'.join(result.superbody.label_names[len(result.superbody.target_labels):])}.pnc")

@@ -43,7 +43,7 @@ from pnc_net.search import (
     rung_insert_config,
     successive_halving,
 )
-from pnc_net.superbody import Branch, Superbody
+from pnc_net.superbody import Branch, DiscriminantGate, Superbody
 from pnc_net.synthesize import SynthesizeConfig, cached_target_samples
 from pnc_net.training import predict_logits
 from pnc_net.zoo import Manifest, Zoo
@@ -404,6 +404,9 @@ def clone(zoo: Zoo, data: Dataset, cfg: CloneConfig,
             joint.append(rounds)
             say(f"{m.manifest.name}: joint refinement kept {sum(r['kept'] for r in rounds)} "
                 f"of {len(rounds)} round(s)")
+        if cfg.insert.gate_views and isinstance(branch.gate, DiscriminantGate):
+            branch.gate.views = cfg.insert.gate_views  # the search scored the branch without
+            branch.gate.view_transforms = m.prepared.augment if m.prepared else ()
         branches.append(branch)
         searches.append(record)
     augment = [{"transforms": list(m.prepared.augment), "checks": m.prepared.augment_checks or {}}
@@ -559,6 +562,7 @@ def settings_of(cfg: CloneConfig) -> dict:
             **({"gate_stand_ins": cfg.insert.gate_stand_ins}
                if cfg.insert.gate_stand_ins is not None else {}),
             **({"gate_log_odds": cfg.insert.gate_log_odds} if cfg.insert.gate_log_odds else {}),
+            **({"gate_views": cfg.insert.gate_views} if cfg.insert.gate_views else {}),
             **({"augment": cfg.insert.augment} if cfg.insert.augment != "auto" else {}),
             "synthetic_target_samples": cfg.synthesize,
             **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),

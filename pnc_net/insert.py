@@ -90,6 +90,9 @@ class InsertConfig:
     # rounds of joint refinement of the chosen branch (method.md step 4, cloning.joint_refine):
     # tail masks refined through the inserted path, then adapter and gate retrained
     joint_rounds: int = 0
+    # the discriminant gate's second look (superbody.Superbody.parts): how many fixed views of
+    # an input it also reads where it is unsure; 0 (the default) is none
+    gate_views: int = 0
 
     def __post_init__(self) -> None:
         forced = self.augment.split(",") if self.augment not in ("auto", "off") else []
@@ -115,6 +118,11 @@ class InsertConfig:
                                     "gate has none: leave it at 0 or use --gate auto")
         if not 0 <= self.joint_rounds <= 10:
             raise InvalidInputError(f"joint_rounds {self.joint_rounds} must be in 0..10")
+        if not 0 <= self.gate_views <= 32:
+            raise InvalidInputError(f"gate_views {self.gate_views} must be in 0..32")
+        if self.gate_views and self.gate == "mlp":
+            raise InvalidInputError("gate_views is the discriminant gate's second look; the mlp "
+                                    "gate has none: leave it at 0 or use --gate auto")
 
 
 GATE_KINDS = ("auto", "mlp", "lda")

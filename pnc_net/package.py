@@ -58,9 +58,17 @@ class ModuleConfig:
     # how many of its features a discriminant gate keeps (``gate.feature_mask`` says
     # which); 0, the default, is all
     gate_features: int = 0
+    # the discriminant gate's second look: how many fixed views of an unsure input it also
+    # reads (``training.fixed_views``), and their transforms besides shifts (bit i for
+    # ``training.AUGMENTS[i]``); 0, the default, is none
+    gate_views: int = 0
+    gate_view_transforms: int = 0
 
     BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096), "gate_classes": (0, 4096),
-              "gate_taps": (0, 2**62), "gate_features": (0, 2**20)}
+              "gate_taps": (0, 2**62), "gate_features": (0, 2**20), "gate_views": (0, 32),
+              "gate_view_transforms": (0, 7)}
+    #: absent when 0, so a package without them is byte for byte what pnc wrote before them
+    OPTIONAL = ("gate_classes", "gate_taps", "gate_features", "gate_views", "gate_view_transforms")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -84,11 +92,11 @@ class ModuleConfig:
 
     def as_dict(self) -> dict[str, int]:
         """The fields as ``config_json`` writes them: every one, defaults included, except
-        ``gate_classes``, ``gate_taps`` and ``gate_features`` at 0, so a package without them is byte for byte
-        what pnc wrote before them (and a reader older than them refuses a package that
-        has them by the unknown-key rule rather than misreading it)."""
+        the ``OPTIONAL`` ones at 0, so a package without them is byte for byte what pnc
+        wrote before them (and a reader older than them refuses a package that has them by
+        the unknown-key rule rather than misreading it)."""
         out = asdict(self)
-        for key in ("gate_classes", "gate_taps", "gate_features"):  # absent at 0: earlier packages' bytes
+        for key in self.OPTIONAL:  # absent at 0: earlier packages' bytes
             if not out[key]:
                 del out[key]
         return out

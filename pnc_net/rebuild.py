@@ -27,6 +27,7 @@ from pnc_net.superbody import (
     taps_from_mask,
     taps_mask,
 )
+from pnc_net.training import AUGMENTS
 from pnc_net.zoo import Zoo
 
 PROBE_SEED = 20230317
@@ -60,7 +61,9 @@ def branch_config(branch: Branch) -> dict[str, int]:
     if isinstance(gate, DiscriminantGate):
         shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
                              gate_classes=gate.linear.out_features,
-                             gate_taps=taps_mask(gate.taps), gate_features=gate.kept)
+                             gate_taps=taps_mask(gate.taps), gate_features=gate.kept,
+                             gate_views=gate.views,
+                             gate_view_transforms=transforms_mask(gate.view_transforms))
     else:
         shape = ModuleConfig(adapter_rank=branch.adapter.down.out_channels,
                              gate_hidden=gate.hidden)
@@ -109,6 +112,11 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
     if settings.gate_features and not settings.gate_classes:
         raise IncompatibleError(f"gate_features {settings.gate_features} without a discriminant "
                                 "gate (gate_classes); the package is corrupt")
+    if (settings.gate_views and not settings.gate_classes) or (
+            settings.gate_view_transforms and not settings.gate_views):
+        raise IncompatibleError(f"gate_views {settings.gate_views} and gate_view_transforms "
+                                f"{settings.gate_view_transforms} need a discriminant gate "
+                                "(gate_classes) and views; the package is corrupt")
     branch, _ = build_branch(target, source, input_shape, module.position_r, module.position_s,
                           module.masks, module.cloned_classes, labels, settings.adapter_rank,
                           settings.gate_hidden, len(target_labels), settings.gate_classes, taps,
@@ -136,7 +144,20 @@ def branch_from_module(target: ZooNet, target_labels: tuple[str, ...],
                                     if k.startswith("adapter.")})
     branch.gate.load_state_dict({k[5:]: v.float() for k, v in tensors.items()
                                  if k.startswith("gate.")})
+    if settings.gate_views:  # a discriminant gate: checked above
+        branch.gate.views = settings.gate_views
+        branch.gate.view_transforms = transforms_from_mask(settings.gate_view_transforms)
     return branch.eval()
+
+
+def transforms_mask(transforms: tuple[str, ...]) -> int:
+    """``transforms`` as ``gate_view_transforms`` writes them: bit i for ``AUGMENTS[i]``."""
+    return sum(1 << i for i, name in enumerate(AUGMENTS) if name in transforms)
+
+
+def transforms_from_mask(mask: int) -> tuple[str, ...]:
+    """The transforms ``gate_view_transforms`` names, in ``AUGMENTS``' order."""
+    return tuple(name for i, name in enumerate(AUGMENTS) if mask >> i & 1)
 
 
 def default_branch_name(i: int) -> str:

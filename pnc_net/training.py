@@ -133,6 +133,37 @@ _TRANSFORMS = {"affine": _random_affine, "permute": _random_channel_order,
                "invert": _random_inversion}
 
 
+#: the one-pixel offsets (dx, dy) of ``fixed_views``, one per view in turn
+VIEW_SHIFTS = ((1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def fixed_views(x: torch.Tensor, transforms: tuple[str, ...] | list[str],
+                n: int) -> list[torch.Tensor]:
+    """``n`` views of every image, each view the same for every image and every machine
+    (what a gate's second look reads, ``superbody.Superbody.parts``): view ``i`` shifts by
+    ``VIEW_SHIFTS[i % 8]`` (zero fill), then, among ``transforms``, rotates by
+    ``AFFINE_RADIANS / 2`` (anticlockwise for even ``i``), rolls the channels by
+    ``1 + i % (c - 1)`` and inverts for even ``i``. Random views would make an input's
+    answer depend on its place in a batch; these are what ``random_augment`` draws from,
+    at fixed points."""
+    views = []
+    for i in range(n):
+        dx, dy = VIEW_SHIFTS[i % len(VIEW_SHIFTS)]
+        v = F.pad(x, (1, 1, 1, 1))[..., 1 - dy : 1 - dy + x.shape[-2], 1 - dx : 1 - dx + x.shape[-1]]
+        if "affine" in transforms:
+            angle = torch.tensor(AFFINE_RADIANS / 2 * (1 if i % 2 == 0 else -1))
+            cos, sin = float(torch.cos(angle)), float(torch.sin(angle))
+            theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
+            grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
+            v = F.grid_sample(v, grid, padding_mode="zeros", align_corners=False)
+        if "permute" in transforms and x.shape[1] > 1:
+            v = v.roll(1 + i % (x.shape[1] - 1), dims=1)
+        if "invert" in transforms and i % 2 == 0:
+            v = 1 - v
+        views.append(v.contiguous())
+    return views
+
+
 def train_classifier(model: ModuleT, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                      lr: float, batch_size: int = 64, max_shift: int = 2,
                      augment: tuple[str, ...] = (), seed: int = 0,
