@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pnc_net import wire
-from pnc_net.errors import InvalidInputError
+from pnc_net.errors import IncompatibleError, InvalidInputError
 from pnc_net.insert import InsertConfig
+from pnc_net.package import ModuleConfig
 from pnc_net.rebuild import branch_config, build_superbody, fingerprint_of, load_ref, verify
 from pnc_net.superbody import SECOND_LOOK_LOG_ODDS, energy_allowed
 from pnc_net.training import VIEW_SHIFTS, fixed_views
@@ -95,3 +96,20 @@ def test_views_travel_in_the_package(default_clone, zoo_dir, mnist):
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), looked(x), atol=1e-6)
         assert not torch.allclose(blind(x), looked(x), atol=1e-4)  # the keys are what decides
+
+
+def test_module_config_bounds_the_view_keys():
+    assert ModuleConfig.from_mapping({"gate_views": 8, "gate_view_transforms": 7}).gate_views == 8
+    assert "gate_views" not in ModuleConfig().as_dict()  # absent at 0: earlier bytes
+    for bad in ({"gate_views": 33}, {"gate_view_transforms": 8}, {"gate_views": True}):
+        with pytest.raises(InvalidInputError, match="gate_view"):
+            ModuleConfig.from_mapping(bad)
+
+
+@pytest.mark.slow
+def test_rebuild_refuses_view_transforms_without_views(default_clone, zoo_dir):
+    module = default_clone.package.modules[0]
+    bad = dataclasses.replace(module, config={**module.config, "gate_view_transforms": 1})
+    package = dataclasses.replace(default_clone.package, modules=[bad])
+    with pytest.raises(IncompatibleError, match="gate_view_transforms 1 need"):
+        build_superbody(Zoo(zoo_dir), package)
