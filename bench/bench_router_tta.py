@@ -22,10 +22,9 @@ import json
 import time
 
 import torch
-from router_bench import CLONED, SOURCES, Features, parse_args, router_run
+from router_bench import Features, parse_args, router_run
 
 from pnc_net.cloning import router_features
-from pnc_net.data import load_dataset
 from pnc_net.training import random_augment, random_shift
 
 SHIFTS = (-3, -2, -1, 1, 2, 3)
@@ -39,13 +38,7 @@ def main() -> None:
     setup = router_run(args, target_per_class=20)
     job, branch, prep = setup.job, setup.branch, setup.prep
     max_shift = job.cfg.insert.max_shift
-    data = load_dataset(SOURCES[args.source][3])  # the test split, as router_run read it
-    names = data.label_names
-    x, y = data.split("test")
-    x = torch.as_tensor(x)
-    old = torch.isin(y, torch.tensor([names.index(n) for n in job.target_labels]))
-    new = torch.isin(y, torch.tensor([names.index(n) for n in CLONED]))
-    data_x = {"old": x[old], "new": x[new]}
+    data_x = {"old": setup.x_old, "new": setup.x_new}
 
     def log_odds(f: Features) -> torch.Tensor:
         return setup.built_gate(f).double().clamp(1e-12, 1 - 1e-12).logit()

@@ -55,6 +55,8 @@ class RouterRun:
     test_new: Features
     y_old: torch.Tensor  # target class index of each test_old input
     y_new: torch.Tensor  # cloned index of each test_new input
+    x_old: torch.Tensor  # the test inputs behind test_old and test_new
+    x_new: torch.Tensor
 
     def built_gate(self, f: Features) -> torch.Tensor:
         """The branch's own gate (as the clone trained it) on features ``f``: it reads the
@@ -127,4 +129,5 @@ def router_run(args: argparse.Namespace, target_per_class: int, gate: str = "aut
         router_features(job.target, branch, x[is_old]),
         router_features(job.target, branch, x[is_new]),
         torch.tensor([job.target_labels.index(names[i]) for i in y[is_old].tolist()]),
-        torch.tensor([CLONED.index(names[i]) for i in y[is_new].tolist()]))
+        torch.tensor([CLONED.index(names[i]) for i in y[is_new].tolist()]),
+        x[is_old], x[is_new])
