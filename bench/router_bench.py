@@ -30,10 +30,14 @@ SOURCES = {"mnist": ("mnist-cnn-0to4", "mnist-cnn-5to9", ((3, 3), (4, 4)), "mnis
 Features = dict[str, torch.Tensor]
 
 
-def parse_args(doc: str | None) -> argparse.Namespace:
-    """``--source``, ``--seed`` (the clone's), ``--zoo`` and ``--zoo-seed`` (recorded)."""
+def parse_args(doc: str | None, target_per_class: int | None = None) -> argparse.Namespace:
+    """``--source``, ``--seed`` (the clone's), ``--zoo`` and ``--zoo-seed`` (recorded); and
+    ``--target-per-class`` (k_t) for a bench that runs at either, with this default."""
     ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    if target_per_class is not None:
+        ap.add_argument("--target-per-class", type=int, default=target_per_class,
+                        help="k_t, target-class samples per class")
     ap.add_argument("--source", choices=sorted(SOURCES), default="mnist")
     ap.add_argument("--seed", type=int, default=0, help="clone seed")
     ap.add_argument("--zoo", type=Path, required=True)
