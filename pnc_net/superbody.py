@@ -606,9 +606,12 @@ class Superbody(nn.Module):
         unsure = log_odds.abs() < SECOND_LOOK_LOG_ODDS
         if not bool(unsure.any()):
             return log_odds
-        n, total = gate.views, log_odds[unsure]
-        for view in fixed_views(x[unsure], gate.view_transforms, n):
-            total = total + self._looks(view, [branch])[2][0]
+        # every view of every unsure input in passes of at most len(x) rows: as few passes
+        # as the input's own, and no more activation memory than it took
+        n, views = gate.views, torch.cat(fixed_views(x[unsure], gate.view_transforms, gate.views))
+        seen = torch.cat([self._looks(views[i : i + len(x)], [branch])[2][0]
+                          for i in range(0, len(views), len(x))])
+        total = log_odds[unsure] + seen.view(n, -1).sum(0)
         return log_odds.masked_scatter(unsure, total / (n + 1))
 
     def fuse(self, parts: dict[str, Any]) -> torch.Tensor:
