@@ -32,7 +32,14 @@ from pnc_net.superbody import (
     tap_boundaries,
     target_gate_features,
 )
-from pnc_net.training import AUGMENTS, batches, predict_logits, random_augment, random_shift
+from pnc_net.training import (
+    AUGMENTS,
+    VIEW_SHIFTS,
+    batches,
+    predict_logits,
+    random_augment,
+    random_shift,
+)
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ class InsertConfig:
     # tail masks refined through the inserted path, then adapter and gate retrained
     joint_rounds: int = 0
     # the discriminant gate's second look (superbody.Superbody.parts): how many fixed views of
-    # an input it also reads where it is unsure; 0 (the default) is none
+    # an input it also reads where it is unsure, at most the 8 shifts; 0 (the default) is none
     gate_views: int = 0
 
     def __post_init__(self) -> None:
@@ -118,8 +125,10 @@ class InsertConfig:
                                     "gate has none: leave it at 0 or use --gate auto")
         if not 0 <= self.joint_rounds <= 10:
             raise InvalidInputError(f"joint_rounds {self.joint_rounds} must be in 0..10")
-        if not 0 <= self.gate_views <= 32:
-            raise InvalidInputError(f"gate_views {self.gate_views} must be in 0..32")
+        if not 0 <= self.gate_views <= len(VIEW_SHIFTS):  # more would repeat them
+            raise InvalidInputError(
+                f"gate_views {self.gate_views} must be in 0..{len(VIEW_SHIFTS)}: there are "
+                f"{len(VIEW_SHIFTS)} fixed views (one-pixel shifts), and more would repeat them")
         if self.gate_views and self.gate == "mlp":
             raise InvalidInputError("gate_views is the discriminant gate's second look; the mlp "
                                     "gate has none: leave it at 0 or use --gate auto")

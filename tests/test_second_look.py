@@ -38,9 +38,11 @@ def test_fixed_views_are_the_same_for_every_image_whatever_its_batch():
 
 def test_gate_views_need_a_discriminant_and_a_range():
     assert InsertConfig(gate_views=8).gate_views == 8
-    for bad in (-1, 33):
+    for bad in (-1, 9, 33):  # views 9 on would repeat the 8 one-pixel shifts
         with pytest.raises(InvalidInputError, match="gate_views"):
             InsertConfig(gate_views=bad)
+    views = fixed_views(torch.rand(2, 1, 8, 8), ("affine",), 16)
+    assert torch.equal(views[8], views[0])  # why 8 is the most a clone may ask for
     with pytest.raises(InvalidInputError, match="mlp"):
         InsertConfig(gate_views=4, gate="mlp")
 
@@ -101,7 +103,7 @@ def test_views_travel_in_the_package(default_clone, zoo_dir, mnist):
 def test_module_config_bounds_the_view_keys():
     assert ModuleConfig.from_mapping({"gate_views": 8, "gate_view_transforms": 7}).gate_views == 8
     assert "gate_views" not in ModuleConfig().as_dict()  # absent at 0: earlier bytes
-    for bad in ({"gate_views": 33}, {"gate_view_transforms": 8}, {"gate_views": True}):
+    for bad in ({"gate_views": 9}, {"gate_view_transforms": 8}, {"gate_views": True}):
         with pytest.raises(InvalidInputError, match="gate_view"):
             ModuleConfig.from_mapping(bad)
 
