@@ -1,6 +1,6 @@
 """More views, or a wider band, for the router's second look? (issues 10 and 14)
 
-    OMP_NUM_THREADS=1 python bench/bench_gate_views_sweep.py DIR ['mnist*'] \\
+    OMP_NUM_THREADS=1 python bench/bench_gate_views_sweep.py DIR ['mnist*'] [VIEWS:BAND,...] \\
         >> bench/results/gate_views_sweep.jsonl
 
 DIR holds packages cloned with ``--gate-views 8`` (``PNC_CLONE_ARGS="--gate-views 8" bash
@@ -11,7 +11,8 @@ the test split with the gate's views and unsure band set to:
 - ``v8b4``: as built (8 views, log-odds within ``SECOND_LOOK_LOG_ODDS`` = 4 of 0);
 - ``v16b4``: 16 views, the 8 more shifted by two pixels (a ninth built view would repeat
   the first: ``training.fixed_views``);
-- ``v8b6``, ``v16b6``: the same with the band widened to 6.
+- ``v8b6``, ``v16b6``: the same with the band widened to 6;
+- or the settings given as a third argument, e.g. ``0:4,8:4,8:6`` (0 views: no second look).
 
 The band is the receiver's constant, not a package key, so this patches it in
 ``pnc_net.superbody`` for the run. Each line: test locality, acc_old, acc_new per setting.
@@ -52,6 +53,8 @@ def main() -> None:
     torch.set_num_threads(1)
     superbody_module.fixed_views = ringed_views  # type: ignore[assignment]
     pattern = sys.argv[2] if len(sys.argv) > 2 else "*"
+    settings = SETTINGS if len(sys.argv) < 4 else tuple(
+        (int(v), float(b)) for v, b in (s.split(":") for s in sys.argv[3].split(",")))
     for path in sorted(glob.glob(f"{sys.argv[1]}/{pattern}.pnc")):
         name = path.split("/")[-1]
         mnist = name.startswith("mnist")
@@ -60,7 +63,7 @@ def main() -> None:
         package, _ = wire.read_package(path)
         superbody = build_superbody(Zoo(zoo), package).eval()
         row: dict = {"run": name}
-        for views, band in SETTINGS:
+        for views, band in settings:
             superbody.branches[0].gate.views = views
             superbody_module.SECOND_LOOK_LOG_ODDS = band
             m = clone_metrics(superbody, data)
