@@ -38,7 +38,8 @@ SETTINGS = ((8, 4.0), (16, 4.0), (8, 6.0), (16, 6.0))
 built_views = training.fixed_views
 
 
-def ringed_views(x: torch.Tensor, transforms, n: int) -> list[torch.Tensor]:
+def ringed_views(x: torch.Tensor, transforms: tuple[str, ...] | list[str],
+                 n: int) -> list[torch.Tensor]:
     """The built views, and past 8 the same ones shifted one pixel further (two in all)."""
     first = built_views(x, transforms, min(n, 8))
     views = list(first)
