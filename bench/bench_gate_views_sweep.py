@@ -12,7 +12,9 @@ the test split with the gate's views and unsure band set to:
 - ``v16b4``: 16 views, the 8 more shifted by two pixels (a ninth built view would repeat
   the first: ``training.fixed_views``);
 - ``v8b6``, ``v16b6``: the same with the band widened to 6;
-- or the settings given as a third argument, e.g. ``0:4,8:4,8:6`` (0 views: no second look).
+- or the settings given as a third argument, ``VIEWS:BAND[:SHIFT]``, e.g. ``0:4,8:4,8:6``
+  (0 views: no second look) or ``8:4:1`` (SHIFT added to the gate's log-odds of the cloned
+  classes, as ``--gate-log-odds`` does: a threshold moved toward the branch).
 
 The band is the receiver's constant, not a package key, so this patches it in
 ``pnc_net.superbody`` for the run. Each line: test locality, acc_old, acc_new per setting.
@@ -34,7 +36,7 @@ from pnc_net.metrics import clone_metrics
 from pnc_net.rebuild import build_superbody
 from pnc_net.zoo import Zoo
 
-SETTINGS = ((8, 4.0), (16, 4.0), (8, 6.0), (16, 6.0))
+SETTINGS = ((8, 4.0, 0.0), (16, 4.0, 0.0), (8, 6.0, 0.0), (16, 6.0, 0.0))
 built_views = training.fixed_views
 
 
@@ -55,7 +57,8 @@ def main() -> None:
     superbody_module.fixed_views = ringed_views  # type: ignore[assignment]
     pattern = sys.argv[2] if len(sys.argv) > 2 else "*"
     settings = SETTINGS if len(sys.argv) < 4 else tuple(
-        (int(v), float(b)) for v, b in (s.split(":") for s in sys.argv[3].split(",")))
+        (int(v), float(b), float(shift[0]) if shift else 0.0)
+        for v, b, *shift in (s.split(":") for s in sys.argv[3].split(",")))
     for path in sorted(glob.glob(f"{sys.argv[1]}/{pattern}.pnc")):
         name = path.split("/")[-1]
         mnist = name.startswith("mnist")
@@ -63,13 +66,18 @@ def main() -> None:
         data = load_dataset("mnist" if mnist else "rgb-digits")
         package, _ = wire.read_package(path)
         superbody = build_superbody(Zoo(zoo), package).eval()
+        gate = superbody.branches[0].gate
+        bias = gate.linear.bias.detach().clone()
         row: dict = {"run": name}
-        for views, band in settings:
-            superbody.branches[0].gate.views = views
+        for views, band, shift in settings:
+            gate.views = views
             superbody_module.SECOND_LOOK_LOG_ODDS = band
+            with torch.no_grad():  # the cloned classes' scores: their logsumexp moves by shift
+                gate.linear.bias.copy_(bias)
+                gate.linear.bias[: gate.n_cloned] += shift
             m = clone_metrics(superbody, data)
-            row[f"v{views}b{band:g}"] = {k: round(float(m[k]), 4)
-                                         for k in ("locality", "acc_old", "acc_new")}
+            row[f"v{views}b{band:g}" + (f"s{shift:g}" if shift else "")] = {
+                k: round(float(m[k]), 4) for k in ("locality", "acc_old", "acc_new")}
         print(json.dumps(row), flush=True)
 
 
