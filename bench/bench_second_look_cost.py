@@ -8,7 +8,8 @@ Rebuilds the package's superbody from the local zoo and times forwards over the 
 gate's views as packaged and with none, interleaved ``--repeats`` times (medians: this
 machine's timings drift by a third between runs, so only the ratio within a run counts).
 Also reports the share of inputs the gate is unsure of (the ones that get the views).
-One JSON line.
+``--band B`` sets the unsure band (``superbody.SECOND_LOOK_LOG_ODDS``, the receiver's
+constant, 4) for the run. One JSON line.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+import pnc_net.superbody as superbody_module
 from pnc_net import wire
 from pnc_net.data import load_dataset
 from pnc_net.rebuild import build_superbody
-from pnc_net.superbody import SECOND_LOOK_LOG_ODDS
 from pnc_net.zoo import Zoo
 
 
@@ -37,7 +38,9 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=512)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--band", type=float, default=superbody_module.SECOND_LOOK_LOG_ODDS)
     args = ap.parse_args()
+    superbody_module.SECOND_LOOK_LOG_ODDS = args.band
     torch.set_num_threads(1)
     package, _ = wire.read_package(args.package)
     superbody = build_superbody(Zoo(args.zoo), package).eval()
@@ -57,9 +60,10 @@ def main() -> None:
                     superbody(x[i : i + args.batch])
                 seconds[n].append(time.perf_counter() - started)
     median = {n: statistics.median(s) for n, s in seconds.items()}
-    print(json.dumps({"package": args.package.name, "views": views, "inputs": len(x),
+    print(json.dumps({"package": args.package.name, "views": views, "band": args.band,
+                      "inputs": len(x),
                       "batch": args.batch, "unsure": round(float(
-                          (log_odds.abs() < SECOND_LOOK_LOG_ODDS).float().mean()), 4),
+                          (log_odds.abs() < args.band).float().mean()), 4),
                       "seconds": {str(n): round(s, 3) for n, s in median.items()},
                       "ratio": round(median[views] / median[0], 2)}))
 
