@@ -66,7 +66,7 @@ class ModuleConfig:
 
     BOUNDS = {"adapter_rank": (1, 256), "gate_hidden": (1, 4096), "gate_classes": (0, 4096),
               "gate_taps": (0, 2**62), "gate_features": (0, 2**20), "gate_views": (0, 8),
-              "gate_view_transforms": (0, 7)}
+              "gate_view_transforms": (0, 7)}  # gate_views: len(training.VIEW_SHIFTS)
     #: absent when 0, so a package without them is byte for byte what pnc wrote before them
     OPTIONAL = ("gate_classes", "gate_taps", "gate_features", "gate_views", "gate_view_transforms")
 

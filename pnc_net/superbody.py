@@ -608,7 +608,8 @@ class Superbody(nn.Module):
             return log_odds
         # every view of every unsure input in passes of at most len(x) rows: as few passes
         # as the input's own, and no more activation memory than it took
-        n, views = gate.views, torch.cat(fixed_views(x[unsure], gate.view_transforms, gate.views))
+        n = gate.views
+        views = torch.cat(fixed_views(x[unsure], gate.view_transforms, n))
         seen = torch.cat([self._looks(views[i : i + len(x)], [branch])[2][0]
                           for i in range(0, len(views), len(x))])
         total = log_odds[unsure] + seen.view(n, -1).sum(0)
